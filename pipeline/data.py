@@ -1,0 +1,83 @@
+"""Data sets: JSONL files or hub data sets, loaded as `datasets.Dataset`, checked row by row.
+
+SFT rows are prompt/completion (strings, or chat messages) or `messages`; evaluation rows
+are prompt/answer (an optional `id` and `task`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from pipeline.config import DataSource
+from pipeline.manifest import atomic_write_text
+
+SFT_FIELDS = [{"prompt", "completion"}, {"messages"}]
+EVAL_FIELDS = [{"prompt", "answer"}]
+
+
+class DataError(ValueError):
+    """Bad data; the message names the file (or hub data set) and line or row."""
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path, accepted: list[set[str]] | None = None) -> list[dict]:
+    """Rows of a JSONL file; with `accepted`, each must hold one of those field sets."""
+    # Parsed here rather than by `load_dataset("json")`, whose errors name neither line nor field.
+    rows = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: malformed JSON: {error.msg} (column {error.colno})") from None
+            if accepted:
+                check_row(row, f"{path}:{number}", accepted)
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: the data set is empty")
+    return rows
+
+
+def check_row(row: object, at: str, accepted: list[set[str]]) -> None:
+    """The row has one of the accepted field sets, each a non-empty string or message list."""
+    if not isinstance(row, dict):
+        raise DataError(f"{at}: each row must be a JSON object, got {type(row).__name__}")
+    fields = next((f for f in accepted if f <= row.keys()), None)
+    if fields is None:
+        options = " or ".join("/".join(sorted(f)) for f in accepted)
+        raise DataError(f"{at}: missing fields: expected {options}, got {', '.join(sorted(row)) or 'none'}")
+    for name in fields:
+        value = row[name]
+        if not (isinstance(value, (str, list)) and value):
+            raise DataError(f"{at}: field '{name}' must be a non-empty string or message list")
+
+
+def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
+    if source.path is not None:
+        return Dataset.from_list(read_jsonl(Path(source.path), accepted))
+    dataset = load_dataset(source.hub, split=source.split)
+    where = f"hub data set {source.hub} ({source.split})"
+    if len(dataset) == 0:
+        raise DataError(f"{where}: the data set is empty")
+    for i, row in enumerate(dataset):
+        check_row(row, f"{where} row {i}", accepted)
+    return dataset
+
+
+def source_digest(source: DataSource) -> str:
+    """What identifies a data source in a stage key: the file's content digest, or hub name and split."""
+    from pipeline.manifest import digest
+
+    return digest(Path(source.path)) if source.path else f"hub:{source.hub}:{source.split}"

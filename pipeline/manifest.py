@@ -1,0 +1,82 @@
+"""Stage manifests, content digests and stage keys.
+
+A stage's result lives in `results_dir/<stage>/<key>/`; its `manifest.json` is written
+last and atomically, so a folder without one is never mistaken for a finished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, sorted)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        h.update(str(file.relative_to(path)).encode() if file != path else b"")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_key(stage: str, settings: Any, inputs: dict[str, str]) -> str:
+    """Key of a stage's result: a digest of its effective settings and of its inputs' digests."""
+    payload = json.dumps({"stage": stage, "settings": settings, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    stage: str
+    key: str
+    outputs: dict[str, str]  # name -> path relative to the stage folder
+    digests: dict[str, str] = field(default_factory=dict)  # name -> content digest
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> upstream key or digest
+    metrics: dict[str, float] = field(default_factory=dict)
+    folder: Path | None = field(default=None, compare=False)
+
+    def path(self, name: str) -> Path:
+        assert self.folder is not None, "manifest not yet written or read"
+        return self.folder / self.outputs[name]
+
+    def write(self, folder: Path) -> Manifest:
+        """Digest the outputs, then write the manifest atomically: the stage is done after this."""
+        self.folder = folder
+        self.digests = {name: digest(self.path(name)) for name in self.outputs}
+        body = {k: v for k, v in asdict(self).items() if k != "folder"}
+        atomic_write_text(folder / MANIFEST, json.dumps(body, indent=2, sort_keys=True))
+        return self
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        data = json.loads((folder / MANIFEST).read_text())
+        return cls(**data, folder=folder)
+
+    @classmethod
+    def find(cls, folder: Path) -> Manifest | None:
+        return cls.read(folder) if (folder / MANIFEST).is_file() else None

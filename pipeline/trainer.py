@@ -1,0 +1,45 @@
+"""TRL's SFTTrainer with a forgetting-aware token loss.
+
+Overrides `compute_loss`, the way TRL 1.16 supports custom losses (its `compute_loss_func`
+is deprecated and costs an extra forward per step). A frozen reference model is held only
+when the loss needs one (EKSFT).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+from trl import SFTTrainer
+
+from pipeline.losses import TokenLoss
+
+
+class TokenLossSFTTrainer(SFTTrainer):
+    def __init__(self, *args, token_loss: TokenLoss, ref_model: PreTrainedModel | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if token_loss.needs_reference and ref_model is None:
+            raise ValueError(f"loss '{token_loss.name}' needs a reference model")
+        self.token_loss = token_loss
+        self.ref_model = None
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        forward_inputs["use_cache"] = False
+        outputs = model(**forward_inputs)
+        ref_logits = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logits = self.ref_model(**forward_inputs).logits
+        loss = self.token_loss(outputs.logits, inputs["labels"], num_items_in_batch, ref_logits)
+        # Like TRL's own compute_loss: `num_items_in_batch` counts every rank's tokens and DDP
+        # averages gradients across ranks, so scale back up by the number of processes.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        for name, value in self.token_loss.diagnostics.items():
+            value = torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float32)
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
+        return (loss, outputs) if return_outputs else loss

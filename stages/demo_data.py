@@ -1,0 +1,30 @@
+"""Stage `demo_data`: the demo world's tokenizer and generated train/test splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+from pipeline.data import write_jsonl
+from pipeline.demo import build_tokenizer
+from pipeline.manifest import Manifest
+from pipeline.stage import stage_main
+from pipeline.tasks import make_splits
+
+
+def run(cfg: PipelineConfig, out: Path) -> Manifest:
+    demo = cfg.demo
+    splits = make_splits(cfg.seed, demo.train_examples, demo.domain_train_examples, demo.test_examples)
+    outputs = {"tokenizer": "tokenizer"}
+    for name, rows in splits.items():
+        if name.endswith("_test"):  # evaluation rows: an id and the reference answer
+            rows = [{"id": f"{name}-{i}", "task": r["task"], "prompt": r["prompt"], "answer": r["completion"]}
+                    for i, r in enumerate(rows)]
+        write_jsonl(out / f"{name}.jsonl", rows)
+        outputs[name] = f"{name}.jsonl"
+    build_tokenizer().save_pretrained(out / "tokenizer")
+    return Manifest("demo_data", out.name, outputs)
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -1,0 +1,69 @@
+"""Stage `evaluate`: sample and score a model on the target suite and the general suite
+("what it must not forget"): Pass@K per suite, per-task Pass@1, diversity, and the
+retention of the general score against the base model's evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import DataSource, PipelineConfig
+from pipeline.data import EVAL_FIELDS, load_rows, read_jsonl, write_jsonl
+from pipeline.manifest import Manifest
+from pipeline.metrics import pass_at_k_table
+from pipeline.sampling import sample_hf
+from pipeline.stage import stage_main
+from pipeline.verifiers import get_verifier
+
+SUITES = ("target", "general")
+
+
+def score_suite(rows: list[dict], completions: list[list[str]], source: DataSource, cfg: PipelineConfig) -> list[dict]:
+    """One result row per prompt: the completions, which are correct, and the sampling settings."""
+    verify = get_verifier(source.verifier)
+    scored = []
+    for i, (row, samples) in enumerate(zip(rows, completions, strict=True)):
+        correct = [verify(c, row["answer"]) for c in samples]
+        scored.append({
+            "id": row.get("id", str(i)),
+            "task": row.get("task"),
+            "prompt": row["prompt"],
+            "answer": row["answer"],
+            "completions": samples,
+            "correct": correct,
+            "sampling": cfg.sampling.model_dump(),
+        })
+    return scored
+
+
+def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, float]:
+    counts = [(len(r["correct"]), sum(r["correct"])) for r in scored]
+    metrics = {f"{suite}/pass@{k}": v for k, v in pass_at_k_table(counts, ks).items()}
+    for task in sorted({r["task"] for r in scored if r["task"]}):
+        rows = [r for r in scored if r["task"] == task]
+        metrics[f"{suite}/{task}/pass@1"] = pass_at_k_table([(len(r["correct"]), sum(r["correct"])) for r in rows], [1])[1]
+    # Diversity (GEM's concern): distinct correct completions per prompt.
+    metrics[f"{suite}/distinct_correct"] = sum(len({c for c, ok in zip(r["completions"], r["correct"]) if ok})
+                                               for r in scored) / len(scored)
+    return metrics
+
+
+def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = None) -> Manifest:
+    metrics: dict[str, float] = {}
+    outputs = {}
+    for suite in SUITES:
+        source = getattr(cfg.data, f"{suite}_eval")
+        rows = list(load_rows(source, EVAL_FIELDS))[: cfg.evaluate.max_prompts]
+        tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else None
+        completions = sample_hf(model, [r["prompt"] for r in rows], cfg.sampling, tokenizer)
+        scored = score_suite(rows, completions, source, cfg)
+        write_jsonl(out / f"samples_{suite}.jsonl", scored)
+        outputs[f"samples_{suite}"] = f"samples_{suite}.jsonl"
+        metrics |= suite_metrics(suite, scored, cfg.evaluate.ks)
+    if baseline is not None:
+        before = Manifest.read(baseline).metrics["general/pass@1"]
+        metrics["general/retention"] = metrics["general/pass@1"] / before if before > 0 else float("nan")
+    return Manifest("evaluate", out.name, outputs, metrics=metrics)
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -1,0 +1,31 @@
+"""Stage `sft`: supervised fine-tuning with the configured token loss (ce, dft, eaft, masked,
+eksft, gem), completion-only, optionally with LoRA; EKSFT gets a frozen reference copy of
+the starting model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import PipelineConfig
+from pipeline.data import SFT_FIELDS, load_rows
+from pipeline.losses import build_loss
+from pipeline.manifest import Manifest
+from pipeline.stage import stage_main
+from pipeline.training import train_sft
+
+
+def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    loss = cfg.sft.loss
+    needs_reference = build_loss(loss.name, **loss.params).needs_reference
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype="auto") if needs_reference else None
+    dataset = load_rows(cfg.data.sft, SFT_FIELDS)
+    metrics = train_sft(policy, tokenizer, dataset, cfg.sft.trainer, loss, out, cfg.seed, reference, cfg.sft.lora)
+    return Manifest("sft", out.name, {"model": "model", "log_history": "log_history.json"}, metrics=metrics)
+
+
+if __name__ == "__main__":
+    stage_main(run)

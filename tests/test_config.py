@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_are_valid():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.is_demo and cfg.sft.loss.name == "ce"
+    assert cfg.pretrain.trainer["per_device_train_batch_size"] > 0
+
+
+def test_real_model_example_needs_its_files(tmp_path):
+    # The GPU example names files that exist only on a GPU box: the error must say which key.
+    with pytest.raises(ConfigError, match=r"data\.sft.*file not found"):
+        load_config(REPO / "configs" / "qwen3-gsm8k.yaml")
+
+
+def test_misspelt_key_names_path_line_and_suggestion(tmp_path):
+    path = write(tmp_path, "name: x\nsft:\n  loss:\n    name: ce\n  trainr: {}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert f"{path}:5" in message and "sft.trainr" in message
+    assert "allowed here: trainer, loss, lora" in message and "did you mean 'trainer'" in message
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r":3: sampling\.n: .*integer.*'many'"):
+        load_config(write(tmp_path, "name: x\nsampling:\n  n: many\n"))
+
+
+def test_unknown_loss_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"sft\.loss.*eksft"):
+        load_config(write(tmp_path, "name: x\nsft:\n  loss:\n    name: eksfd\n"))
+
+
+def test_unknown_loss_parameter_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"sft\.loss.*ratio"):
+        load_config(write(tmp_path, "name: x\nsft:\n  loss:\n    name: eksft\n    ratoi: 0.3\n"))
+
+
+def test_trainer_options_are_checked_against_trl(tmp_path):
+    path = write(tmp_path, "name: x\nsft:\n  trainer:\n    learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match=r"pipeline.yaml:4: sft\.trainer\.learning_rat: .*SFTConfig.*learning_rate"):
+        load_config(path)
+    ok = load_config(write(tmp_path, "name: x\nsft:\n  trainer:\n    learning_rate: 0.1\n    max_length: 32\n"))
+    assert ok.sft.trainer == {"learning_rate": 0.1, "max_length": 32}
+
+
+def test_trainer_option_of_wrong_type_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"sft\.trainer\.max_steps: expected int"):
+        load_config(write(tmp_path, "name: x\nsft:\n  trainer:\n    max_steps: lots\n"))
+
+
+def test_pipeline_owned_trainer_key_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"sft\.trainer\.output_dir: set by the pipeline"):
+        load_config(write(tmp_path, "name: x\nsft:\n  trainer:\n    output_dir: /tmp/x\n"))
+
+
+def test_missing_data_file_names_key(tmp_path):
+    text = "name: x\ndata:\n  sft:\n    path: nowhere.jsonl\n"
+    with pytest.raises(ConfigError, match=r"pipeline.yaml:3: data\.sft: file not found: nowhere\.jsonl"):
+        load_config(write(tmp_path, text))
+
+
+def test_real_model_needs_its_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.sft, data\.target_eval, data\.general_eval"):
+        load_config(write(tmp_path, "name: x\nmodel:\n  path: /models/qwen\n"))
+
+
+def test_k_larger_than_n_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"evaluate\.ks.*sampling\.n \(= 4\).*K = 8"):
+        load_config(write(tmp_path, "name: x\nsampling:\n  n: 4\nevaluate:\n  ks: [1, 8]\n"))
+
+
+def test_demo_head_dim_must_be_64(tmp_path):
+    with pytest.raises(ConfigError, match=r"demo: .*head_dim 64"):
+        load_config(write(tmp_path, "name: x\ndemo:\n  hidden_size: 128\n  num_heads: 4\n"))
+
+
+def test_missing_required_key_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"name: Field required"):
+        load_config(write(tmp_path, "seed: 1\n"))
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
+        load_config(write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(ConfigError, match=r"config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_round_trip_through_json_keeps_everything(tmp_path):
+    from pipeline.config import PipelineConfig
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    again = PipelineConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg
+    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["name"] == again.name

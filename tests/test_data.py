@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from pipeline.config import DataSource
+from pipeline.data import EVAL_FIELDS, SFT_FIELDS, DataError, load_rows, read_jsonl, write_jsonl
+
+
+def test_write_then_load_as_dataset(tmp_path):
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"messages": [{"role": "user", "content": "hi"}]}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    dataset = load_rows(DataSource(path=str(tmp_path / "d.jsonl")), SFT_FIELDS)
+    assert len(dataset) == 2 and dataset[0]["prompt"] == "1+1="
+
+
+@pytest.mark.parametrize("content, error", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n', r"d\.jsonl:2: malformed JSON"),
+    ('{"prompt": "a"}\n', r"d\.jsonl:1: missing fields: expected completion/prompt or messages, got prompt"),
+    ('\n\n{"prompt": "", "completion": "b"}\n', r"d\.jsonl:3: field 'prompt' must be a non-empty"),
+    ('["a", "b"]\n', r"d\.jsonl:1: each row must be a JSON object, got list"),
+    ("\n\n", r"d\.jsonl: the data set is empty"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, content, error):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(DataError, match=error):
+        read_jsonl(tmp_path / "d.jsonl", SFT_FIELDS)
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    good = json.dumps({"prompt": "a", "answer": "b"}).encode()
+    (tmp_path / "d.jsonl").write_bytes(good + b"\n" + b'{"prompt": "\xff", "answer": "b"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
+        read_jsonl(tmp_path / "d.jsonl", EVAL_FIELDS)
+
+
+def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"a": 1}])
+    write_jsonl(tmp_path / "d.jsonl", [{"a": 2}])
+    assert [p.name for p in tmp_path.iterdir()] == ["d.jsonl"]
+    assert read_jsonl(tmp_path / "d.jsonl") == [{"a": 2}]

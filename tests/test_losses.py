@@ -1,0 +1,397 @@
+"""Tests for pipeline.losses against independent, token-by-token reference implementations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses import build_loss
+
+CASES = [
+    ("ce", {}),
+    ("dft", {}),
+    ("eaft", {}),
+    ("eaft", {"topk": 5, "alpha": 2.0}),
+    ("masked", {}),
+    ("masked", {"quantile": 0.3}),
+    ("eksft", {}),
+    ("eksft", {"ratio": 0.3, "union": False, "lambda_entropy": 0.5, "lambda_kl": 0.7}),
+    ("gem", {}),
+    ("gem", {"beta": 0.5, "h": "logsigmoid"}),
+]
+DEFAULTS = {
+    "eaft": {"topk": 20, "alpha": 1.0},
+    "masked": {"quantile": 0.15},
+    "eksft": {"ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05},
+    "gem": {"beta": 0.7, "h": "linear"},
+}
+
+
+def make_batch(B=3, T=9, V=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100  # prompt
+    labels[1, -2:] = -100  # padding
+    labels[2, 5] = -100
+    ref = logits + torch.randn(B, T, V, generator=g)
+    return logits, labels, ref
+
+
+# ------------------------------------------------------------ independent reference
+
+
+def valid_pairs(labels):
+    """(b, t, y): logits[b, t] predicts labels[b, t+1]."""
+    B, T = labels.shape
+    return [(b, t, int(labels[b, t + 1])) for b in range(B) for t in range(T - 1) if labels[b, t + 1] != -100]
+
+
+def log_softmax(z):
+    return z - torch.logsumexp(z, dim=0)
+
+
+def ent(z):
+    lp = log_softmax(z)
+    return -(lp.exp() * lp).sum()
+
+
+def reference_loss(name, params, logits, labels, ref_logits, n=None):
+    """Straight from methods.md, one token at a time in float64."""
+    pairs = valid_pairs(labels)
+    n = len(pairs) if n is None else n
+    n = max(n, 1)
+    zs = [logits[b, t].double() for b, t, _ in pairs]
+    lps = [log_softmax(z) for z in zs]
+    lpy = [lp[y] for lp, (_, _, y) in zip(lps, pairs)]
+    if name == "ce":
+        return sum((-x for x in lpy), torch.zeros((), dtype=torch.float64)) / n
+    if name == "dft":
+        return sum((-x.exp().detach() * x for x in lpy), torch.zeros((), dtype=torch.float64)) / n
+    if name == "eaft":
+        total = torch.zeros((), dtype=torch.float64)
+        for z, x in zip(zs, lpy):
+            K = min(params["topk"], len(z))
+            top = torch.sort(z.detach(), descending=True).values[:K]
+            w = (ent(top) / math.log(K)) ** params["alpha"]
+            total = total - w * x
+        return total / n
+    if name == "masked":
+        H = np.array([float(ent(z.detach())) for z in zs])
+        P = np.array([float(x.detach().exp()) for x in lpy])
+        q = 100 * params["quantile"]
+        drop = (H <= np.percentile(H, q)) & (P <= np.percentile(P, q))
+        return sum((-x for x, d in zip(lpy, drop) if not d), torch.zeros((), dtype=torch.float64)) / n
+    if name == "gem":
+        total = torch.zeros((), dtype=torch.float64)
+        for z, lp, x, (_, _, y) in zip(zs, lps, lpy, pairs):
+            q = torch.softmax(z.detach() / params["beta"], dim=0)
+            if params["h"] == "linear":
+                total = total - x + (q * lp).sum()
+            else:  # liziniu/GEM sft_trainer.py: -sum(q * sigmoid(0.01 (z - z_y)) * (log p_y - log p))
+                w = torch.sigmoid(0.01 * (z - z[y])).detach()
+                total = total - (q * w * (x - lp)).sum()
+        return total / n
+    if name == "eksft":
+        V = logits.shape[-1]
+        H = [ent(z) for z in zs]
+        KL = []
+        for lp, (b, t, _) in zip(lps, pairs):
+            lr = log_softmax(ref_logits[b, t].double())
+            KL.append(sum(lp[v].exp() * (lp[v] - lr[v]) for v in range(V)))
+        k = math.floor(params["ratio"] * len(pairs))
+        S_H = set(sorted(range(len(pairs)), key=lambda i: -float(H[i].detach()))[:k])
+        S_KL = set(sorted(range(len(pairs)), key=lambda i: -float(KL[i].detach()))[:k])
+        M = S_H | S_KL if params["union"] else S_H & S_KL
+        loss = sum((-lpy[i] for i in range(len(pairs)) if i not in M), torch.zeros((), dtype=torch.float64)) / n
+        if k:
+            loss = loss - params["lambda_entropy"] * sum(H[i] / math.log(V) for i in S_H) / k
+            loss = loss + params["lambda_kl"] * sum(KL[i] for i in S_KL) / k
+        return loss
+    raise AssertionError(name)
+
+
+def value_and_grad(fn, logits):
+    logits = logits.clone().requires_grad_(True)
+    loss = fn(logits)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+# -------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("V", [50, 8])  # V=8 < topk: EAFT falls back to K=V
+@pytest.mark.parametrize("name,params", CASES)
+def test_value_and_grad_match_reference(name, params, V):
+    logits, labels, ref = make_batch(V=V)
+    full = {**DEFAULTS.get(name, {}), **params}
+    loss_fn = build_loss(name, **params)
+    got, got_grad = value_and_grad(lambda z: loss_fn(z, labels, ref_logits=ref), logits)
+    want, want_grad = value_and_grad(lambda z: reference_loss(name, full, z, labels, ref), logits)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert got_grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_num_items_in_batch_normalises(name, params):
+    logits, labels, ref = make_batch()
+    n_valid = int((labels[:, 1:] != -100).sum())
+    full = {**DEFAULTS.get(name, {}), **params}
+    got = build_loss(name, **params)(logits, labels, num_items_in_batch=3 * n_valid, ref_logits=ref)
+    want = reference_loss(name, full, logits, labels, ref, n=3 * n_valid)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    if name in ("masked", "eksft"):  # their CE part still divides by all valid tokens
+        off = build_loss(name, **{**params, **({"lambda_entropy": 0, "lambda_kl": 0} if name == "eksft" else {})})
+        a = off(logits, labels, ref_logits=ref)
+        b = off(logits, labels, num_items_in_batch=torch.tensor(2 * n_valid), ref_logits=ref)
+        torch.testing.assert_close(b, a / 2)
+
+
+@pytest.mark.parametrize(
+    "name,params", [("ce", {}), ("dft", {}), ("eaft", {}), ("gem", {}), ("gem", {"h": "logsigmoid"})]
+)
+def test_gradient_accumulation_equals_big_batch(name, params):
+    logits, labels, _ = make_batch(B=8, T=7, seed=1)
+    labels[3, 2:] = -100
+    labels[5] = -100  # a micro-batch row with no loss tokens at all
+    total = int((labels[:, 1:] != -100).sum())
+    loss_fn = build_loss(name, **params)
+    big, big_grad = value_and_grad(lambda z: loss_fn(z, labels), logits)
+    z = logits.clone().requires_grad_(True)
+    acc = sum(loss_fn(z[i : i + 2], labels[i : i + 2], num_items_in_batch=total) for i in range(0, 8, 2))
+    acc.backward()
+    torch.testing.assert_close(acc.detach(), big)
+    torch.testing.assert_close(z.grad, big_grad)
+
+
+def test_dft_matches_trl():
+    # TRL 1.16 SFTTrainer.compute_loss, loss_type="dft", lines transcribed (calling it needs a trainer and a model):
+    #   per_token_loss = -outputs.log_probs * outputs.log_probs.exp().detach()
+    #   loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+    # Its log_probs come from TRL's own fused LM-head kernel (ChunkedLogProbFunction, CPU path); with an identity
+    # LM head the kernel's hidden states are the logits. The gradient is checked on plain log_softmax log-probs:
+    # the kernel's backward imports trl.trainer.utils, which alone takes seconds.
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    logits, labels, _ = make_batch()
+    V = logits.shape[-1]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    targets = shift_labels.clamp(min=0).reshape(-1)
+
+    def trl_dft(log_probs, num_items):
+        per_token_loss = -log_probs * log_probs.exp().detach()
+        num_tokens = mask.sum() if num_items is None else num_items
+        return per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+
+    kernel_log_probs = ChunkedLogProbFunction.apply(
+        logits[:, :-1].reshape(-1, V), torch.eye(V), None, targets, 1.0, 32768, None, 1.0, ("log_probs",)
+    )[0]
+    kernel_log_probs = kernel_log_probs.view(mask.shape).masked_fill(~mask, 0)
+    for num_items in (None, 40, torch.tensor(40)):
+        got, got_grad = value_and_grad(lambda z: build_loss("dft")(z, labels, num_items_in_batch=num_items), logits)
+        torch.testing.assert_close(got, trl_dft(kernel_log_probs, num_items))
+
+        def trl_on_logits(z):
+            log_probs = F.log_softmax(z[:, :-1], -1).gather(-1, shift_labels.clamp(min=0)[..., None])[..., 0]
+            return trl_dft(log_probs.masked_fill(~mask, 0), num_items)
+
+        want, want_grad = value_and_grad(trl_on_logits, logits)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_gem_beta_one_has_ce_gradient():
+    logits, labels, _ = make_batch()
+    ce, ce_grad = value_and_grad(lambda z: build_loss("ce")(z, labels), logits)
+    gem, gem_grad = value_and_grad(lambda z: build_loss("gem", beta=1.0)(z, labels), logits)
+    torch.testing.assert_close(gem_grad, ce_grad)
+    assert not torch.isclose(gem, ce)  # the value differs by the mean entropy
+    _, gem07_grad = value_and_grad(lambda z: build_loss("gem")(z, labels), logits)
+    assert not torch.allclose(gem07_grad, ce_grad)
+
+
+def test_eaft_weight_carries_no_gradient():
+    logits, labels, _ = make_batch()
+    loss_fn = build_loss("eaft", topk=10)
+    _, grad = value_and_grad(lambda z: loss_fn(z, labels), logits)
+    pairs = valid_pairs(labels)
+    weights = []
+    for b, t, y in pairs:
+        top = logits[b, t].topk(10).values
+        w = float(ent(top) / math.log(10))
+        weights.append(w)
+        # d/dz of w * (-log p_y) with w constant is w * (softmax - onehot) / N
+        expected = w * (torch.softmax(logits[b, t], 0) - F.one_hot(torch.tensor(y), 50)) / len(pairs)
+        torch.testing.assert_close(grad[b, t], expected, rtol=1e-4, atol=1e-7)
+    assert 0 < min(weights) and max(weights) <= 1
+    torch.testing.assert_close(float(loss_fn.diagnostics["weight"]), float(np.mean(weights)), rtol=1e-5, atol=0)
+    assert not loss_fn.diagnostics["weight"].requires_grad
+
+
+def _eksft_example():
+    """One sequence, V=5, two prompt tokens, five valid positions (logits rows 1..5).
+
+    Row 2 is uniform (highest entropy); at row 4 the reference prefers another token (highest KL).
+    Every other row is peaked and identical to the reference, and the targets give distinct log-probs.
+    """
+    V = 5
+    logits = torch.full((1, 7, V), -4.0)
+    peaks = {0: 0, 1: 1, 3: 2, 4: 3, 5: 4, 6: 0}
+    for t, v in peaks.items():
+        logits[0, t, v] = 4.0
+    logits[0, 2] = 0.0
+    logits[0, 3, 0] = 1.0
+    logits[0, 5, 1] = 2.0
+    ref = logits.clone()
+    ref[0, 4] = logits[0, 4].flip(0)
+    labels = torch.tensor([[-100, -100, 1, 0, 3, 1, 4]])  # labels[t+1] is predicted by row t
+    return logits, labels, ref
+
+
+def test_eksft_masks_hand_example_union_and_intersection():
+    logits, labels, ref = _eksft_example()
+    lp = F.log_softmax(logits[0], -1)
+    nll = {t: -float(lp[t, labels[0, t + 1]]) for t in range(1, 6)}
+    assert len(set(round(x, 3) for x in nll.values())) == 5  # distinct, so a wrong mask changes the value
+    H = {t: float(ent(logits[0, t])) for t in range(1, 6)}
+    ref_lp = F.log_softmax(ref[0], -1)
+    KL = {t: float(F.kl_div(ref_lp[t], lp[t], log_target=True, reduction="sum")) for t in range(1, 6)}
+    assert max(H, key=H.get) == 2 and max(KL, key=KL.get) == 4
+    reg = -0.05 * H[2] / math.log(5) + 0.05 * KL[4]
+
+    union = build_loss("eksft")  # ratio 0.2 * 5 tokens -> k = 1: S_H = {row 2}, S_KL = {row 4}
+    got = union(logits, labels, ref_logits=ref)
+    assert got.item() == pytest.approx((nll[1] + nll[3] + nll[5]) / 5 + reg, rel=1e-5)
+    # mask applied before the shift would drop the targets of rows 1 and 3 instead of 2 and 4
+    assert got.item() != pytest.approx((nll[2] + nll[4] + nll[5]) / 5 + reg, rel=1e-3)
+    d = union.diagnostics
+    fracs = [float(d[k]) for k in ("masked_entropy_frac", "masked_kl_frac", "masked_both_frac")]
+    assert fracs == pytest.approx([0.2, 0.2, 0.0])
+    assert float(d["masked_frac"]) == pytest.approx(0.4)
+
+    inter = build_loss("eksft", union=False)  # disjoint S_H and S_KL: nothing is masked
+    assert inter(logits, labels, ref_logits=ref).item() == pytest.approx(sum(nll.values()) / 5 + reg, rel=1e-5)
+    assert float(inter.diagnostics["masked_frac"]) == 0
+
+    ref2 = ref.clone()
+    ref2[0, 4] = logits[0, 4]
+    ref2[0, 2, 0] = 6.0  # now row 2 has both the top entropy and the top KL
+    KL2 = float(F.kl_div(F.log_softmax(ref2[0, 2], -1), lp[2], log_target=True, reduction="sum"))
+    reg2 = -0.05 * H[2] / math.log(5) + 0.05 * KL2
+    for union_flag in (True, False):
+        loss_fn = build_loss("eksft", union=union_flag)
+        got = loss_fn(logits, labels, ref_logits=ref2).item()
+        assert got == pytest.approx((sum(nll.values()) - nll[2]) / 5 + reg2, rel=1e-5)
+        assert float(loss_fn.diagnostics["masked_both_frac"]) == pytest.approx(0.2)
+
+
+def test_eksft_kl_is_true_kl():
+    logits, labels, ref = make_batch()
+    loss_fn = build_loss("eksft")
+    loss_fn(logits, labels, ref_logits=ref)
+    mask = labels[:, 1:] != -100
+    p_log, r_log = F.log_softmax(logits[:, :-1][mask], -1), F.log_softmax(ref[:, :-1][mask], -1)
+    kl = F.kl_div(r_log, p_log, log_target=True, reduction="none").sum(-1)
+    assert (kl > 0).all()
+    torch.testing.assert_close(loss_fn.diagnostics["kl"], kl.mean())
+    assert float(loss_fn.diagnostics["kl"]) > 0
+
+    # reference == policy: KL is 0, so the loss is CE over unmasked tokens minus the entropy bonus only
+    same = loss_fn(logits, labels, ref_logits=logits)
+    assert abs(float(loss_fn.diagnostics["kl"])) < 1e-6
+    no_kl = build_loss("eksft", lambda_kl=0.0)(logits, labels, ref_logits=logits)
+    torch.testing.assert_close(same, no_kl)
+
+
+def test_eksft_ref_logits_get_no_gradient_and_are_required():
+    logits, labels, ref = make_batch()
+    ref = ref.requires_grad_(True)
+    build_loss("eksft")(logits.requires_grad_(True), labels, ref_logits=ref).backward()
+    assert ref.grad is None
+    with pytest.raises(ValueError, match="ref_logits"):
+        build_loss("eksft")(logits, labels)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_no_loss_tokens_gives_finite_zero(name, params):
+    logits, _, ref = make_batch()
+    labels = torch.full(logits.shape[:2], -100)
+    loss_fn = build_loss(name, **params)
+    z = logits.clone().requires_grad_(True)
+    loss = loss_fn(z, labels, ref_logits=ref)
+    assert loss.grad_fn is not None and loss.item() == 0
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() == 0
+    assert all(math.isfinite(float(v)) for v in loss_fn.diagnostics.values())
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_diagnostics(name, params):
+    logits, labels, ref = make_batch()
+    loss_fn = build_loss(name, **params)
+    loss_fn(logits.clone().requires_grad_(True), labels, ref_logits=ref)
+    d = {k: float(v) for k, v in loss_fn.diagnostics.items()}
+    expected_keys = {"entropy", "confident_conflict_frac"} | {
+        "eaft": {"weight"},
+        "masked": {"masked_frac"},
+        "eksft": {"kl", "masked_entropy_frac", "masked_kl_frac", "masked_both_frac", "masked_frac"},
+    }.get(name, set())
+    assert set(d) == expected_keys
+    assert not any(v.requires_grad for v in loss_fn.diagnostics.values())
+    for k, v in d.items():
+        if k.endswith("frac") or k == "weight":
+            assert 0 <= v <= 1, k
+
+    pairs = valid_pairs(labels)
+    H = np.array([float(ent(logits[b, t])) for b, t, _ in pairs])
+    P = np.array([float(torch.softmax(logits[b, t], 0)[y]) for b, t, y in pairs])
+    assert d["entropy"] == pytest.approx(H.mean(), rel=1e-5)
+    conflicts = (H <= np.percentile(H, 15)) & (P <= np.percentile(P, 15))
+    assert conflicts.any() and d["confident_conflict_frac"] == pytest.approx(conflicts.mean())
+    if name == "masked" and not params:
+        assert d["masked_frac"] == pytest.approx(conflicts.mean())
+    if name == "eksft":
+        full = {**DEFAULTS["eksft"], **params}
+        k_frac = math.floor(full["ratio"] * len(pairs)) / len(pairs)
+        assert k_frac > 0
+        assert d["masked_entropy_frac"] + d["masked_both_frac"] == pytest.approx(k_frac)  # |S_H| = k
+        assert d["masked_kl_frac"] + d["masked_both_frac"] == pytest.approx(k_frac)  # |S_KL| = k
+        only_h, only_kl, both = d["masked_entropy_frac"], d["masked_kl_frac"], d["masked_both_frac"]
+        expected = only_h + only_kl + both if full["union"] else both
+        assert d["masked_frac"] == pytest.approx(expected)
+
+
+def test_bf16_logits_are_upcast():
+    logits, labels, _ = make_batch()
+    got = build_loss("ce")(logits.bfloat16(), labels)
+    assert got.dtype == torch.float32
+    want = F.cross_entropy(logits.bfloat16().float()[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(got, want)
+
+
+def test_unknown_name_and_parameters_raise():
+    with pytest.raises(ValueError, match=r"allowed: \['ce', 'dft', 'eaft', 'eksft', 'gem', 'masked'\]"):
+        build_loss("focal")
+    with pytest.raises(ValueError, match=r"allowed: \['alpha', 'topk'\]"):
+        build_loss("eaft", top_k=5)
+    with pytest.raises(ValueError, match=r"allowed: \[\]"):
+        build_loss("ce", beta=1.0)
+    with pytest.raises(ValueError, match="'linear' or 'logsigmoid'"):
+        build_loss("gem", h="tanh")
+    invalid = [
+        ("eaft", {"topk": 1}),
+        ("eaft", {"topk": 20.0}),
+        ("gem", {"beta": 0}),
+        ("eksft", {"ratio": 1.5}),
+        ("eksft", {"union": "yes"}),
+        ("masked", {"quantile": -0.1}),
+    ]
+    for name, bad in invalid:
+        with pytest.raises(ValueError, match="allowed"):
+            build_loss(name, **bad)
