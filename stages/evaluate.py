@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import DataSource, PipelineConfig
-from pipeline.data import EVAL_FIELDS, load_rows, read_jsonl, write_jsonl
+from pipeline.data import EVAL_FIELDS, load_rows, write_jsonl
 from pipeline.manifest import Manifest
 from pipeline.metrics import pass_at_k_table
-from pipeline.sampling import sample_hf
+from pipeline.sampling import sample
 from pipeline.stage import stage_main
 from pipeline.verifiers import get_verifier
 
@@ -19,7 +19,7 @@ SUITES = ("target", "general")
 
 def score_suite(rows: list[dict], completions: list[list[str]], source: DataSource, cfg: PipelineConfig) -> list[dict]:
     """One result row per prompt: the completions, which are correct, and the sampling settings."""
-    verify = get_verifier(source.verifier)
+    verify = get_verifier(source.verifier, allow_untrusted_code=cfg.evaluate.allow_untrusted_code)
     scored = []
     for i, (row, samples) in enumerate(zip(rows, completions, strict=True)):
         correct = [verify(c, row["answer"]) for c in samples]
@@ -37,10 +37,10 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
 
 def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, float]:
     counts = [(len(r["correct"]), sum(r["correct"])) for r in scored]
-    metrics = {f"{suite}/pass@{k}": v for k, v in pass_at_k_table(counts, ks).items()}
+    metrics = {f"{suite}/pass_at_{k}": v for k, v in pass_at_k_table(counts, ks).items()}
     for task in sorted({r["task"] for r in scored if r["task"]}):
         rows = [r for r in scored if r["task"] == task]
-        metrics[f"{suite}/{task}/pass@1"] = pass_at_k_table([(len(r["correct"]), sum(r["correct"])) for r in rows], [1])[1]
+        metrics[f"{suite}/{task}/pass_at_1"] = pass_at_k_table([(len(r["correct"]), sum(r["correct"])) for r in rows], [1])[1]
     # Diversity (GEM's concern): distinct correct completions per prompt.
     metrics[f"{suite}/distinct_correct"] = sum(len({c for c, ok in zip(r["completions"], r["correct"]) if ok})
                                                for r in scored) / len(scored)
@@ -48,22 +48,23 @@ def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, fl
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = None) -> Manifest:
+    suites = {suite: getattr(cfg.data, f"{suite}_eval") for suite in SUITES}
+    rows = {suite: list(load_rows(source, EVAL_FIELDS))[: cfg.evaluate.max_prompts] for suite, source in suites.items()}
+    # One sampling call for both suites: the engine starts once per stage.
+    prompts = [r["prompt"] for suite in SUITES for r in rows[suite]]
+    tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else None
+    completions = iter(sample(model, prompts, cfg.sampling, tokenizer))
     metrics: dict[str, float] = {}
     outputs = {}
-    for suite in SUITES:
-        source = getattr(cfg.data, f"{suite}_eval")
-        rows = list(load_rows(source, EVAL_FIELDS))[: cfg.evaluate.max_prompts]
-        tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else None
-        completions = sample_hf(model, [r["prompt"] for r in rows], cfg.sampling, tokenizer)
-        scored = score_suite(rows, completions, source, cfg)
+    for suite, source in suites.items():
+        scored = score_suite(rows[suite], [next(completions) for _ in rows[suite]], source, cfg)
         write_jsonl(out / f"samples_{suite}.jsonl", scored)
         outputs[f"samples_{suite}"] = f"samples_{suite}.jsonl"
         metrics |= suite_metrics(suite, scored, cfg.evaluate.ks)
     if baseline is not None:
-        before = Manifest.read(baseline).metrics["general/pass@1"]
-        metrics["general/retention"] = metrics["general/pass@1"] / before if before > 0 else float("nan")
+        before = Manifest.read(baseline).metrics["general/pass_at_1"]
+        metrics["general/retention"] = metrics["general/pass_at_1"] / before if before > 0 else float("nan")
     return Manifest("evaluate", out.name, outputs, metrics=metrics)
-
 
 if __name__ == "__main__":
     stage_main(run)

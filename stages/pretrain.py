@@ -12,7 +12,7 @@ from pipeline.data import SFT_FIELDS, load_rows
 from pipeline.demo import build_model
 from pipeline.manifest import Manifest
 from pipeline.stage import stage_main
-from pipeline.training import train_sft
+from pipeline.training import TRAINING_OUTPUTS, train_sft
 
 
 def run(cfg: PipelineConfig, out: Path, data: Path) -> Manifest:
@@ -21,7 +21,7 @@ def run(cfg: PipelineConfig, out: Path, data: Path) -> Manifest:
     model = build_model(cfg.demo, tokenizer, cfg.seed)
     dataset = load_rows(DataSource(path=str(world.path("general_train"))), SFT_FIELDS)
     metrics = train_sft(model, tokenizer, dataset, cfg.pretrain.trainer, LossConfig(name="ce"), out, cfg.seed)
-    return Manifest("pretrain", out.name, {"model": "model", "log_history": "log_history.json"}, metrics=metrics)
+    return Manifest("pretrain", out.name, TRAINING_OUTPUTS, metrics=metrics)
 
 
 if __name__ == "__main__":

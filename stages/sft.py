@@ -13,7 +13,7 @@ from pipeline.data import SFT_FIELDS, load_rows
 from pipeline.losses import build_loss
 from pipeline.manifest import Manifest
 from pipeline.stage import stage_main
-from pipeline.training import train_sft
+from pipeline.training import TRAINING_OUTPUTS, train_sft
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
@@ -24,7 +24,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     reference = AutoModelForCausalLM.from_pretrained(model, dtype="auto") if needs_reference else None
     dataset = load_rows(cfg.data.sft, SFT_FIELDS)
     metrics = train_sft(policy, tokenizer, dataset, cfg.sft.trainer, loss, out, cfg.seed, reference, cfg.sft.lora)
-    return Manifest("sft", out.name, {"model": "model", "log_history": "log_history.json"}, metrics=metrics)
+    return Manifest("sft", out.name, TRAINING_OUTPUTS, metrics=metrics)
 
 
 if __name__ == "__main__":

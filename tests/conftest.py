@@ -4,3 +4,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def prefect_server():
+    """One temporary Prefect API (SQLite) for the whole session, as Prefect's docs advise."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -105,3 +105,12 @@ def test_round_trip_through_json_keeps_everything(tmp_path):
     again = PipelineConfig.model_validate(cfg.model_dump(mode="json"))
     assert again == cfg
     assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["name"] == again.name
+
+
+def test_code_verifier_needs_explicit_opt_in(tmp_path):
+    (tmp_path / "code.jsonl").write_text('{"prompt": "def f", "answer": "assert f() == 1"}\n')
+    text = f"name: x\ndata:\n  target_eval:\n    path: {tmp_path / 'code.jsonl'}\n    verifier: code\n"
+    with pytest.raises(ConfigError, match=r"data\.target_eval\.verifier is 'code'.*allow_untrusted_code: true"):
+        load_config(write(tmp_path, text))
+    cfg = load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n"))
+    assert cfg.evaluate.allow_untrusted_code

@@ -45,7 +45,7 @@ def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
     sft = results[3].manifest
     assert sft.inputs["model"] == results[1].manifest.key  # lineage: SFT starts from the pretrained model
     evaluation = results[4].manifest.metrics
-    assert 0.0 <= evaluation["target/pass@1"] <= 1.0 and "general/retention" in evaluation
+    assert 0.0 <= evaluation["target/pass_at_1"] <= 1.0 and "general/retention" in evaluation
 
 
 def test_pretrained_model_saves_and_loads_with_from_pretrained(demo_run):
@@ -111,3 +111,107 @@ def test_failing_stage_reports_why_and_leaves_no_manifest(demo_run, tmp_path):
         run_pipeline(cfg, stage="sft")
     failed = [p.parent for p in (demo_tmp / "results" / "sft").glob("*/error.txt")]
     assert failed and not any((f / MANIFEST).exists() for f in failed)
+
+
+def test_mlflow_has_parent_and_child_runs_with_lineage(demo_run):
+    from mlflow.tracking import MlflowClient
+
+    tmp_path, results = demo_run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("posttrain")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.data.tags.get("posttrain.kind") == "pipeline"]
+    first = parents[0]
+    assert first.info.status == "FINISHED" and first.data.params["sft.loss.name"] == '"ce"'
+    children = {r.data.tags["posttrain.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+    assert set(children) == {"demo_data", "pretrain", "evaluate_base", "sft", "evaluate_sft"}
+    sft, pretrain = children["sft"], children["pretrain"]
+    assert sft.data.tags["posttrain.key"] == results[3].manifest.key
+    assert sft.data.tags["posttrain.input.model"] == pretrain.data.tags["posttrain.key"]
+    assert sft.data.tags["posttrain.input_run.model"] == pretrain.info.run_id
+    assert sft.data.tags["posttrain.output_digest.model"] == results[3].manifest.digests["model"]
+    assert "train_loss" in sft.data.metrics  # TRL's MLflow callback logged into the stage's run
+    assert children["evaluate_sft"].data.metrics["target/pass_at_1"] == results[4].manifest.metrics["target/pass_at_1"]
+    assert [d.dataset.name for d in sft.inputs.dataset_inputs] == ["domain_train.jsonl"]
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert {"manifest.json", "log_history.json", "loss_curve.png"} <= {a.path for a in client.list_artifacts(sft.info.run_id)}
+    evaluation_files = {a.path for a in client.list_artifacts(children["evaluate_sft"].info.run_id)}
+    assert {"samples_target.jsonl", "samples_general.jsonl"} <= evaluation_files
+    assert "config.yaml" in {a.path for a in client.list_artifacts(first.info.run_id)}
+    # The second pipeline run reused every stage: its child runs say so and link the producers.
+    second = parents[1]
+    cached = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.info.run_id]
+    assert cached and all(r.data.tags["posttrain.cached"] == "true" for r in cached)
+    by_stage = {r.data.tags["posttrain.stage"]: r for r in cached}
+    assert by_stage["sft"].data.tags["posttrain.produced_by_run"] == sft.info.run_id
+
+
+def test_failed_stage_run_ends_failed_in_mlflow(demo_run):
+    from mlflow.tracking import MlflowClient
+
+    tmp_path, _ = demo_run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("posttrain")
+    failed = client.search_runs([experiment.experiment_id], "attributes.status = 'FAILED'")
+    stages = {r.data.tags.get("posttrain.stage") for r in failed}
+    assert "sft" in stages  # from test_failing_stage_reports_why_and_leaves_no_manifest
+    error = next(r for r in failed if r.data.tags.get("posttrain.stage") == "sft").data.tags["posttrain.error"]
+    assert "missing fields" in error
+
+
+def test_status_lists_done_stale_and_missing(demo_run, tmp_path):
+    from flows.pipeline import STAGES, pipeline_status
+
+    demo_tmp, results = demo_run
+    statuses = pipeline_status(tiny_config(demo_tmp))
+    assert [(s.name, s.status) for s in statuses] == [(name, "done") for name in STAGES]
+    assert statuses[3].key == results[3].manifest.key and statuses[3].run_id == results[3].manifest.run_id
+    changed = pipeline_status(tiny_config(demo_tmp, sft={"trainer": {"learning_rate": 0.0123, "max_steps": 2}}))
+    assert [(s.name, s.status) for s in changed] == [
+        ("demo_data", "done"), ("pretrain", "done"), ("evaluate_base", "done"), ("sft", "stale"),
+        ("evaluate_sft", "missing")]
+    assert changed[3].key != results[3].manifest.key
+    fresh = pipeline_status(tiny_config(tmp_path))
+    assert {s.status for s in fresh} == {"missing"}
+
+
+def test_force_reruns_a_cached_stage_under_the_same_key(demo_run):
+    tmp_path, results = demo_run
+    forced = run_pipeline(tiny_config(tmp_path), {"evaluate_base"}, "evaluate_base")
+    assert [(r.name, r.cached) for r in forced] == [("demo_data", True), ("pretrain", True), ("evaluate_base", False)]
+    assert forced[-1].manifest.key == results[2].manifest.key
+    assert forced[-1].manifest.run_id != results[2].manifest.run_id
+    with pytest.raises(Exception, match="unknown stage 'dpo'"):
+        run_pipeline(tiny_config(tmp_path), {"dpo"})
+
+
+def test_transient_stage_failure_is_retried_by_the_flow(demo_run, monkeypatch):
+    import flows.pipeline as pipeline_flow
+    from pipeline.stage import StageError
+
+    tmp_path, results = demo_run
+    real = pipeline_flow.run_in_process
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise StageError("stage 'evaluate' failed: the vLLM engine did not start", "TransientError")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_flow, "run_in_process", flaky)
+    monkeypatch.setattr(pipeline_flow, "execute_stage", pipeline_flow.execute_stage.with_options(retry_delay_seconds=0))
+    rerun = run_pipeline(tiny_config(tmp_path), {"evaluate_base"}, "evaluate_base")
+    assert calls == ["evaluate", "evaluate"] and not rerun[-1].cached
+
+    calls.clear()
+
+    def bad_input(*args, **kwargs):
+        calls.append(args[0])
+        raise StageError("stage 'evaluate' failed: DataError: bad row", "DataError")
+
+    monkeypatch.setattr(pipeline_flow, "run_in_process", bad_input)
+    with pytest.raises(StageError, match="bad row"):
+        run_pipeline(tiny_config(tmp_path), {"evaluate_base"}, "evaluate_base")
+    assert calls == ["evaluate"]  # bad input is not retried

@@ -1,0 +1,110 @@
+"""MLflow lineage: one parent run per `posttrain run`, one nested child run per stage.
+
+A stage's run carries tags with its key, its inputs' keys and the runs that produced them,
+and its outputs' paths and digests, and logs the data sets it read with `log_inputs`, so the
+MLflow UI links a model back to the model and data it came from. The stage process logs into
+its run through the standard `MLFLOW_TRACKING_URI` / `MLFLOW_RUN_ID` variables (the trainers'
+MLflow callback does so by itself); the parent logs the manifest once the stage is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import yaml
+
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import DataSource, PipelineConfig
+from pipeline.manifest import MANIFEST, Manifest
+
+MAX_PARAM_LENGTH = 250  # MLflow refuses longer parameter values
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else SQLite in the results folder."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(cfg.results_dir / 'mlflow.db').resolve()}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """A nested config as `a.b.c` parameters, values cut to MLflow's length limit."""
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): json.dumps(data, default=str)[:MAX_PARAM_LENGTH]}
+
+
+def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput:
+    origin = (HuggingFaceDatasetSource(path=source.hub, split=source.split) if source.hub
+              else resolve_dataset_source(os.path.abspath(source.path)))
+    name = source.hub or os.path.basename(source.path)
+    dataset = MetaDataset(origin, name=name, digest=digest[:36])
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+
+class Tracker:
+    def __init__(self, cfg: PipelineConfig):
+        self.uri = tracking_uri(cfg)
+        cfg.results_dir.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(self.uri)
+        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        self.experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(cfg.tracking.experiment)
+        )
+        run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags={"posttrain.kind": "pipeline"})
+        self.parent_id = run.info.run_id
+        params = [Param(k, v) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+        self.client.log_batch(self.parent_id, params=params)
+        self.client.log_text(self.parent_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+
+    def stage_env(self, run_id: str) -> dict[str, str]:
+        """What a stage process needs to log into its run."""
+        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_RUN_ID": run_id}
+
+    def start_stage(self, name: str, key: str, inputs: dict[str, str], upstream: dict[str, Manifest]) -> str:
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            "posttrain.kind": "stage",
+            "posttrain.stage": name,
+            "posttrain.key": key,
+            **{f"posttrain.input.{k}": v for k, v in inputs.items()},
+            **{f"posttrain.input_run.{k}": m.run_id for k, m in upstream.items() if m.run_id},
+        }
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def finish_stage(self, run_id: str, manifest: Manifest, datasets: list[DatasetInput], cached: bool) -> None:
+        """Log the manifest (metrics, outputs, data sets read) into the stage's run and end it."""
+        tags = {f"posttrain.output.{n}": str(manifest.path(n)) for n in manifest.outputs}
+        tags |= {f"posttrain.output_digest.{n}": d for n, d in manifest.digests.items()}
+        if cached:  # the result was made by an earlier run: link it
+            tags |= {"posttrain.cached": "true", "posttrain.produced_by_run": manifest.run_id or "unknown"}
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in manifest.metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        self.client.log_artifact(run_id, str(manifest.folder / MANIFEST))
+        for name in manifest.outputs:  # samples, training logs, plots; models stay where they are
+            if manifest.path(name).is_file():
+                self.client.log_artifact(run_id, str(manifest.path(name)))
+        if datasets:
+            self.client.log_inputs(run_id, datasets)
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def fail_stage(self, run_id: str, error: BaseException) -> None:
+        self.client.set_tag(run_id, "posttrain.error", str(error)[:5000])
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    def finish(self, failed: bool) -> None:
+        status = RunStatus.FAILED if failed else RunStatus.FINISHED
+        self.client.set_terminated(self.parent_id, RunStatus.to_string(status))
+

@@ -1,0 +1,45 @@
+"""A training stage killed mid-run (SIGKILL of the whole process group, as when a machine is
+lost) continues from its last complete checkpoint on the next run, not from step 0."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.manifest import MANIFEST
+from tests.test_stages import TINY
+
+MAX_STEPS = 80
+
+
+def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
+    config = {"name": "resume", "results_dir": str(tmp_path / "results"), **TINY,
+              "sft": {"trainer": {"max_steps": MAX_STEPS, "save_steps": 10, "per_device_train_batch_size": 8,
+                                  "logging_steps": 10}}}
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--stage", "sft"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    checkpoints = []
+    while time.time() < deadline and not checkpoints:
+        checkpoints = list((tmp_path / "results" / "sft").glob("*/checkpoints/checkpoint-*/trainer_state.json"))
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    stage = checkpoints[0].parents[2]
+    assert not (stage / MANIFEST).exists()  # killed: not done
+
+    finished = subprocess.run(command, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    manifest = json.loads((stage / MANIFEST).read_text())
+    resumed = manifest["metrics"]["resumed_from_step"]
+    assert 10 <= resumed < MAX_STEPS
+    history = json.loads((stage / "log_history.json").read_text())
+    assert history[-1]["step"] == MAX_STEPS

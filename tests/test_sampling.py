@@ -1,0 +1,82 @@
+"""Both sampling backends on a tiny untrained model: the format, seeds, and the sample stage."""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DemoConfig, PipelineConfig, SamplingConfig
+from pipeline.data import read_jsonl, write_jsonl
+from pipeline.demo import build_model, build_tokenizer
+from pipeline.manifest import Manifest
+from pipeline.sampling import generate_vllm, sample, sample_hf, vllm_engine
+from pipeline.stage import run_in_process
+
+PROMPTS = ["12+3=", [{"role": "user", "content": "2*4="}]]  # a text and a chat
+# Temperature 1 on an untrained model: completions differ from seed to seed.
+SETTINGS = SamplingConfig(n=3, temperature=1.0, max_tokens=12, seed=7)
+
+Sampler = Callable[[SamplingConfig], list[list[str]]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    # head_dim 64, the smallest that vLLM's CPU attention takes.
+    build_model(DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=128), tokenizer, 0) \
+        .save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vllm_sampler(model_dir) -> Iterator[Sampler]:
+    pytest.importorskip("vllm")
+    # One engine for the module: starting one takes half a minute on a small CPU.
+    # Eager: torch.compile would add about 40 s to the start.
+    with vllm_engine(model_dir, SETTINGS.model_copy(update={"enforce_eager": True})) as llm:
+        yield lambda settings: generate_vllm(llm, PROMPTS, settings)
+
+
+@pytest.fixture
+def hf_sampler(model_dir) -> Sampler:
+    return lambda settings: sample_hf(model_dir, PROMPTS, settings)
+
+
+@pytest.fixture(params=["hf", "vllm"])
+def sampler(request) -> Sampler:
+    return request.getfixturevalue(f"{request.param}_sampler")
+
+
+def test_n_completions_per_prompt(sampler):
+    completions = sampler(SETTINGS)
+    assert len(completions) == len(PROMPTS)
+    assert all(len(texts) == SETTINGS.n and all(isinstance(t, str) for t in texts) for texts in completions)
+    assert any(t for texts in completions for t in texts)
+    # Special tokens are skipped: the chat markers never show in a completion.
+    assert not any("<|" in t or "<eos>" in t for texts in completions for t in texts)
+
+
+def test_same_seed_same_completions_other_seed_others(sampler):
+    first = sampler(SETTINGS)
+    assert sampler(SETTINGS) == first
+    assert sampler(SETTINGS.model_copy(update={"seed": 8})) != first
+
+
+def test_greedy_with_several_samples_is_refused(model_dir):
+    with pytest.raises(ValueError, match=r"sampling\.temperature.*sampling\.n"):
+        sample(model_dir, PROMPTS, SamplingConfig(temperature=0, n=4))
+
+
+def test_sample_stage_writes_rows_with_completions_and_settings(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"id": "a", "prompt": "1+1=", "answer": "2"}, {"prompt": PROMPTS[1]}])
+    cfg = PipelineConfig(name="t", sampling=SETTINGS)
+    out = tmp_path / "sample"
+    manifest = run_in_process("sample", cfg, out, {}, model=model_dir, prompts=prompts)
+    assert manifest.stage == "sample" and Manifest.find(out) == manifest
+    rows = read_jsonl(manifest.path("samples"))
+    assert [r["id"] for r in rows] == ["a", "1"] and rows[0]["answer"] == "2"
+    assert rows[1]["prompt"] == PROMPTS[1]
+    assert all(len(r["completions"]) == SETTINGS.n and r["sampling"] == SETTINGS.model_dump() for r in rows)
