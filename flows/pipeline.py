@@ -65,6 +65,14 @@ class PipelineRun:
     force: set[str] = field(default_factory=set)
     results: list[StageResult] = field(default_factory=list)
     statuses: dict[str, StageStatus] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+    def digest_of(self, source: DataSource) -> str:
+        """A data source's digest, computed once per run (a user's data set can be large)."""
+        name = source.path or f"{source.hub}:{source.split}"
+        if name not in self.digests:
+            self.digests[name] = source_digest(source)
+        return self.digests[name]
 
     def latest(self, name: str) -> Path:
         """Where the key of the stage's latest result is kept, to tell stale from missing."""
@@ -72,7 +80,7 @@ class PipelineRun:
 
     def check_stage(self, name: str, key: str, manifest: Manifest | None) -> Manifest:
         latest = self.latest(name).read_text() if self.latest(name).is_file() else None
-        status = "done" if manifest else "stale" if latest else "missing"
+        status = "done" if manifest else "stale" if latest and latest != key else "missing"
         self.statuses[name] = StageStatus(name, status, key, manifest.run_id if manifest else None)
         if manifest is None:
             raise NotBuilt(name)
@@ -102,7 +110,7 @@ class PipelineRun:
         except BaseException as error:
             self.tracker.fail_stage(run_id, error)
             raise
-        used = [dataset_input(source, source_digest(source), context) for context, source in datasets.items()]
+        used = [dataset_input(source, self.digest_of(source), context) for context, source in datasets.items()]
         self.tracker.finish_stage(run_id, manifest, used, cached)
         atomic_write_text(self.latest(name), key)
         self.results.append(StageResult(name, manifest, cached))
@@ -151,7 +159,7 @@ class PipelineRun:
     @cached_property
     def sft(self) -> Manifest:
         model, upstream, inputs = self.base_model
-        settings = {"seed": self.cfg.seed, "sft": self.cfg.sft.model_dump(), "data": source_digest(self.data.sft),
+        settings = {"seed": self.cfg.seed, "sft": self.cfg.sft.model_dump(), "data": self.digest_of(self.data.sft),
                     "tokenizer": str(self.cfg.model.tokenizer)}
         return self.run_stage("sft", "sft", self.stage_cfg, settings, upstream, inputs, {"train": self.data.sft},
                               model=model)
@@ -160,8 +168,8 @@ class PipelineRun:
         settings = {
             "sampling": self.cfg.sampling.model_dump(),
             "evaluate": self.cfg.evaluate.model_dump(),
-            "target": source_digest(self.data.target_eval),
-            "general": source_digest(self.data.general_eval),
+            "target": self.digest_of(self.data.target_eval),
+            "general": self.digest_of(self.data.general_eval),
             "tokenizer": str(self.cfg.model.tokenizer),
         }
         datasets = {"target": self.data.target_eval, "general": self.data.general_eval}

@@ -12,7 +12,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from pipeline.config import DataSource
-from pipeline.manifest import atomic_write_text
+from pipeline.manifest import atomic_write_text, digest
 
 SFT_FIELDS = [{"prompt", "completion"}, {"messages"}]
 EVAL_FIELDS = [{"prompt", "answer"}]
@@ -78,6 +78,4 @@ def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
 
 def source_digest(source: DataSource) -> str:
     """What identifies a data source in a stage key: the file's content digest, or hub name and split."""
-    from pipeline.manifest import digest
-
     return digest(Path(source.path)) if source.path else f"hub:{source.hub}:{source.split}"
