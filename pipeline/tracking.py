@@ -61,9 +61,9 @@ class Tracker:
         )
         run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags={"posttrain.kind": "pipeline"})
         self.parent_id = run.info.run_id
-        params = [Param(k, v) for k, v in flatten(cfg.model_dump(mode="json")).items()]
-        self.client.log_batch(self.parent_id, params=params)
-        self.client.log_text(self.parent_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        config = cfg.model_dump(mode="json")
+        self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in flatten(config).items()])
+        self.client.log_text(self.parent_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
 
     def stage_env(self, run_id: str) -> dict[str, str]:
         """What a stage process needs to log into its run."""
