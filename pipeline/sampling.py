@@ -31,7 +31,7 @@ def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
-           tokenizer_dir: Path | None = None) -> list[list[str]]:
+           tokenizer_dir: str | Path | None = None) -> list[list[str]]:
     """n completions per prompt from the backend the settings name."""
     if settings.temperature == 0 and settings.n > 1:
         raise ValueError(
@@ -47,11 +47,11 @@ def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
 
 
 def sample_hf(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
-              tokenizer_dir: Path | None = None) -> list[list[str]]:
+              tokenizer_dir: str | Path | None = None) -> list[list[str]]:
     return generate_hf(*load_hf(model_dir, tokenizer_dir), prompts, settings)
 
 
-def load_hf(model_dir: Path, tokenizer_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_hf(model_dir: Path, tokenizer_dir: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
@@ -87,7 +87,7 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
 
 
 def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
-                tokenizer_dir: Path | None = None) -> list[list[str]]:
+                tokenizer_dir: str | Path | None = None) -> list[list[str]]:
     with vllm_engine(model_dir, settings, tokenizer_dir) as llm:
         return generate_vllm(llm, prompts, settings)
 
@@ -110,7 +110,7 @@ def vllm_engine_args(settings: SamplingConfig) -> dict[str, Any]:
 
 
 @contextmanager
-def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: Path | None = None) -> Iterator[LLM]:
+def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None = None) -> Iterator[LLM]:
     """A vLLM engine for the model, shut down on exit. vLLM starts processes: the entry
     script needs the `if __name__ == "__main__":` guard."""
     from vllm import LLM

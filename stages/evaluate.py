@@ -35,12 +35,16 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
     return scored
 
 
+def counts(scored: list[dict]) -> list[tuple[int, int]]:
+    """(samples, correct) per prompt, what Pass@K is estimated from."""
+    return [(len(r["correct"]), sum(r["correct"])) for r in scored]
+
+
 def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, float]:
-    counts = [(len(r["correct"]), sum(r["correct"])) for r in scored]
-    metrics = {f"{suite}/pass_at_{k}": v for k, v in pass_at_k_table(counts, ks).items()}
+    metrics = {f"{suite}/pass_at_{k}": v for k, v in pass_at_k_table(counts(scored), ks).items()}
     for task in sorted({r["task"] for r in scored if r["task"]}):
         rows = [r for r in scored if r["task"] == task]
-        metrics[f"{suite}/{task}/pass_at_1"] = pass_at_k_table([(len(r["correct"]), sum(r["correct"])) for r in rows], [1])[1]
+        metrics[f"{suite}/{task}/pass_at_1"] = pass_at_k_table(counts(rows), [1])[1]
     # Diversity (GEM's concern): distinct correct completions per prompt.
     metrics[f"{suite}/distinct_correct"] = sum(len({c for c, ok in zip(r["completions"], r["correct"]) if ok})
                                                for r in scored) / len(scored)
@@ -52,8 +56,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     rows = {suite: list(load_rows(source, EVAL_FIELDS))[: cfg.evaluate.max_prompts] for suite, source in suites.items()}
     # One sampling call for both suites: the engine starts once per stage.
     prompts = [r["prompt"] for suite in SUITES for r in rows[suite]]
-    tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else None
-    completions = iter(sample(model, prompts, cfg.sampling, tokenizer))
+    completions = iter(sample(model, prompts, cfg.sampling, cfg.model.tokenizer))
     metrics: dict[str, float] = {}
     outputs = {}
     for suite, source in suites.items():

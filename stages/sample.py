@@ -16,8 +16,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, prompts: Path) -> Manifest:
     """`prompts`: JSONL rows with a `prompt` (text or chat messages), an optional `id`, and any
     other fields (an answer, a task), which are kept."""
     rows = read_jsonl(prompts, [{"prompt"}])
-    tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else None
-    completions = sample(model, [r["prompt"] for r in rows], cfg.sampling, tokenizer)
+    completions = sample(model, [r["prompt"] for r in rows], cfg.sampling, cfg.model.tokenizer)
     settings = cfg.sampling.model_dump()
     samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": settings}
                for i, (row, texts) in enumerate(zip(rows, completions, strict=True))]
