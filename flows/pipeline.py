@@ -20,11 +20,13 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig
 from pipeline.data import source_digest
-from pipeline.manifest import Manifest, atomic_write_text, digest, stage_key
+from pipeline.manifest import Manifest, atomic_write_text, digest, results_lock, stage_key
 from pipeline.stage import StageError, run_in_process
 from pipeline.tracking import Tracker, dataset_input
 
-STAGES = ("demo_data", "pretrain", "evaluate_base", "sft", "evaluate_sft")
+STAGES = ("demo_data", "pretrain", "evaluate_base", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")
+DEMO_STAGES = ("demo_data", "pretrain")
+ON_POLICY_STAGES = ("sample", "pairs")  # not run when the config gives data.preference
 
 
 def _transient(task, task_run, state) -> bool:
@@ -132,7 +134,7 @@ class PipelineRun:
             "target_eval": DataSource(path=str(world.path("domain_test"))),
             "general_eval": DataSource(path=str(world.path("general_test"))),
         }
-        return DataConfig(**{k: getattr(self.cfg.data, k) or v for k, v in generated.items()})
+        return self.cfg.data.model_copy(update={k: getattr(self.cfg.data, k) or v for k, v in generated.items()})
 
     @cached_property
     def stage_cfg(self) -> PipelineConfig:
@@ -186,10 +188,49 @@ class PipelineRun:
         upstream = {"model": self.sft, "baseline": self.evaluate_base}
         return self.evaluate("evaluate_sft", self.sft.path("model"), upstream, {})
 
+    @property
+    def pair_prompts(self) -> DataSource:
+        return self.cfg.pairs.prompts or self.data.sft
+
+    @cached_property
+    def sample(self) -> Manifest:
+        settings = {"sampling": self.cfg.pairs.sampling(self.cfg.sampling).model_dump(),
+                    "max_prompts": self.cfg.pairs.max_prompts, "prompts": self.digest_of(self.pair_prompts),
+                    "tokenizer": str(self.cfg.model.tokenizer)}
+        return self.run_stage("sample", "sample", self.stage_cfg, settings, {"model": self.sft}, {},
+                              {"prompts": self.pair_prompts}, model=self.sft.path("model"))
+
+    @cached_property
+    def pairs(self) -> Manifest:
+        settings = {"seed": self.cfg.seed, "pairs_per_prompt": self.cfg.pairs.pairs_per_prompt,
+                    "verifier": self.pair_prompts.verifier}
+        return self.run_stage("pairs", "pairs", self.stage_cfg, settings, {"samples": self.sample}, {}, {},
+                              samples=self.sample.folder)
+
+    @cached_property
+    def dpo(self) -> Manifest:
+        settings = {"seed": self.cfg.seed, "dpo": self.cfg.dpo.model_dump(), "tokenizer": str(self.cfg.model.tokenizer)}
+        upstream: dict[str, Manifest] = {"model": self.sft}
+        if self.data.preference is None:
+            upstream["pairs"] = self.pairs
+            preference, paths = DataSource(path=str(self.pairs.path("pairs"))), {"pairs": self.pairs.path("pairs")}
+        else:
+            preference, paths = self.data.preference, {}
+            settings["preference"] = self.digest_of(preference)
+        return self.run_stage("dpo", "dpo", self.stage_cfg, settings, upstream, {}, {"train": preference},
+                              model=self.sft.path("model"), **paths)
+
+    @cached_property
+    def evaluate_dpo(self) -> Manifest:
+        upstream = {"model": self.dpo, "baseline": self.evaluate_base}
+        return self.evaluate("evaluate_dpo", self.dpo.path("model"), upstream, {})
+
 
 def pipeline_stages(cfg: PipelineConfig, *named: str) -> tuple[str, ...]:
-    """The stages of this pipeline (no demo stages for a real model); named ones must be among them."""
-    stages = STAGES if cfg.is_demo else STAGES[2:]
+    """The stages of this pipeline (no demo stages for a real model, no on-policy pairs for
+    given preference data); named ones must be among them."""
+    left_out = (() if cfg.is_demo else DEMO_STAGES) + (() if cfg.data.preference is None else ON_POLICY_STAGES)
+    stages = tuple(name for name in STAGES if name not in left_out)
     for name in named:
         if name not in stages:
             raise ConfigError(f"unknown stage '{name}'; the stages of this pipeline are: {', '.join(stages)}")
@@ -212,15 +253,16 @@ def pipeline_status(cfg: PipelineConfig) -> list[StageStatus]:
 def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str | None = None) -> list[StageResult]:
     """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name."""
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
-    tracker = Tracker(cfg)
-    run = PipelineRun(cfg, tracker, set(force))
-    try:
-        for name in [stage] if stage else stages:
-            getattr(run, name)
-    except BaseException:
-        tracker.finish(failed=True)
-        raise
-    tracker.finish(failed=False)
+    with results_lock(cfg.results_dir):
+        tracker = Tracker(cfg)
+        run = PipelineRun(cfg, tracker, set(force))
+        try:
+            for name in [stage] if stage else stages:
+                getattr(run, name)
+        except BaseException:
+            tracker.finish(failed=True)
+            raise
+        tracker.finish(failed=False)
     return run.results
 
 

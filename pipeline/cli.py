@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Argument(..., help="the pipeline's YAML file, e.g. configs/demo.yaml")
-USER_ERRORS = ("ConfigError", "DataError", "StageError")
+USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy")
 
 
 def _fail(error: Exception, debug: bool) -> None:
@@ -46,7 +46,8 @@ def run(
 ) -> None:
     """Run the pipeline the config describes; stages whose result is cached are skipped.
 
-    Stages: demo_data, pretrain (demo world only), evaluate_base, sft, evaluate_sft."""
+    Stages: demo_data, pretrain (demo world only), evaluate_base, sft, evaluate_sft, sample,
+    pairs (on-policy pairs only), dpo, evaluate_dpo."""
     from flows.pipeline import STAGE_FLOWS, pipeline_stages, run_pipeline
 
     cfg = _load(config, debug)

@@ -78,6 +78,8 @@ class DataConfig(Section):
     sft: DataSource | None = None
     target_eval: DataSource | None = None
     general_eval: DataSource | None = None
+    # prompt/chosen/rejected pairs for DPO; null: on-policy pairs from the SFT model (stage `pairs`)
+    preference: DataSource | None = None
 
 
 class LossConfig(Section):
@@ -109,6 +111,30 @@ class TrainStage(Section):
 
 class SFTStageConfig(TrainStage):
     loss: LossConfig = Field(default_factory=LossConfig)
+    lora: LoraConfig | None = None
+
+
+class PairsConfig(Section):
+    """On-policy preference pairs: n samples per training prompt from the SFT model, scored by
+    the verifier, a correct completion paired with an incorrect one of the same prompt."""
+
+    prompts: DataSource | None = Field(
+        None, description="rows with a prompt and an `answer` (or a reference `completion`); null: data.sft"
+    )
+    max_prompts: int | None = Field(None, gt=0, description="null takes all")
+    n: int = Field(8, gt=1, description="completions sampled per prompt")
+    temperature: float | None = Field(1.0, gt=0, description="null: sampling.temperature")
+    pairs_per_prompt: int = Field(1, gt=0, description="at most; each completion is used in one pair at most")
+
+    def sampling(self, base: SamplingConfig) -> SamplingConfig:
+        """The sampling settings for pairs: `base` (the config's `sampling`) with this n and temperature."""
+        return base.model_copy(update={"n": self.n, "temperature": self.temperature or base.temperature})
+
+
+class DPOStageConfig(Section):
+    trainer: dict[str, Any] = Field(
+        default_factory=dict, description="passed to TRL's DPOConfig (beta, loss_type, precompute_ref_log_probs, ...)"
+    )
     lora: LoraConfig | None = None
 
 
@@ -155,6 +181,8 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     pretrain: TrainStage = Field(default_factory=TrainStage)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -175,11 +203,12 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _code_needs_opt_in(self) -> PipelineConfig:
-        for suite in ("target_eval", "general_eval"):
-            source = getattr(self.data, suite)
+        scored = {"data.target_eval": self.data.target_eval, "data.general_eval": self.data.general_eval,
+                  "pairs.prompts": self.pairs.prompts, "data.sft": self.data.sft}  # sft: its pairs are scored
+        for key, source in scored.items():
             if source is not None and source.verifier == "code" and not self.evaluate.allow_untrusted_code:
                 raise ValueError(
-                    f"data.{suite}.verifier is 'code', which runs model-written code: set "
+                    f"{key}.verifier is 'code', which runs model-written code: set "
                     "evaluate.allow_untrusted_code: true to accept that (see the README's sandbox section)"
                 )
         return self
@@ -195,8 +224,13 @@ class PipelineConfig(Section):
         return self
 
 
-# Keys of TRL's configs that the pipeline sets itself: a user value would be overwritten.
-PIPELINE_OWNED_TRAINER_KEYS = {"output_dir", "loss_type", "completion_only_loss"}
+# Keys of TRL's configs that the pipeline sets itself, per stage: a user value would be overwritten.
+# (SFT's loss is `sft.loss`; DPO's `loss_type` is the user's.)
+PIPELINE_OWNED_TRAINER_KEYS = {
+    "pretrain": {"output_dir", "loss_type", "completion_only_loss"},
+    "sft": {"output_dir", "loss_type", "completion_only_loss"},
+    "dpo": {"output_dir"},
+}
 
 
 def _simple_types(hint: Any) -> tuple[type, ...] | None:
@@ -206,12 +240,12 @@ def _simple_types(hint: Any) -> tuple[type, ...] | None:
     return tuple(args) if all(a in plain for a in args) else None
 
 
-def check_trainer_args(args: dict[str, Any], config_cls: type, key_path: str) -> None:
+def check_trainer_args(args: dict[str, Any], config_cls: type, key_path: str, owned: set[str]) -> None:
     """Check trainer settings against TRL's own config dataclass: names, and simple value types."""
     hints = typing.get_type_hints(config_cls)
     fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
     for key, value in args.items():
-        if key in PIPELINE_OWNED_TRAINER_KEYS:
+        if key in owned:
             raise ConfigError(f"{key_path}.{key}: set by the pipeline, remove it from the config")
         if key not in fields:
             hint = difflib.get_close_matches(key, fields, n=3)
@@ -285,11 +319,12 @@ def parse_config(data: dict[str, Any], source: str = "<config>", text: str | Non
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_errors(error, source, lines)) from None
-    from trl import SFTConfig
+    from trl import DPOConfig, SFTConfig
 
-    for stage in ("pretrain", "sft"):
+    for stage, config_cls in (("pretrain", SFTConfig), ("sft", SFTConfig), ("dpo", DPOConfig)):
         try:
-            check_trainer_args(getattr(cfg, stage).trainer, SFTConfig, f"{stage}.trainer")
+            check_trainer_args(getattr(cfg, stage).trainer, config_cls, f"{stage}.trainer",
+                               PIPELINE_OWNED_TRAINER_KEYS[stage])
         except ConfigError as error:
             line = lines.get((stage, "trainer", str(error).split(":")[0].split(".")[-1]))
             raise ConfigError(f"{source}{f':{line}' if line else ''}: {error}") from None

@@ -1,7 +1,7 @@
 """Data sets: JSONL files or hub data sets, loaded as `datasets.Dataset`, checked row by row.
 
 SFT rows are prompt/completion (strings, or chat messages) or `messages`; evaluation rows
-are prompt/answer (an optional `id` and `task`).
+are prompt/answer (an optional `id` and `task`); preference rows are prompt/chosen/rejected.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from pipeline.manifest import atomic_write_text, digest
 
 SFT_FIELDS = [{"prompt", "completion"}, {"messages"}]
 EVAL_FIELDS = [{"prompt", "answer"}]
+PREFERENCE_FIELDS = [{"prompt", "chosen", "rejected"}]
+# Training prompts to sample from: with the answer to check samples against, or the SFT row itself.
+TRAIN_PROMPT_FIELDS = [{"prompt", "answer"}, *SFT_FIELDS]
 
 
 class DataError(ValueError):
@@ -51,7 +54,7 @@ def read_jsonl(path: Path, accepted: list[set[str]] | None = None) -> list[dict]
 
 
 def check_row(row: object, at: str, accepted: list[set[str]]) -> None:
-    """The row has one of the accepted field sets, each a non-empty string or message list."""
+    """The row has one of the accepted field sets, each a string or message list (a non-empty prompt)."""
     if not isinstance(row, dict):
         raise DataError(f"{at}: each row must be a JSON object, got {type(row).__name__}")
     fields = next((f for f in accepted if f <= row.keys()), None)
@@ -60,8 +63,10 @@ def check_row(row: object, at: str, accepted: list[set[str]]) -> None:
         raise DataError(f"{at}: missing fields: expected {options}, got {', '.join(sorted(row)) or 'none'}")
     for name in fields:
         value = row[name]
-        if not (isinstance(value, (str, list)) and value):
-            raise DataError(f"{at}: field '{name}' must be a non-empty string or message list")
+        # An empty answer is an answer (a model that stops at once); an empty prompt is a broken row.
+        if not isinstance(value, (str, list)) or (not value and name in ("prompt", "messages")):
+            raise DataError(f"{at}: field '{name}' must be a {'non-empty ' if name in ('prompt', 'messages') else ''}"
+                            "string or message list")
 
 
 def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
@@ -74,6 +79,19 @@ def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
     for i, row in enumerate(dataset):
         check_row(row, f"{where} row {i}", accepted)
     return dataset
+
+
+def prompt_and_answer(row: dict) -> dict:
+    """A training row as a prompt with the answer its samples are checked against: its `answer`,
+    else its reference completion (the last assistant turn of a `messages` row)."""
+    if "answer" in row and "prompt" in row:
+        return dict(row)
+    if "prompt" in row:
+        completion = row["completion"]
+        answer = completion if isinstance(completion, str) else completion[-1]["content"]
+        return {k: v for k, v in row.items() if k != "completion"} | {"answer": answer}
+    messages = row["messages"]
+    return {k: v for k, v in row.items() if k != "messages"} | {"prompt": messages[:-1], "answer": messages[-1]["content"]}
 
 
 def source_digest(source: DataSource) -> str:

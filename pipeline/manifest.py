@@ -6,10 +6,15 @@ last and atomically, so a folder without one is never mistaken for a finished st
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,32 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class ResultsBusy(RuntimeError):
+    """Another `posttrain run` is using the results folder."""
+
+
+@contextmanager
+def results_lock(results_dir: Path) -> Iterator[None]:
+    """Hold the results folder for one `posttrain run` at a time; a second one is refused with
+    the holder's pid and host. The kernel drops the lock when its process dies, even by
+    SIGKILL, so a lost run never leaves it behind. (`flock` is per machine: on shared storage
+    across machines it depends on the file system.)"""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with open(results_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ResultsBusy(
+                f"{results_dir} is in use by another `posttrain run` ({f.read().strip() or 'unknown'}): "
+                "wait for it to finish, or give this config another results_dir"
+            ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
 
 
 def digest(path: Path) -> str:

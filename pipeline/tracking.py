@@ -52,6 +52,7 @@ def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput
 
 class Tracker:
     def __init__(self, cfg: PipelineConfig):
+        """Start the pipeline's parent run. Call it holding the results folder's lock."""
         self.uri = tracking_uri(cfg)
         cfg.results_dir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(self.uri)
@@ -59,11 +60,26 @@ class Tracker:
         self.experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(cfg.tracking.experiment)
         )
-        run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags={"posttrain.kind": "pipeline"})
+        self.results_dir = str(cfg.results_dir.resolve())
+        self.end_lost_runs()
+        tags = {"posttrain.kind": "pipeline", "posttrain.results_dir": self.results_dir}
+        run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags)
         self.parent_id = run.info.run_id
         config = cfg.model_dump(mode="json")
         self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in flatten(config).items()])
         self.client.log_text(self.parent_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+
+    def end_lost_runs(self) -> None:
+        """A run whose process was killed (or whose machine was lost) stays RUNNING in MLflow.
+        Holding the results folder's lock, no other run on it is alive: end those as KILLED."""
+        lost = self.client.search_runs(
+            [self.experiment_id],
+            f"attributes.status = 'RUNNING' and tags.`posttrain.results_dir` = '{self.results_dir}'",
+        )
+        for run in lost:
+            self.client.set_tag(run.info.run_id, "posttrain.error",
+                                "its process was lost (killed, or its machine lost) while it ran; ended by a later run")
+            self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
     def stage_env(self, run_id: str) -> dict[str, str]:
         """What a stage process needs to log into its run."""
@@ -73,6 +89,7 @@ class Tracker:
         tags = {
             "mlflow.parentRunId": self.parent_id,
             "posttrain.kind": "stage",
+            "posttrain.results_dir": self.results_dir,
             "posttrain.stage": name,
             "posttrain.key": key,
             **{f"posttrain.input.{k}": v for k, v in inputs.items()},

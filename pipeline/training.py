@@ -1,4 +1,4 @@
-"""One SFT run: the trainer settings from the YAML, checkpoints, resume, and the saved model."""
+"""One SFT or DPO run: the trainer settings from the YAML, checkpoints, resume, and the saved model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from trl import SFTConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from trl import DPOConfig, DPOTrainer, SFTConfig
 
 from pipeline.config import LoraConfig, LossConfig
 from pipeline.losses import build_loss
@@ -64,35 +64,71 @@ def train_sft(
     ref_model: PreTrainedModel | None = None,
     lora: LoraConfig | None = None,
 ) -> dict[str, float]:
-    """Train, resuming from the last checkpoint under `out/checkpoints` if one exists; save the
-    final model and tokenizer to `out/model`, the logged curves and diagnostics to
-    `out/log_history.json` and their plot to `out/loss_curve.png`. Returns the final metrics."""
-    checkpoints = out / "checkpoints"
-    args = SFTConfig(output_dir=str(checkpoints), **{**trainer_defaults(seed), **trainer_args})
-    peft_config = None
-    if lora is not None:
-        from peft import LoraConfig as PeftLoraConfig
-
-        peft_config = PeftLoraConfig(task_type="CAUSAL_LM", **lora.model_dump())
+    """SFT with a token loss; see `fit` for what it writes to `out`."""
     trainer = TokenLossSFTTrainer(
         model=model,
-        args=args,
+        args=SFTConfig(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args}),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=peft_config(lora),
         token_loss=build_loss(loss.name, **loss.params),
         ref_model=ref_model,
     )
+    return fit(trainer, tokenizer, out, merge=lora is not None)
+
+
+def train_dpo(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    trainer_args: dict[str, Any],
+    out: Path,
+    seed: int,
+    ref_model: PreTrainedModel | None = None,
+    lora: LoraConfig | None = None,
+) -> dict[str, float]:
+    """DPO from `model` on prompt/chosen/rejected rows. The reference is `ref_model`; without
+    one, TRL uses `model` itself as it was before training (the policy with its LoRA adapter
+    disabled, or the untrained policy for `precompute_ref_log_probs`), so pass the weights to
+    start from, never a PeftModel whose disabled adapter would leave some other base."""
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=DPOConfig(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args}),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(lora),
+    )
+    return fit(trainer, tokenizer, out, merge=lora is not None)
+
+
+def peft_config(lora: LoraConfig | None):
+    if lora is None:
+        return None
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(task_type="CAUSAL_LM", **lora.model_dump())
+
+
+def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: bool) -> dict[str, float]:
+    """Train, resuming from the last complete checkpoint under `out/checkpoints` if one exists;
+    save the final model and tokenizer to `out/model`, the logged curves to
+    `out/log_history.json` and their plot to `out/loss_curve.png`. Returns the final metrics:
+    the trainer's summary and the last logged value of each curve."""
+    checkpoints = out / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
     # Resuming restores the optimizer, scheduler and RNG state along with the weights.
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     final = trainer.model
-    if lora is not None:
+    if merge:
         # Merged, so every later stage (sampling, DPO and its reference) loads plain weights.
         final = final.merge_and_unload()
     final.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+    history = trainer.state.log_history
+    atomic_write_text(out / "log_history.json", json.dumps(history, indent=1))
     loss_curve(out / "log_history.json", out / "loss_curve.png")
+    curves = {f"final/{k}": float(v) for h in history if "loss" in h for k, v in h.items()
+              if isinstance(v, int | float) and k not in ("step", "epoch")}
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
-    return metrics | {"resumed_from_step": float(last.name.split("-")[-1]) if last else 0.0}
+    return metrics | curves | {"resumed_from_step": float(last.name.split("-")[-1]) if last else 0.0}

@@ -1,24 +1,24 @@
-"""Stage `sample`: n completions per prompt, kept with the sampling settings, so any score
-(Pass@K, another verifier) can be computed later without sampling again."""
+"""Stage `sample`: n completions per training prompt from the SFT model, the raw material of
+on-policy preference pairs. Kept with the sampling settings and each prompt's reference
+answer, so pairs (or any other score) can be built again without sampling again."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.data import read_jsonl, write_jsonl
+from pipeline.data import TRAIN_PROMPT_FIELDS, load_rows, prompt_and_answer, write_jsonl
 from pipeline.manifest import Manifest
 from pipeline.sampling import sample
 from pipeline.stage import stage_main
 
 
-def run(cfg: PipelineConfig, out: Path, model: Path, prompts: Path) -> Manifest:
-    """`prompts`: JSONL rows with a `prompt` (text or chat messages), an optional `id`, and any
-    other fields (an answer, a task), which are kept."""
-    rows = read_jsonl(prompts, [{"prompt"}])
-    completions = sample(model, [r["prompt"] for r in rows], cfg.sampling, cfg.model.tokenizer)
-    settings = cfg.sampling.model_dump()
-    samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": settings}
+def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
+    source = cfg.pairs.prompts or cfg.data.sft
+    rows = [prompt_and_answer(row) for row in load_rows(source, TRAIN_PROMPT_FIELDS)][: cfg.pairs.max_prompts]
+    settings = cfg.pairs.sampling(cfg.sampling)
+    completions = sample(model, [r["prompt"] for r in rows], settings, cfg.model.tokenizer)
+    samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": settings.model_dump()}
                for i, (row, texts) in enumerate(zip(rows, completions, strict=True))]
     write_jsonl(out / "samples.jsonl", samples)
     return Manifest("sample", out.name, {"samples": "samples.jsonl"})

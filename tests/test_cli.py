@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -32,6 +34,27 @@ def test_bad_config_is_one_line_of_advice_without_traceback(tmp_path):
 def test_unknown_stage_names_the_stages(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(f"name: x\nresults_dir: {tmp_path / 'results'}\n")
-    result = runner.invoke(app, ["run", str(path), "--stage", "dpo"])
+    result = runner.invoke(app, ["run", str(path), "--stage", "reward"])
     assert result.exit_code == 2
-    assert "unknown stage 'dpo'" in result.output and "demo_data, pretrain, evaluate_base, sft, evaluate_sft" in result.output
+    assert "unknown stage 'reward'" in result.output
+    assert "demo_data, pretrain, evaluate_base, sft, evaluate_sft, sample, pairs, dpo, evaluate_dpo" in result.output
+
+
+def test_a_second_run_on_the_same_results_folder_is_refused(tmp_path):
+    # Another process (as another `posttrain run` would) holds the results folder.
+    results = tmp_path / "results"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.manifest import results_lock\n"
+         f"with results_lock(Path({str(results)!r})):\n    print('held', flush=True); time.sleep(120)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        path = tmp_path / "ok.yaml"
+        path.write_text(f"name: x\nresults_dir: {results}\n")
+        result = runner.invoke(app, ["run", str(path)])
+        assert result.exit_code == 2
+        assert f"{results} is in use by another `posttrain run` (pid {holder.pid} on" in result.output
+        assert not (results / "mlflow.db").exists()  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pipeline.config import DataSource
-from pipeline.data import EVAL_FIELDS, SFT_FIELDS, DataError, load_rows, read_jsonl, write_jsonl
+from pipeline.data import EVAL_FIELDS, PREFERENCE_FIELDS, SFT_FIELDS, DataError, load_rows, read_jsonl, write_jsonl
 
 
 def test_write_then_load_as_dataset(tmp_path):
@@ -24,6 +24,15 @@ def test_bad_rows_name_file_and_line(tmp_path, content, error):
     (tmp_path / "d.jsonl").write_text(content)
     with pytest.raises(DataError, match=error):
         read_jsonl(tmp_path / "d.jsonl", SFT_FIELDS)
+
+
+def test_preference_rows_may_reject_an_empty_answer_but_not_a_number(tmp_path):
+    # A model that stops at once wrote "" : a real rejected answer. A number is not a completion.
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": ""}, {"prompt": "2+2=",
+                                                                                          "chosen": "4", "rejected": 5}])
+    with pytest.raises(DataError, match=r"p\.jsonl:2: field 'rejected' must be a string or message list"):
+        read_jsonl(tmp_path / "p.jsonl", PREFERENCE_FIELDS)
+    assert read_jsonl(tmp_path / "p.jsonl")[0]["rejected"] == ""
 
 
 def test_non_utf8_bytes_name_the_line(tmp_path):

@@ -1,5 +1,6 @@
 """A training stage killed mid-run (SIGKILL of the whole process group, as when a machine is
-lost) continues from its last complete checkpoint on the next run, not from step 0."""
+lost) continues from its last complete checkpoint on the next run, not from step 0, and the
+killed run does not stay RUNNING in MLflow."""
 
 import json
 import os
@@ -43,3 +44,12 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     assert 10 <= resumed < MAX_STEPS
     history = json.loads((stage / "log_history.json").read_text())
     assert history[-1]["step"] == MAX_STEPS
+    # The killed pipeline's runs could not end themselves; the next run ended them as KILLED.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("posttrain").experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed = {r.data.tags.get("posttrain.stage", "pipeline") for r in runs if r.info.status == "KILLED"}
+    assert killed == {"pipeline", "sft"}
+    assert all("process was lost" in r.data.tags["posttrain.error"] for r in runs if r.info.status == "KILLED")

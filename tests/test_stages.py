@@ -7,10 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.pipeline import run_pipeline
-from pipeline.config import parse_config
+from flows.pipeline import STAGES, pipeline_stages, run_pipeline
+from pipeline.config import SamplingConfig, parse_config
+from pipeline.data import read_jsonl, write_jsonl
 from pipeline.manifest import MANIFEST, Manifest
+from pipeline.sampling import sample
 from pipeline.stage import StageError
+from pipeline.verifiers import verify_exact
 
 TINY = {
     "demo": {"hidden_size": 64, "num_heads": 1, "num_layers": 1, "intermediate_size": 64,
@@ -18,34 +21,70 @@ TINY = {
     "pretrain": {"trainer": {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1}},
     "sft": {"trainer": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1}},
     "sampling": {"max_tokens": 4},
+    "dpo": {"trainer": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1,
+                        "gradient_checkpointing": False}},
 }
+PAIR_PROMPTS = "pair_prompts.jsonl"
 
 
 def tiny_config(tmp_path: Path, **overrides):
     data = {"name": "tiny", "results_dir": str(tmp_path / "results"), **TINY}
+    if (tmp_path / PAIR_PROMPTS).is_file():  # written by `demo_run`, once the SFT model exists
+        data["pairs"] = {"prompts": {"path": str(tmp_path / PAIR_PROMPTS)}, "temperature": 0.1}
     for section, value in overrides.items():
         data[section] = {**data.get(section, {}), **value}
     return parse_config(data)
 
 
+def write_pair_prompts(sft: Manifest, data: Manifest, path: Path) -> None:
+    """Training prompts whose answer is the SFT model's own greedy completion. A model trained
+    for a few steps gets no real answer right, so no prompt would give a pair; against these
+    answers its near-greedy samples are sometimes right and sometimes wrong."""
+    rows = read_jsonl(data.path("domain_train"))[:16]
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=TINY["sampling"]["max_tokens"])
+    completions = sample(sft.path("model"), [r["prompt"] for r in rows], greedy)
+    answers = [c[0].split("<eos>")[0].split("\n")[0].strip() for c in completions]
+    write_jsonl(path, [{"prompt": r["prompt"], "answer": a} for r, a in zip(rows, answers) if a])
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("demo")
+    upstream = run_pipeline(tiny_config(tmp_path), stage="sft")
+    write_pair_prompts(upstream[-1].manifest, upstream[0].manifest, tmp_path / PAIR_PROMPTS)
     return tmp_path, run_pipeline(tiny_config(tmp_path))
 
 
 def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
     _, results = demo_run
-    assert [r.name for r in results] == ["demo_data", "pretrain", "evaluate_base", "sft", "evaluate_sft"]
-    assert not any(r.cached for r in results)
+    assert [r.name for r in results] == list(STAGES)
+    assert {r.name for r in results if r.cached} == {"demo_data", "pretrain", "sft"}  # built by `demo_run` first
     for r in results:
         manifest = Manifest.read(r.manifest.folder)
         assert manifest.key == r.manifest.folder.name
         assert all(manifest.path(name).exists() for name in manifest.outputs)
-    sft = results[3].manifest
-    assert sft.inputs["model"] == results[1].manifest.key  # lineage: SFT starts from the pretrained model
-    evaluation = results[4].manifest.metrics
+    by_name = {r.name: r.manifest for r in results}
+    assert by_name["sft"].inputs["model"] == by_name["pretrain"].key  # lineage: SFT starts from the pretrained model
+    assert by_name["dpo"].inputs == {"model": by_name["sft"].key, "pairs": by_name["pairs"].key}
+    evaluation = by_name["evaluate_sft"].metrics
     assert 0.0 <= evaluation["target/pass_at_1"] <= 1.0 and "general/retention" in evaluation
+    assert "target/pass_at_1" in by_name["evaluate_dpo"].metrics
+
+
+def test_pairs_pair_a_correct_with_an_incorrect_sample_of_the_sft_model(demo_run):
+    _, results = demo_run
+    by_name = {r.name: r.manifest for r in results}
+    samples = read_jsonl(by_name["sample"].path("samples"))
+    assert all(len(row["completions"]) == 8 and row["sampling"]["temperature"] == 0.1 for row in samples)
+    pairs = read_jsonl(by_name["pairs"].path("pairs"))
+    stats = by_name["pairs"].metrics
+    assert stats["pairs/pairs"] == len(pairs) > 0 and stats["pairs/prompts"] == len(samples)
+    answers = {row["prompt"]: row["answer"] for row in samples}
+    for pair in pairs:
+        assert verify_exact(pair["chosen"], answers[pair["prompt"]])
+        assert not verify_exact(pair["rejected"], answers[pair["prompt"]])
+    history = json.loads(by_name["dpo"].path("log_history").read_text())
+    assert any("rewards/margins" in h for h in history)  # TRL's DPO curves, kept with the stage
 
 
 def test_pretrained_model_saves_and_loads_with_from_pretrained(demo_run):
@@ -66,11 +105,34 @@ def test_second_run_is_cached_and_a_changed_stage_reruns_downstream(demo_run):
     again = run_pipeline(tiny_config(tmp_path))
     assert all(r.cached for r in again)
     assert [r.manifest.key for r in again] == [r.manifest.key for r in first]
-    changed = run_pipeline(tiny_config(tmp_path, sft={"loss": {"name": "dft"}}))
+    changed = run_pipeline(tiny_config(tmp_path, sft={"loss": {"name": "dft"}}), stage="evaluate_sft")
     assert [(r.name, r.cached) for r in changed] == [
-        ("demo_data", True), ("pretrain", True), ("evaluate_base", True), ("sft", False), ("evaluate_sft", False)]
+        ("demo_data", True), ("pretrain", True), ("sft", False), ("evaluate_base", True), ("evaluate_sft", False)]
     only = run_pipeline(tiny_config(tmp_path, sft={"loss": {"name": "dft"}}), stage="sft")
     assert [(r.name, r.cached) for r in only] == [("demo_data", True), ("pretrain", True), ("sft", True)]
+
+
+def test_changing_only_the_dpo_beta_reruns_only_dpo_and_its_evaluation(demo_run):
+    tmp_path, first = demo_run
+    beta = {"trainer": TINY["dpo"]["trainer"] | {"beta": 0.3}}
+    changed = run_pipeline(tiny_config(tmp_path, dpo=beta))
+    assert [(r.name, r.cached) for r in changed] == [(name, name not in ("dpo", "evaluate_dpo")) for name in STAGES]
+    assert changed[-2].manifest.key != first[-2].manifest.key
+
+
+def test_dpo_on_given_preference_data_skips_the_on_policy_stages(demo_run, tmp_path):
+    demo_tmp, first = demo_run
+    given = tmp_path / "preference.jsonl"
+    write_jsonl(given, [{"prompt": "12*3=", "chosen": "63", "rejected": "36"}] * 8)
+    cfg = tiny_config(demo_tmp, data={"preference": {"path": str(given)}})
+    assert "pairs" not in pipeline_stages(cfg) and "sample" not in pipeline_stages(cfg)
+    results = run_pipeline(cfg, stage="dpo")
+    assert [(r.name, r.cached) for r in results] == [
+        ("demo_data", True), ("pretrain", True), ("sft", True), ("dpo", False)]
+    assert results[-1].manifest.inputs == {"model": first[3].manifest.key}
+    given.write_text('{"prompt": "12*3=", "chosen": "63"}\n')
+    with pytest.raises(StageError, match=r"preference\.jsonl:1: missing fields: expected chosen/prompt/rejected"):
+        run_pipeline(tiny_config(demo_tmp, data={"preference": {"path": str(given)}}), stage="dpo")
 
 
 @pytest.mark.parametrize("loss, diagnostics", [
@@ -121,11 +183,15 @@ def test_mlflow_has_parent_and_child_runs_with_lineage(demo_run):
     experiment = client.get_experiment_by_name("posttrain")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("posttrain.kind") == "pipeline"]
-    first = parents[0]
+
+    def children_of(parent):
+        return {r.data.tags["posttrain.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+    first, full = parents[0], parents[1]  # `demo_run`: up to SFT, then the whole pipeline
     assert first.info.status == "FINISHED" and first.data.params["sft.loss.name"] == '"ce"'
-    children = {r.data.tags["posttrain.stage"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
-    assert set(children) == {"demo_data", "pretrain", "evaluate_base", "sft", "evaluate_sft"}
+    children = children_of(first) | {k: v for k, v in children_of(full).items() if k not in ("sft", "pretrain")}
+    assert set(children) == set(STAGES)
     sft, pretrain = children["sft"], children["pretrain"]
     assert sft.data.tags["posttrain.key"] == results[3].manifest.key
     assert sft.data.tags["posttrain.input.model"] == pretrain.data.tags["posttrain.key"]
@@ -139,8 +205,13 @@ def test_mlflow_has_parent_and_child_runs_with_lineage(demo_run):
     evaluation_files = {a.path for a in client.list_artifacts(children["evaluate_sft"].info.run_id)}
     assert {"samples_target.jsonl", "samples_general.jsonl"} <= evaluation_files
     assert "config.yaml" in {a.path for a in client.list_artifacts(first.info.run_id)}
-    # The second pipeline run reused every stage: its child runs say so and link the producers.
-    second = parents[1]
+    dpo, pairs = children["dpo"], children["pairs"]
+    assert dpo.data.tags["posttrain.input_run.pairs"] == pairs.info.run_id
+    assert dpo.data.tags["posttrain.input_run.model"] == sft.info.run_id  # DPO links back to its SFT model
+    assert [d.dataset.name for d in dpo.inputs.dataset_inputs] == ["pairs.jsonl"]
+    assert "rewards/margins" in dpo.data.metrics and pairs.data.metrics["pairs/pairs"] > 0
+    # A later pipeline run reused every stage: its child runs say so and link the producers.
+    second = parents[2]
     cached = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.info.run_id]
     assert cached and all(r.data.tags["posttrain.cached"] == "true" for r in cached)
     by_stage = {r.data.tags["posttrain.stage"]: r for r in cached}
@@ -161,7 +232,7 @@ def test_failed_stage_run_ends_failed_in_mlflow(demo_run):
 
 
 def test_status_lists_done_stale_and_missing(demo_run, tmp_path):
-    from flows.pipeline import STAGES, pipeline_status
+    from flows.pipeline import pipeline_status
 
     demo_tmp, results = demo_run
     statuses = pipeline_status(tiny_config(demo_tmp))
@@ -170,7 +241,7 @@ def test_status_lists_done_stale_and_missing(demo_run, tmp_path):
     changed = pipeline_status(tiny_config(demo_tmp, sft={"trainer": {"learning_rate": 0.0123, "max_steps": 2}}))
     assert [(s.name, s.status) for s in changed] == [
         ("demo_data", "done"), ("pretrain", "done"), ("evaluate_base", "done"), ("sft", "stale"),
-        ("evaluate_sft", "missing")]
+        *[(name, "missing") for name in STAGES[4:]]]
     assert changed[3].key != results[3].manifest.key
     fresh = pipeline_status(tiny_config(tmp_path))
     assert {s.status for s in fresh} == {"missing"}
@@ -182,8 +253,8 @@ def test_force_reruns_a_cached_stage_under_the_same_key(demo_run):
     assert [(r.name, r.cached) for r in forced] == [("demo_data", True), ("pretrain", True), ("evaluate_base", False)]
     assert forced[-1].manifest.key == results[2].manifest.key
     assert forced[-1].manifest.run_id != results[2].manifest.run_id
-    with pytest.raises(Exception, match="unknown stage 'dpo'"):
-        run_pipeline(tiny_config(tmp_path), {"dpo"})
+    with pytest.raises(Exception, match="unknown stage 'reward'"):
+        run_pipeline(tiny_config(tmp_path), {"reward"})
 
 
 def test_transient_stage_failure_is_retried_by_the_flow(demo_run, monkeypatch):

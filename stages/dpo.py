@@ -1,0 +1,32 @@
+"""Stage `dpo`: TRL's DPOTrainer from the SFT model, with the SFT model as the frozen
+reference, on the on-policy pairs (stage `pairs`) or the user's preference data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import DataSource, PipelineConfig
+from pipeline.data import PREFERENCE_FIELDS, load_rows
+from pipeline.manifest import Manifest
+from pipeline.stage import stage_main
+from pipeline.training import TRAINING_OUTPUTS, train_dpo
+
+
+def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) -> Manifest:
+    source = DataSource(path=str(pairs)) if pairs else cfg.data.preference
+    dataset = load_rows(source, PREFERENCE_FIELDS).select_columns(["prompt", "chosen", "rejected"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    # The explicit reference is the SFT model. With LoRA, or with reference log-probs computed
+    # once before training, TRL's own reference (the loaded weights with the adapter off, or
+    # the untrained policy) is those same SFT weights, and saves a second copy in memory.
+    shared = cfg.dpo.lora is not None or cfg.dpo.trainer.get("precompute_ref_log_probs", False)
+    reference = None if shared else AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    metrics = train_dpo(policy, tokenizer, dataset, cfg.dpo.trainer, out, cfg.seed, reference, cfg.dpo.lora)
+    return Manifest("dpo", out.name, TRAINING_OUTPUTS, metrics=metrics)
+
+
+if __name__ == "__main__":
+    stage_main(run)

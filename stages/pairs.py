@@ -1,0 +1,38 @@
+"""Stage `pairs`: score the SFT model's samples with the task's verifier and pair a correct
+with an incorrect completion of the same prompt; the pairs file and its statistics are the
+output, so DPO can be run again on the same pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+from pipeline.data import read_jsonl, write_jsonl
+from pipeline.manifest import Manifest
+from pipeline.metrics import pass_at_k_table
+from pipeline.preferences import build_pairs
+from pipeline.stage import stage_main
+from pipeline.verifiers import get_verifier
+
+
+def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
+    source = cfg.pairs.prompts or cfg.data.sft
+    verify = get_verifier(source.verifier, allow_untrusted_code=cfg.evaluate.allow_untrusted_code)
+    rows = read_jsonl(samples / "samples.jsonl", [{"prompt", "answer", "completions"}])
+    for row in rows:
+        row["correct"] = [verify(c, row["answer"]) for c in row["completions"]]
+    pairs, stats = build_pairs(rows, cfg.pairs.pairs_per_prompt, cfg.seed)
+    if not pairs:
+        raise ValueError(
+            f"no preference pairs: of {stats.prompts} prompts, {stats.prompts_all_correct} had only correct and "
+            f"{stats.prompts_all_wrong} only wrong completions; sample more (pairs.n) or at a higher "
+            "pairs.temperature, or give data.preference"
+        )
+    write_jsonl(out / "pairs.jsonl", pairs)
+    counts = [(len(r["correct"]), sum(r["correct"])) for r in rows]
+    metrics = stats.as_metrics() | {"pairs/train_pass_at_1": pass_at_k_table(counts, [1])[1]}
+    return Manifest("pairs", out.name, {"pairs": "pairs.jsonl"}, metrics=metrics)
+
+
+if __name__ == "__main__":
+    stage_main(run)
