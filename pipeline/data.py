@@ -33,6 +33,7 @@ def read_jsonl(path: Path, accepted: list[set[str]] | None = None) -> list[dict]
     """Rows of a JSONL file; with `accepted`, each must hold one of those field sets."""
     # Parsed here rather than by `load_dataset("json")`, whose errors name neither line nor field.
     rows = []
+    first = None
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
@@ -46,14 +47,18 @@ def read_jsonl(path: Path, accepted: list[set[str]] | None = None) -> list[dict]
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{number}: malformed JSON: {error.msg} (column {error.colno})") from None
             if accepted:
-                check_row(row, f"{path}:{number}", accepted)
+                fields = check_row(row, f"{path}:{number}", accepted)
+                first = first or fields
+                if fields != first:  # a Dataset takes its columns from the first row
+                    raise DataError(f"{path}:{number}: has {'/'.join(sorted(fields))} rows, the rows before it "
+                                    f"{'/'.join(sorted(first))}: use one format per file")
             rows.append(row)
     if not rows:
         raise DataError(f"{path}: the data set is empty")
     return rows
 
 
-def check_row(row: object, at: str, accepted: list[set[str]]) -> None:
+def check_row(row: object, at: str, accepted: list[set[str]]) -> set[str]:
     """The row has one of the accepted field sets, each a string or message list (a non-empty prompt)."""
     if not isinstance(row, dict):
         raise DataError(f"{at}: each row must be a JSON object, got {type(row).__name__}")
@@ -67,6 +72,7 @@ def check_row(row: object, at: str, accepted: list[set[str]]) -> None:
         if not isinstance(value, (str, list)) or (not value and name in ("prompt", "messages")):
             raise DataError(f"{at}: field '{name}' must be a {'non-empty ' if name in ('prompt', 'messages') else ''}"
                             "string or message list")
+    return fields
 
 
 def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
@@ -84,8 +90,9 @@ def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
 def prompt_and_answer(row: dict) -> dict:
     """A training row as a prompt with the answer its samples are checked against: its `answer`,
     else its reference completion (the last assistant turn of a `messages` row)."""
+    row = {k: v for k, v in row.items() if v is not None}  # a Dataset gives every row every column
     if "answer" in row and "prompt" in row:
-        return dict(row)
+        return row
     if "prompt" in row:
         completion = row["completion"]
         answer = completion if isinstance(completion, str) else completion[-1]["content"]

@@ -1,17 +1,40 @@
-"""TRL's SFTTrainer with a forgetting-aware token loss.
+"""TRL's SFTTrainer with a forgetting-aware token loss, and TRL's DPOTrainer; both stop at
+the first non-finite loss.
 
-Overrides `compute_loss`, the way TRL 1.16 supports custom losses (its `compute_loss_func`
-is deprecated and costs an extra forward per step). A frozen reference model is held only
-when the loss needs one (EKSFT).
+The SFT trainer overrides `compute_loss`, the way TRL 1.16 supports custom losses (its
+`compute_loss_func` is deprecated and costs an extra forward per step). A frozen reference
+model is held only when the loss needs one (EKSFT).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
-from trl import SFTTrainer
+from transformers import PreTrainedModel, Trainer
+from trl import DPOTrainer, SFTTrainer
 
 from pipeline.losses import TokenLoss
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or inf: training stops before the weights are saved."""
+
+
+def check_finite(loss: torch.Tensor, trainer: Trainer) -> None:
+    # Checked every step: the Trainer's `logging_nan_inf_filter` (on by default) hides a NaN
+    # loss from the logs, and the next checkpoint would save the broken weights.
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLoss(
+            f"the loss is {loss.detach().float().item()} at step {trainer.state.global_step + 1}: training stopped, "
+            f"the checkpoints saved so far in {trainer.args.output_dir} are kept. Lower the learning rate, "
+            "check the data, or train in float32"
+        )
+
+
+class FiniteLossDPOTrainer(DPOTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        check_finite(result[0] if return_outputs else result, self)
+        return result
 
 
 class TokenLossSFTTrainer(SFTTrainer):
@@ -35,6 +58,7 @@ class TokenLossSFTTrainer(SFTTrainer):
             with torch.no_grad():
                 ref_logits = self.ref_model(**forward_inputs).logits
         loss = self.token_loss(outputs.logits, inputs["labels"], num_items_in_batch, ref_logits)
+        check_finite(loss, self)
         # Like TRL's own compute_loss: `num_items_in_batch` counts every rank's tokens and DDP
         # averages gradients across ranks, so scale back up by the number of processes.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
-from trl import DPOConfig, DPOTrainer, SFTConfig
+from trl import DPOConfig, SFTConfig
 
 from pipeline.config import LoraConfig, LossConfig
 from pipeline.losses import build_loss
 from pipeline.manifest import atomic_write_text
 from pipeline.plots import loss_curve
-from pipeline.trainer import TokenLossSFTTrainer
+from pipeline.trainer import FiniteLossDPOTrainer, TokenLossSFTTrainer
 
 
 # What `train_sft` writes in a stage's folder: name -> path, as a manifest lists its outputs.
@@ -91,7 +91,7 @@ def train_dpo(
     one, TRL uses `model` itself as it was before training (the policy with its LoRA adapter
     disabled, or the untrained policy for `precompute_ref_log_probs`), so pass the weights to
     start from, never a PeftModel whose disabled adapter would leave some other base."""
-    trainer = DPOTrainer(
+    trainer = FiniteLossDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=DPOConfig(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args}),

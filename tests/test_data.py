@@ -7,10 +7,10 @@ from pipeline.data import EVAL_FIELDS, PREFERENCE_FIELDS, SFT_FIELDS, DataError,
 
 
 def test_write_then_load_as_dataset(tmp_path):
-    rows = [{"prompt": "1+1=", "completion": "2"}, {"messages": [{"role": "user", "content": "hi"}]}]
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "1+2=", "completion": "3"}]
     write_jsonl(tmp_path / "d.jsonl", rows)
     dataset = load_rows(DataSource(path=str(tmp_path / "d.jsonl")), SFT_FIELDS)
-    assert len(dataset) == 2 and dataset[0]["prompt"] == "1+1="
+    assert len(dataset) == 2 and dataset[0]["prompt"] == "1+1=" and dataset[1]["completion"] == "3"
 
 
 @pytest.mark.parametrize("content, error", [
@@ -19,6 +19,8 @@ def test_write_then_load_as_dataset(tmp_path):
     ('\n\n{"prompt": "", "completion": "b"}\n', r"d\.jsonl:3: field 'prompt' must be a non-empty"),
     ('["a", "b"]\n', r"d\.jsonl:1: each row must be a JSON object, got list"),
     ("\n\n", r"d\.jsonl: the data set is empty"),
+    ('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "a"}]}\n',
+     r"d\.jsonl:2: has messages rows, the rows before it completion/prompt: use one format per file"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, content, error):
     (tmp_path / "d.jsonl").write_text(content)

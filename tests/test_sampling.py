@@ -71,12 +71,16 @@ def test_greedy_with_several_samples_is_refused(model_dir):
 
 def test_sample_stage_writes_rows_with_completions_and_settings(model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    write_jsonl(prompts, [{"id": "a", "prompt": "1+1=", "answer": "2"}, {"prompt": PROMPTS[1]}])
-    cfg = PipelineConfig(name="t", sampling=SETTINGS)
+    write_jsonl(prompts, [{"id": "a", "prompt": "1+1=", "answer": "2"}, {"prompt": "2*4=", "answer": "8"},
+                          {"prompt": "3+3=", "answer": "6"}])
+    cfg = PipelineConfig(name="t", sampling=SETTINGS, pairs={"prompts": {"path": str(prompts)}, "n": 3,
+                                                            "temperature": 0.5, "max_prompts": 2})
     out = tmp_path / "sample"
-    manifest = run_in_process("sample", cfg, out, {}, model=model_dir, prompts=prompts)
+    manifest = run_in_process("sample", cfg, out, {}, model=model_dir)
     assert manifest.stage == "sample" and Manifest.find(out) == manifest
     rows = read_jsonl(manifest.path("samples"))
-    assert [r["id"] for r in rows] == ["a", "1"] and rows[0]["answer"] == "2"
-    assert rows[1]["prompt"] == PROMPTS[1]
-    assert all(len(r["completions"]) == SETTINGS.n and r["sampling"] == SETTINGS.model_dump() for r in rows)
+    assert [r["id"] for r in rows] == ["a", "1"]  # max_prompts: 2
+    assert rows[0]["answer"] == "2" and rows[1]["prompt"] == "2*4=" and rows[1]["answer"] == "8"
+    # The pairs' own n and temperature, the rest from `sampling`.
+    expected = SETTINGS.model_copy(update={"temperature": 0.5}).model_dump()
+    assert all(len(r["completions"]) == 3 and r["sampling"] == expected for r in rows)
