@@ -84,3 +84,9 @@ def test_sample_stage_writes_rows_with_completions_and_settings(model_dir, tmp_p
     # The pairs' own n and temperature, the rest from `sampling`.
     expected = SETTINGS.model_copy(update={"temperature": 0.5}).model_dump()
     assert all(len(r["completions"]) == 3 and r["sampling"] == expected for r in rows)
+
+
+def test_a_folder_that_is_not_a_model_is_refused_before_any_engine_starts(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=rf"{tmp_path} is not a model folder \(no readable config.json\)"):
+        sample(tmp_path, ["1+1="], SETTINGS.model_copy(update={"backend": "vllm"}))
