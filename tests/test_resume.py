@@ -1,16 +1,19 @@
 """A training stage killed mid-run (SIGKILL of the whole process group, as when a machine is
-lost) continues from its last complete checkpoint on the next run, not from step 0, and the
-killed run does not stay RUNNING in MLflow."""
+lost) continues from its last complete checkpoint on the next run, not from step 0, ends with
+the same weights as a run that was never killed, and does not stay RUNNING in MLflow."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from pipeline.manifest import MANIFEST
 from tests.test_stages import TINY
@@ -26,9 +29,10 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--stage", "sft"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = 10 * random.randint(1, 5)  # a step: the kill lands somewhere else each time
     deadline = time.time() + 600
     checkpoints = []
-    while time.time() < deadline and not checkpoints:
+    while time.time() < deadline and not any(int(c.parent.name.split("-")[1]) >= kill_after for c in checkpoints):
         checkpoints = list((tmp_path / "results" / "sft").glob("*/checkpoints/checkpoint-*/trainer_state.json"))
         assert process.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
@@ -44,6 +48,7 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     assert 10 <= resumed < MAX_STEPS
     history = json.loads((stage / "log_history.json").read_text())
     assert history[-1]["step"] == MAX_STEPS
+    resumed_weights = AutoModelForCausalLM.from_pretrained(stage / "model").state_dict()
     # The killed pipeline's runs could not end themselves; the next run ended them as KILLED.
     from mlflow.tracking import MlflowClient
 
@@ -53,3 +58,11 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     killed = {r.data.tags.get("posttrain.stage", "pipeline") for r in runs if r.info.status == "KILLED"}
     assert killed == {"pipeline", "sft"}
     assert all("process was lost" in r.data.tags["posttrain.error"] for r in runs if r.info.status == "KILLED")
+
+    # The same stage run again from scratch, never killed: the same weights (fixed seeds, CPU).
+    straight = subprocess.run(command + ["--force", "sft"], capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert json.loads((stage / MANIFEST).read_text())["metrics"]["resumed_from_step"] == 0
+    uninterrupted = AutoModelForCausalLM.from_pretrained(stage / "model").state_dict()
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed_weights[name], weight, msg=f"{name} differs after resuming from {resumed}")
