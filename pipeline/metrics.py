@@ -36,3 +36,8 @@ def pass_at_k_table(results: list[tuple[int, int]], ks: list[int]) -> dict[int, 
         for k in sorted(set(ks))
         if k <= n_min
     }
+
+
+def sample_counts(scored: list[dict]) -> list[tuple[int, int]]:
+    """Per-prompt ``(n, c)`` from scored rows (each with its samples' ``correct`` flags)."""
+    return [(len(r["correct"]), sum(r["correct"])) for r in scored]

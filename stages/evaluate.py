@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.config import DataSource, PipelineConfig
 from pipeline.data import EVAL_FIELDS, load_rows, write_jsonl
 from pipeline.manifest import Manifest
-from pipeline.metrics import pass_at_k_table
+from pipeline.metrics import pass_at_k_table, sample_counts
 from pipeline.sampling import sample
 from pipeline.stage import stage_main
 from pipeline.verifiers import get_verifier
@@ -35,16 +35,11 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
     return scored
 
 
-def counts(scored: list[dict]) -> list[tuple[int, int]]:
-    """(samples, correct) per prompt, what Pass@K is estimated from."""
-    return [(len(r["correct"]), sum(r["correct"])) for r in scored]
-
-
 def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, float]:
-    metrics = {f"{suite}/pass_at_{k}": v for k, v in pass_at_k_table(counts(scored), ks).items()}
+    metrics = {f"{suite}/pass_at_{k}": v for k, v in pass_at_k_table(sample_counts(scored), ks).items()}
     for task in sorted({r["task"] for r in scored if r["task"]}):
         rows = [r for r in scored if r["task"] == task]
-        metrics[f"{suite}/{task}/pass_at_1"] = pass_at_k_table(counts(rows), [1])[1]
+        metrics[f"{suite}/{task}/pass_at_1"] = pass_at_k_table(sample_counts(rows), [1])[1]
     # Diversity (GEM's concern): distinct correct completions per prompt.
     metrics[f"{suite}/distinct_correct"] = sum(len({c for c, ok in zip(r["completions"], r["correct"]) if ok})
                                                for r in scored) / len(scored)

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.data import read_jsonl, write_jsonl
 from pipeline.manifest import Manifest
-from pipeline.metrics import pass_at_k_table
+from pipeline.metrics import pass_at_k_table, sample_counts
 from pipeline.preferences import build_pairs
 from pipeline.stage import stage_main
 from pipeline.verifiers import get_verifier
@@ -29,8 +29,7 @@ def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
             "pairs.temperature, or give data.preference"
         )
     write_jsonl(out / "pairs.jsonl", pairs)
-    counts = [(len(r["correct"]), sum(r["correct"])) for r in rows]
-    metrics = stats.as_metrics() | {"pairs/train_pass_at_1": pass_at_k_table(counts, [1])[1]}
+    metrics = stats.as_metrics() | {"pairs/train_pass_at_1": pass_at_k_table(sample_counts(rows), [1])[1]}
     return Manifest("pairs", out.name, {"pairs": "pairs.jsonl"}, metrics=metrics)
 
 
