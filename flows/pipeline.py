@@ -188,22 +188,19 @@ class PipelineRun:
         upstream = {"model": self.sft, "baseline": self.evaluate_base}
         return self.evaluate("evaluate_sft", self.sft.path("model"), upstream, {})
 
-    @property
-    def pair_prompts(self) -> DataSource:
-        return self.cfg.pairs.prompts or self.data.sft
-
     @cached_property
     def sample(self) -> Manifest:
+        prompts = self.stage_cfg.pair_prompts
         settings = {"sampling": self.cfg.pairs.sampling(self.cfg.sampling).model_dump(),
-                    "max_prompts": self.cfg.pairs.max_prompts, "prompts": self.digest_of(self.pair_prompts),
+                    "max_prompts": self.cfg.pairs.max_prompts, "prompts": self.digest_of(prompts),
                     "tokenizer": str(self.cfg.model.tokenizer)}
         return self.run_stage("sample", "sample", self.stage_cfg, settings, {"model": self.sft}, {},
-                              {"prompts": self.pair_prompts}, model=self.sft.path("model"))
+                              {"prompts": prompts}, model=self.sft.path("model"))
 
     @cached_property
     def pairs(self) -> Manifest:
         settings = {"seed": self.cfg.seed, "pairs_per_prompt": self.cfg.pairs.pairs_per_prompt,
-                    "verifier": self.pair_prompts.verifier}
+                    "verifier": self.stage_cfg.pair_prompts.verifier}
         return self.run_stage("pairs", "pairs", self.stage_cfg, settings, {"samples": self.sample}, {}, {},
                               samples=self.sample.folder)
 

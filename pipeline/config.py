@@ -191,6 +191,11 @@ class PipelineConfig(Section):
     def is_demo(self) -> bool:
         return self.model.path is None
 
+    @property
+    def pair_prompts(self) -> DataSource | None:
+        """The prompts the on-policy pairs are sampled from: `pairs.prompts`, else the SFT data."""
+        return self.pairs.prompts or self.data.sft
+
     @model_validator(mode="after")
     def _ks_within_n(self) -> PipelineConfig:
         too_big = [k for k in self.evaluate.ks if not 0 < k <= self.sampling.n]
@@ -226,11 +231,8 @@ class PipelineConfig(Section):
 
 # Keys of TRL's configs that the pipeline sets itself, per stage: a user value would be overwritten.
 # (SFT's loss is `sft.loss`; DPO's `loss_type` is the user's.)
-PIPELINE_OWNED_TRAINER_KEYS = {
-    "pretrain": {"output_dir", "loss_type", "completion_only_loss"},
-    "sft": {"output_dir", "loss_type", "completion_only_loss"},
-    "dpo": {"output_dir"},
-}
+SFT_OWNED_KEYS = {"output_dir", "loss_type", "completion_only_loss"}
+PIPELINE_OWNED_TRAINER_KEYS = {"pretrain": SFT_OWNED_KEYS, "sft": SFT_OWNED_KEYS, "dpo": {"output_dir"}}
 
 
 def _simple_types(hint: Any) -> tuple[type, ...] | None:

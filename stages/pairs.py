@@ -16,8 +16,7 @@ from pipeline.verifiers import get_verifier
 
 
 def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
-    source = cfg.pairs.prompts or cfg.data.sft
-    verify = get_verifier(source.verifier, allow_untrusted_code=cfg.evaluate.allow_untrusted_code)
+    verify = get_verifier(cfg.pair_prompts.verifier, allow_untrusted_code=cfg.evaluate.allow_untrusted_code)
     rows = read_jsonl(samples / "samples.jsonl", [{"prompt", "answer", "completions"}])
     for row in rows:
         row["correct"] = [verify(c, row["answer"]) for c in row["completions"]]

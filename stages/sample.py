@@ -14,8 +14,8 @@ from pipeline.stage import stage_main
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
-    source = cfg.pairs.prompts or cfg.data.sft
-    rows = [prompt_and_answer(row) for row in load_rows(source, TRAIN_PROMPT_FIELDS)][: cfg.pairs.max_prompts]
+    rows = [prompt_and_answer(row) for row in load_rows(cfg.pair_prompts, TRAIN_PROMPT_FIELDS)]
+    rows = rows[: cfg.pairs.max_prompts]
     settings = cfg.pairs.sampling(cfg.sampling)
     completions = sample(model, [r["prompt"] for r in rows], settings, cfg.model.tokenizer)
     samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": settings.model_dump()}
