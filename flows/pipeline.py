@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -22,7 +23,7 @@ from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig
 from pipeline.data import source_digest
 from pipeline.manifest import Manifest, atomic_write_text, digest, results_lock, stage_key
 from pipeline.stage import StageError, run_in_process
-from pipeline.tracking import Tracker, dataset_input
+from pipeline.tracking import Tracker, TrackingUnavailable, dataset_input
 
 STAGES = ("demo_data", "pretrain", "evaluate_base", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")
 DEMO_STAGES = ("demo_data", "pretrain")
@@ -46,6 +47,7 @@ class StageResult:
     name: str
     manifest: Manifest
     cached: bool
+    run_id: str  # the stage's MLflow run in this pipeline (a cached result's producer is manifest.run_id)
 
 
 @dataclass
@@ -113,9 +115,16 @@ class PipelineRun:
             self.tracker.fail_stage(run_id, error)
             raise
         used = [dataset_input(source, self.digest_of(source), context) for context, source in datasets.items()]
-        self.tracker.finish_stage(run_id, manifest, used, cached)
+        try:
+            self.tracker.finish_stage(run_id, manifest, used, cached)
+        except MlflowException as error:
+            raise TrackingUnavailable(
+                f"stage '{name}' is done and its result kept in {out}, but the MLflow store {self.tracker.uri} "
+                f"stopped answering ({error.message[:200]}): run again once it answers; the result is reused and "
+                "logged then"
+            ) from error
         atomic_write_text(self.latest(name), key)
-        self.results.append(StageResult(name, manifest, cached))
+        self.results.append(StageResult(name, manifest, cached, run_id))
         return manifest
 
     @cached_property
@@ -247,11 +256,13 @@ def pipeline_status(cfg: PipelineConfig) -> list[StageStatus]:
 
 
 @flow(name="posttrain")
-def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str | None = None) -> list[StageResult]:
-    """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name."""
+def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> list[StageResult]:
+    """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name.
+    Its MLflow run is nested under `parent_run_id` if given, with `tags` added."""
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
     with results_lock(cfg.results_dir):
-        tracker = Tracker(cfg)
+        tracker = Tracker(cfg, parent_run_id, tags=tags)
         run = PipelineRun(cfg, tracker, set(force))
         try:
             for name in [stage] if stage else stages:

@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Argument(..., help="the pipeline's YAML file, e.g. configs/demo.yaml")
-USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy")
+USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "TrackingUnavailable")
 
 
 def _fail(error: Exception, debug: bool) -> None:
@@ -67,6 +67,26 @@ def run(
         for name in names:
             values = [r.manifest.metrics.get(name) for r in evaluations]
             typer.echo(f"{name:<32}" + "".join(f"{v:>15.3f}" if v is not None else f"{'':>15}" for v in values))
+
+
+@app.command()
+def compare(
+    config: Path = CONFIG,
+    debug: bool = typer.Option(False, "--debug", help="show full tracebacks"),
+) -> None:
+    """Run the pipeline once per arm (SFT loss) and seed of the config's `compare` section,
+    sharing the stages they have in common, and write the comparison report (Markdown, HTML,
+    JSON, plots; also logged to MLflow)."""
+    from flows.compare import run_compare
+
+    cfg = _load(config, debug)
+    try:
+        folder = run_compare(cfg)
+    except Exception as error:  # noqa: BLE001 - user errors become one readable line
+        _fail(error, debug)
+        return
+    typer.echo((folder / "report.md").read_text())
+    typer.echo(f"report: {folder / 'report.md'} and {folder / 'report.html'}")
 
 
 @app.command()

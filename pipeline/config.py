@@ -172,6 +172,29 @@ class TrackingConfig(Section):
     experiment: str = "posttrain"
 
 
+class CompareConfig(Section):
+    """`posttrain compare`: the pipeline run once per arm (an SFT loss) and seed, everything
+    else identical (data, budget, schedule, evaluation and its sampling seeds)."""
+
+    arms: dict[str, LossConfig] = Field(
+        description="arm name -> its SFT loss, e.g. {ce: {name: ce}, eksft: {name: eksft, ratio: 0.2}}"
+    )
+    seeds: list[int] = Field(
+        [0, 1, 2], min_length=2, description="training seeds (SFT and DPO trainers); two at least, for an interval"
+    )
+    baseline: str = Field("ce", description="the arm every other arm is compared against")
+    bootstrap: int = Field(10000, ge=100, description="resamples of the paired bootstrap")
+    report_dir: Path | None = Field(None, description="where the report goes; null: results_dir/compare/<name>")
+
+    @model_validator(mode="after")
+    def _baseline_is_an_arm(self) -> CompareConfig:
+        if self.baseline not in self.arms:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the arms: {', '.join(self.arms)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must differ: got {self.seeds}")
+        return self
+
+
 class PipelineConfig(Section):
     name: str
     seed: int = 0
@@ -186,6 +209,7 @@ class PipelineConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compare: CompareConfig | None = Field(None, description="arms and seeds for `posttrain compare`")
 
     @property
     def is_demo(self) -> bool:
@@ -195,6 +219,12 @@ class PipelineConfig(Section):
     def pair_prompts(self) -> DataSource | None:
         """The prompts the on-policy pairs are sampled from: `pairs.prompts`, else the SFT data."""
         return self.pairs.prompts or self.data.sft
+
+    def arm(self, name: str, seed: int) -> PipelineConfig:
+        """One arm and seed of `compare`: the arm's SFT loss, `seed` for the SFT and DPO trainers."""
+        sft = self.sft.model_copy(update={"loss": self.compare.arms[name], "trainer": {**self.sft.trainer, "seed": seed}})
+        dpo = self.dpo.model_copy(update={"trainer": {**self.dpo.trainer, "seed": seed}})
+        return self.model_copy(update={"name": f"{self.name}/{name}/seed{seed}", "sft": sft, "dpo": dpo, "compare": None})
 
     @model_validator(mode="after")
     def _ks_within_n(self) -> PipelineConfig:

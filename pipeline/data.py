@@ -48,10 +48,16 @@ def read_jsonl(path: Path, accepted: list[set[str]] | None = None) -> list[dict]
                 raise DataError(f"{path}:{number}: malformed JSON: {error.msg} (column {error.colno})") from None
             if accepted:
                 fields = check_row(row, f"{path}:{number}", accepted)
-                first = first or fields
-                if fields != first:  # a Dataset takes its columns from the first row
+                first = first or (fields, row)
+                # A Dataset takes its columns from the first row, and a column is text or chats, not both.
+                if fields != first[0]:
                     raise DataError(f"{path}:{number}: has {'/'.join(sorted(fields))} rows, the rows before it "
-                                    f"{'/'.join(sorted(first))}: use one format per file")
+                                    f"{'/'.join(sorted(first[0]))}: use one format per file")
+                mixed = [f for f in sorted(fields) if isinstance(row[f], str) != isinstance(first[1][f], str)]
+                if mixed:
+                    kind = lambda v: "a string" if isinstance(v, str) else "a chat (message list)"  # noqa: E731
+                    raise DataError(f"{path}:{number}: field '{mixed[0]}' is {kind(row[mixed[0]])}, in the rows "
+                                    f"before it {kind(first[1][mixed[0]])}: use one format per file")
             rows.append(row)
     if not rows:
         raise DataError(f"{path}: the data set is empty")

@@ -27,6 +27,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); results are shared like any file the user writes.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -41,12 +45,20 @@ class ResultsBusy(RuntimeError):
     """Another `posttrain run` is using the results folder."""
 
 
+_HELD: set[Path] = set()  # results folders this process holds
+
+
 @contextmanager
 def results_lock(results_dir: Path) -> Iterator[None]:
     """Hold the results folder for one `posttrain run` at a time; a second one is refused with
     the holder's pid and host. The kernel drops the lock when its process dies, even by
     SIGKILL, so a lost run never leaves it behind. (`flock` is per machine: on shared storage
-    across machines it depends on the file system.)"""
+    across machines it depends on the file system.) Re-entrant within a process: `posttrain
+    compare` holds it while each of its pipelines takes it again."""
+    results_dir = results_dir.resolve()
+    if results_dir in _HELD:  # the outer holder releases it
+        yield
+        return
     results_dir.mkdir(parents=True, exist_ok=True)
     with open(results_dir / ".lock", "a+") as f:
         try:
@@ -60,7 +72,11 @@ def results_lock(results_dir: Path) -> Iterator[None]:
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
-        yield
+        _HELD.add(results_dir)
+        try:
+            yield
+        finally:
+            _HELD.discard(results_dir)
 
 
 def digest(path: Path) -> str:

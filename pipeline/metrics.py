@@ -41,3 +41,33 @@ def pass_at_k_table(results: list[tuple[int, int]], ks: list[int]) -> dict[int, 
 def sample_counts(scored: list[dict]) -> list[tuple[int, int]]:
     """Per-prompt ``(n, c)`` from scored rows (each with its samples' ``correct`` flags)."""
     return [(len(r["correct"]), sum(r["correct"])) for r in scored]
+
+
+def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval over independent runs (seeds): (mean, low, high)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        raise ValueError(f"an interval needs two values at least, got {len(x)}")
+    half = stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+def paired_bootstrap(diff: np.ndarray, resamples: int, seed: int = 0, confidence: float = 0.95) -> dict[str, float]:
+    """Paired differences `diff[seed, problem]` (arm minus baseline, same problem and seed):
+    the mean, a percentile interval and a two-sided p-value for "no difference", from a
+    bootstrap that resamples seeds and problems both, so both kinds of noise are in the interval.
+    (scipy.stats.bootstrap resamples one axis of independent observations; this needs two.)"""
+    rng = np.random.default_rng(seed)
+    seeds, problems = diff.shape
+    means = []
+    for size in [1000] * (resamples // 1000) + [resamples % 1000]:  # bounded memory for many problems
+        rows = rng.integers(seeds, size=(size, seeds, 1))
+        cols = rng.integers(problems, size=(size, 1, problems))
+        means.append(diff[rows, cols].mean(axis=(1, 2)))
+    means = np.concatenate(means)
+    tail = (1 - confidence) / 2
+    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    return {"diff": float(diff.mean()), "low": float(np.quantile(means, tail)),
+            "high": float(np.quantile(means, 1 - tail)), "p": float(p)}

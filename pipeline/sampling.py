@@ -31,19 +31,50 @@ def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
-           tokenizer_dir: str | Path | None = None) -> list[list[str]]:
-    """n completions per prompt from the backend the settings name."""
+           tokenizer_dir: str | Path | None = None, names: list[str] | None = None) -> list[list[str]]:
+    """n completions per prompt from the backend the settings name. `names` say where each
+    prompt comes from (file and row), for errors."""
     if settings.temperature == 0 and settings.n > 1:
         raise ValueError(
             f"sampling.temperature is 0 (greedy), so the sampling.n = {settings.n} completions would all be "
             "the same: set sampling.n to 1, or a temperature above 0"
         )
     try:  # bad input fails here, clearly and once, rather than as an engine start that is retried
-        AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as error:
         raise ValueError(f"{model_dir} is not a model folder (no readable config.json): {error}") from None
+    check_prompts(config, AutoTokenizer.from_pretrained(tokenizer_dir or model_dir), prompts, settings,
+                  names or [f"prompt {i + 1}" for i in range(len(prompts))])
     backend = sample_vllm if settings.backend == "vllm" else sample_hf
     return backend(model_dir, prompts, settings, tokenizer_dir)
+
+
+def check_prompts(config: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], settings: SamplingConfig,
+                  names: list[str]) -> None:
+    """What would fail inside the engine, or silently sample garbage, fails here naming the prompt:
+    a tokenizer with more tokens than the model's embedding, a chat without a chat template, a
+    prompt plus max_tokens longer than the model's context."""
+    text_config = config.get_text_config()
+    vocab = getattr(text_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens, the model's vocabulary only {vocab}: "
+            "they do not belong together (model.tokenizer names another model's tokenizer?)"
+        )
+    chat = next((name for name, p in zip(names, prompts) if not isinstance(p, str)), None)
+    if chat and tokenizer.chat_template is None:
+        raise ValueError(f"{chat}: the prompt is a chat, but the tokenizer {tokenizer.name_or_path} has no chat "
+                         "template: use a tokenizer with one (model.tokenizer), or write the prompts as strings")
+    context = settings.max_model_len or getattr(text_config, "max_position_embeddings", None)
+    if context:
+        lengths = [len(ids) for ids in tokenizer([format_prompt(p, tokenizer) for p in prompts],
+                                                 add_special_tokens=False).input_ids]
+        for name, length in zip(names, lengths):
+            if length + settings.max_tokens > context:
+                raise ValueError(
+                    f"{name}: the prompt is {length} tokens, and with sampling.max_tokens = {settings.max_tokens} "
+                    f"more than the model's context of {context}: shorten it, or lower sampling.max_tokens"
+                )
 
 
 def sample_hf(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,

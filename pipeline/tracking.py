@@ -1,4 +1,5 @@
-"""MLflow lineage: one parent run per `posttrain run`, one nested child run per stage.
+"""MLflow lineage: one parent run per `posttrain run`, one nested child run per stage (and
+for `posttrain compare`, one run above the pipelines of all its arms and seeds).
 
 A stage's run carries tags with its key, its inputs' keys and the runs that produced them,
 and its outputs' paths and digests, and logs the data sets it read with `log_inputs`, so the
@@ -12,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -19,6 +23,7 @@ import yaml
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -50,19 +55,61 @@ def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 
 
+@contextmanager
+def best_effort() -> Iterator[None]:
+    """For recording a failure: if the store is what failed, the original error must not be
+    hidden by a second one. A run left RUNNING is ended KILLED by the next run (end_lost_runs)."""
+    try:
+        yield
+    except MlflowException:
+        pass
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer; nothing has been run."""
+
+
+def check_reachable(uri: str) -> None:
+    """An MLflow server must answer before a run starts: MLflow's client would retry for minutes
+    and fail mid-pipeline. (A local SQLite or file store needs no check.)"""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+    except requests.RequestException as error:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} does not answer ({type(error).__name__}): start it, or set "
+            "tracking.uri to another store (null keeps the runs in results_dir/mlflow.db); nothing was run"
+        ) from None
+
+
 class Tracker:
-    def __init__(self, cfg: PipelineConfig):
-        """Start the pipeline's parent run. Call it holding the results folder's lock."""
+    def __init__(self, cfg: PipelineConfig, parent_id: str | None = None, kind: str = "pipeline",
+                 tags: dict[str, str] | None = None):
+        """Start a run for a pipeline (or a comparison of pipelines), nested under `parent_id`
+        if given. Call it holding the results folder's lock."""
         self.uri = tracking_uri(cfg)
+        check_reachable(self.uri)
         cfg.results_dir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(self.uri)
-        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        try:
+            experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        except MlflowException as error:  # e.g. a SQLite store another process keeps locked
+            raise TrackingUnavailable(
+                f"the MLflow store {self.uri} cannot be used ({error.message.splitlines()[0][:200]}): wait for "
+                "whatever holds it, or set tracking.uri to another store; nothing was run"
+            ) from None
         self.experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(cfg.tracking.experiment)
         )
         self.results_dir = str(cfg.results_dir.resolve())
-        self.end_lost_runs()
-        tags = {"posttrain.kind": "pipeline", "posttrain.results_dir": self.results_dir}
+        if parent_id is None:  # the outermost run: any other RUNNING run on this folder was lost
+            self.end_lost_runs()
+        tags = {"posttrain.kind": kind, "posttrain.results_dir": self.results_dir, **(tags or {})}
+        if parent_id is not None:
+            tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags)
         self.parent_id = run.info.run_id
         config = cfg.model_dump(mode="json")
@@ -82,8 +129,12 @@ class Tracker:
             self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
     def stage_env(self, run_id: str) -> dict[str, str]:
-        """What a stage process needs to log into its run."""
-        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_RUN_ID": run_id}
+        """What a stage process needs to log into its run. Its requests give up after a few
+        seconds rather than MLflow's minutes: a store that stops answering mid-stage only stops
+        the stage's logging (see StageMLflowCallback), never its training."""
+        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+        return {k: os.environ.get(k, v) for k, v in quick.items()} | {"MLFLOW_TRACKING_URI": self.uri,
+                                                                       "MLFLOW_RUN_ID": run_id}
 
     def start_stage(self, name: str, key: str, inputs: dict[str, str], upstream: dict[str, Manifest]) -> str:
         tags = {
@@ -118,10 +169,29 @@ class Tracker:
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def fail_stage(self, run_id: str, error: BaseException) -> None:
-        self.client.set_tag(run_id, "posttrain.error", str(error)[:5000])
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        with best_effort():
+            self.client.set_tag(run_id, "posttrain.error", str(error)[:5000])
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    def log_report(self, files: dict[str, Path]) -> None:
+        """Log a comparison's report files, and its summary as metrics of this run:
+        `<phase>/<arm>/<metric>` (mean over seeds) and `<phase>/<arm>-vs-<baseline>/<metric>`."""
+        report = json.loads(files["report.json"].read_text())
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"{phase}/{arm}/{name}", s["mean"], now, 0)
+                   for phase, arms in report["summary"].items() for arm, values in arms.items()
+                   for name, s in values.items()]
+        metrics += [Metric(f"{phase}/{arm}-vs-{report['baseline']}/{name}", d["diff"], now, 0)
+                    for phase, arms in report["differences"].items() for arm, values in arms.items()
+                    for name, d in values.items()]
+        self.client.log_batch(self.parent_id, metrics=metrics)
+        for path in files.values():
+            self.client.log_artifact(self.parent_id, str(path), "report")
 
     def finish(self, failed: bool) -> None:
-        status = RunStatus.FAILED if failed else RunStatus.FINISHED
-        self.client.set_terminated(self.parent_id, RunStatus.to_string(status))
+        if not failed:
+            self.client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FINISHED))
+            return
+        with best_effort():
+            self.client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FAILED))
 

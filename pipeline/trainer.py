@@ -8,8 +8,11 @@ model is held only when the loss needs one (EKSFT).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import PreTrainedModel, Trainer
+from transformers.integrations import MLflowCallback
 from trl import DPOTrainer, SFTTrainer
 
 from pipeline.losses import TokenLoss
@@ -28,6 +31,34 @@ def check_finite(loss: torch.Tensor, trainer: Trainer) -> None:
             f"the checkpoints saved so far in {trainer.args.output_dir} are kept. Lower the learning rate, "
             "check the data, or train in float32"
         )
+
+
+class StageMLflowCallback(MLflowCallback):
+    """transformers' MLflow logging into the stage's run (MLFLOW_RUN_ID), except that a tracking
+    store that stops answering does not stop training: the first failure is reported and logging
+    stops for the rest of the stage. The curves stay in log_history.json, and the pipeline logs
+    the stage's result once the store answers again."""
+
+    lost: Exception | None = None
+
+    def _guarded(self, event: str, *args, **kwargs) -> None:
+        if self.lost is not None:
+            return
+        try:
+            getattr(super(), event)(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure of the store, which must not stop training
+            self.lost = error
+            warnings.warn(f"MLflow stopped answering ({type(error).__name__}: {error}); training goes on without "
+                          "logging to it, and its curves are kept in log_history.json", stacklevel=2)
+
+    def on_train_begin(self, *args, **kwargs):
+        self._guarded("on_train_begin", *args, **kwargs)
+
+    def on_log(self, *args, **kwargs):
+        self._guarded("on_log", *args, **kwargs)
+
+    def on_train_end(self, *args, **kwargs):
+        self._guarded("on_train_end", *args, **kwargs)
 
 
 class FiniteLossDPOTrainer(DPOTrainer):

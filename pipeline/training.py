@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -10,14 +11,15 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from trl import DPOConfig, SFTConfig
 
 from pipeline.config import LoraConfig, LossConfig
+from pipeline.data import DataError
 from pipeline.losses import build_loss
 from pipeline.manifest import atomic_write_text
 from pipeline.plots import loss_curve
-from pipeline.trainer import FiniteLossDPOTrainer, TokenLossSFTTrainer
+from pipeline.trainer import FiniteLossDPOTrainer, StageMLflowCallback, TokenLossSFTTrainer
 
 
 # What `train_sft` writes in a stage's folder: name -> path, as a manifest lists its outputs.
@@ -32,11 +34,20 @@ def trainer_defaults(seed: int) -> dict[str, Any]:
         "save_strategy": "steps",
         "save_steps": 200,
         "save_total_limit": 2,
-        # The trainer logs into the stage's MLflow run when the pipeline gave it one.
-        "report_to": "mlflow" if os.environ.get("MLFLOW_RUN_ID") else "none",
+        # The stage logs into its MLflow run through `stage_callbacks`, not the Trainer's own callback.
+        "report_to": "none",
         # TrainingArguments refuses bf16 on a machine without a GPU.
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     }
+
+
+def stage_callbacks(trainer_args: dict[str, Any]) -> list[TrainerCallback]:
+    """Logging into the stage's MLflow run when the pipeline gave it one (and the config does not
+    ask for the Trainer's own MLflow callback with `report_to: mlflow`)."""
+    asked = trainer_args.get("report_to") or []
+    if os.environ.get("MLFLOW_RUN_ID") and "mlflow" not in ([asked] if isinstance(asked, str) else asked):
+        return [StageMLflowCallback()]
+    return []
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -51,6 +62,24 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
         except (OSError, ValueError):
             shutil.rmtree(checkpoint)
     return complete
+
+
+class DiskFull(OSError):
+    """The disk filled up while training wrote a checkpoint or the model."""
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def is_disk_full(error: BaseException, folder: Path, last: Path | None) -> bool:
+    """ENOSPC anywhere in the chain, or too little room left for another checkpoint: torch.save
+    reports a full disk only as "unexpected pos ..." (a RuntimeError without errno)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return last is not None and shutil.disk_usage(folder).free < folder_size(last)
 
 
 def train_sft(
@@ -73,7 +102,15 @@ def train_sft(
         peft_config=peft_config(lora),
         token_loss=build_loss(loss.name, **loss.params),
         ref_model=ref_model,
+        callbacks=stage_callbacks(trainer_args),
     )
+    dropped = len(dataset) - len(trainer.train_dataset)
+    if dropped > 0 and not trainer.args.packing:
+        raise DataError(
+            f"{dropped} of {len(dataset)} SFT rows have a prompt that fills max_length = {trainer.args.max_length} "
+            "tokens, leaving no completion token to learn from (TRL would drop them silently): raise "
+            "sft.trainer.max_length, or shorten those prompts"
+        )
     return fit(trainer, tokenizer, out, merge=lora is not None)
 
 
@@ -98,6 +135,7 @@ def train_dpo(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config(lora),
+        callbacks=stage_callbacks(trainer_args),
     )
     return fit(trainer, tokenizer, out, merge=lora is not None)
 
@@ -117,14 +155,22 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     the trainer's summary and the last logged value of each curve."""
     checkpoints = out / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
-    # Resuming restores the optimizer, scheduler and RNG state along with the weights.
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    final = trainer.model
-    if merge:
-        # Merged, so every later stage (sampling, DPO and its reference) loads plain weights.
-        final = final.merge_and_unload()
-    final.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    try:
+        # Resuming restores the optimizer, scheduler and RNG state along with the weights.
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        final = trainer.model
+        if merge:
+            # Merged, so every later stage (sampling, DPO and its reference) loads plain weights.
+            final = final.merge_and_unload()
+        final.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    except Exception as error:
+        newest = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None  # drops a cut-off one
+        if not is_disk_full(error, out, newest):
+            raise
+        resume = f"resumes from step {newest.name.split('-')[-1]} ({newest})" if newest else "starts over"
+        raise DiskFull(f"no space left on device in {out} at step {trainer.state.global_step} "
+                       f"({shutil.disk_usage(out).free} bytes free): free space and run again; training {resume}") from error
     history = trainer.state.log_history
     atomic_write_text(out / "log_history.json", json.dumps(history, indent=1))
     loss_curve(out / "log_history.json", out / "loss_curve.png")

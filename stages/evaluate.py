@@ -51,7 +51,9 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     rows = {suite: list(load_rows(source, EVAL_FIELDS))[: cfg.evaluate.max_prompts] for suite, source in suites.items()}
     # One sampling call for both suites: the engine starts once per stage.
     prompts = [r["prompt"] for suite in SUITES for r in rows[suite]]
-    completions = iter(sample(model, prompts, cfg.sampling, cfg.model.tokenizer))
+    names = [f"data.{suite}_eval ({suites[suite].path or suites[suite].hub}) row {i + 1}"
+             for suite in SUITES for i in range(len(rows[suite]))]
+    completions = iter(sample(model, prompts, cfg.sampling, cfg.model.tokenizer, names))
     metrics: dict[str, float] = {}
     outputs = {}
     for suite, source in suites.items():

@@ -17,7 +17,9 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     rows = [prompt_and_answer(row) for row in load_rows(cfg.pair_prompts, TRAIN_PROMPT_FIELDS)]
     rows = rows[: cfg.pairs.max_prompts]
     settings = cfg.pairs.sampling(cfg.sampling)
-    completions = sample(model, [r["prompt"] for r in rows], settings, cfg.model.tokenizer)
+    source = cfg.pair_prompts
+    names = [f"{source.path or source.hub} row {i + 1}" for i in range(len(rows))]
+    completions = sample(model, [r["prompt"] for r in rows], settings, cfg.model.tokenizer, names)
     samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": settings.model_dump()}
                for i, (row, texts) in enumerate(zip(rows, completions, strict=True))]
     write_jsonl(out / "samples.jsonl", samples)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -21,6 +22,9 @@ def test_write_then_load_as_dataset(tmp_path):
     ("\n\n", r"d\.jsonl: the data set is empty"),
     ('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "a"}]}\n',
      r"d\.jsonl:2: has messages rows, the rows before it completion/prompt: use one format per file"),
+    # pyarrow cannot hold strings and message lists in one column; say where, not pyarrow's error
+    ('{"prompt": "a", "completion": "b"}\n\n{"prompt": [{"role": "user", "content": "a"}], "completion": "b"}\n',
+     r"d\.jsonl:3: field 'prompt' is a chat \(message list\), in the rows before it a string: use one format"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, content, error):
     (tmp_path / "d.jsonl").write_text(content)
@@ -49,3 +53,6 @@ def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"a": 2}])
     assert [p.name for p in tmp_path.iterdir()] == ["d.jsonl"]
     assert read_jsonl(tmp_path / "d.jsonl") == [{"a": 2}]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "d.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600

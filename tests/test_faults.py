@@ -1,7 +1,11 @@
 """Faults injected for real: a loss that turns NaN mid-training stops the stage with a clear
-error and leaves the last good checkpoint intact."""
+error and leaves the last good checkpoint intact; a stage process killed while it writes its
+outputs or manifest is not done; a disk that fills up during a checkpoint save."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +13,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTConfig
 
-from pipeline.config import DemoConfig
+from pipeline.config import DemoConfig, LossConfig, parse_config
+from pipeline.data import read_jsonl, write_jsonl
+from pipeline.manifest import Manifest, digest
 from pipeline.demo import build_model, build_tokenizer
 from pipeline.losses import build_loss
 from pipeline.trainer import NonFiniteLoss, TokenLossSFTTrainer
@@ -49,6 +55,19 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert state["global_step"] == 4
 
 
+def test_sft_rows_whose_prompt_fills_max_length_are_an_error_not_silently_dropped(tmp_path):
+    from pipeline.data import DataError
+    from pipeline.training import train_sft
+
+    tokenizer = build_tokenizer()
+    rows = [{"prompt": "12*3=", "completion": "63"}] * 7 + [{"prompt": "1" * 40 + "*3=", "completion": "3"}]
+    args = {"max_steps": 1, "max_length": 32, "per_device_train_batch_size": 8, "report_to": "none"}
+    with pytest.raises(DataError, match=r"1 of 8 SFT rows have a prompt that fills max_length = 32 tokens"):
+        train_sft(build_model(TINY, tokenizer, seed=0), tokenizer, Dataset.from_list(rows), args,
+                  LossConfig(name="ce"), tmp_path, 0)
+    assert not list(tmp_path.glob("checkpoints/checkpoint-*"))  # refused before any step
+
+
 def test_dpo_stops_at_a_nan_loss_too(tmp_path):
     from pipeline.training import train_dpo
 
@@ -61,3 +80,117 @@ def test_dpo_stops_at_a_nan_loss_too(tmp_path):
     with pytest.raises(NonFiniteLoss, match="at step 1"):
         train_dpo(policy, tokenizer, pairs, args, tmp_path, 0, build_model(TINY, tokenizer, seed=0))
     assert not (tmp_path / "model").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs a stage module as the pipeline does (`python -m stages.<name> request.json`), but the
+# process SIGKILLs itself when it is about to rename `target` into place: the file's whole
+# content sits in its temporary name, the latest moment a crash can cut the write short.
+KILL_BEFORE_RENAME = """
+import os, runpy, signal, sys
+from pathlib import Path
+target, module = sys.argv[1], sys.argv[2]
+replace = os.replace
+def replace_or_die(src, dst):
+    if Path(dst).name == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+os.replace = replace_or_die
+sys.argv = [module, sys.argv[3]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory):
+    """A tiny untrained model, training prompts, and samples scored against them."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    tokenizer = build_tokenizer()
+    build_model(TINY, tokenizer, seed=0).save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    prompts = [{"prompt": f"{a}*3=", "completion": str(3 * a)[::-1]} for a in range(10, 22)]
+    write_jsonl(tmp / "sft.jsonl", prompts)
+    samples = [{"prompt": r["prompt"], "answer": r["completion"], "completions": [r["completion"], "0", "1"]}
+               for r in prompts]
+    write_jsonl(tmp / "samples" / "samples.jsonl", samples)
+    cfg = parse_config({"name": "faults", "results_dir": str(tmp / "results"), "data": {"sft": {"path": str(tmp / "sft.jsonl")}},
+                        "pairs": {"n": 2}, "sampling": {"max_tokens": 3}})
+    return tmp, cfg
+
+
+@pytest.mark.parametrize("stage, target, output", [
+    ("sample", "samples.jsonl", "samples"), ("pairs", "pairs.jsonl", "pairs"), ("pairs", "manifest.json", "pairs")])
+def test_a_stage_killed_while_writing_is_not_done_and_runs_again(stage_inputs, stage, target, output):
+    tmp, cfg = stage_inputs
+    out = tmp / f"{stage}-{target}"
+    paths = {"sample": {"model": str(tmp / "model")}, "pairs": {"samples": str(tmp / "samples")}}[stage]
+    out.mkdir()
+    (out / "request.json").write_text(json.dumps(
+        {"config": cfg.model_dump(mode="json"), "out": str(out), "inputs": {}, "paths": paths}))
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_RENAME, target, f"stages.{stage}", str(out / "request.json")],
+                            cwd=REPO)
+    assert killed.returncode == -9
+    assert Manifest.find(out) is None  # what the pipeline reads to call a stage done
+    if target != "manifest.json":
+        assert not (out / target).exists()  # never a partial file under the real name
+    again = subprocess.run([sys.executable, "-m", f"stages.{stage}", str(out / "request.json")], cwd=REPO)
+    assert again.returncode == 0
+    manifest = Manifest.find(out)
+    assert manifest.digests[output] == digest(manifest.path(output))
+    assert len(read_jsonl(manifest.path(output))) == 12
+
+
+# Trains the tiny model with a checkpoint every 2 steps in a results folder on a tmpfs too small
+# for more than a few checkpoints, frees space (a bigger tmpfs), and trains again to the end.
+DISK_FULL = """
+import json, shutil, sys
+from pathlib import Path
+from datasets import Dataset
+from trl import SFTConfig
+from pipeline.config import DemoConfig
+from pipeline.demo import build_model, build_tokenizer
+from pipeline.losses import build_loss
+from pipeline.trainer import TokenLossSFTTrainer
+from pipeline.training import fit, trainer_defaults
+
+out = Path(sys.argv[1])
+tokenizer = build_tokenizer()
+rows = [{"prompt": f"{a}*3=", "completion": str(3 * a)[::-1]} for a in range(10, 42)]
+args = SFTConfig(output_dir=str(out / "checkpoints"), **(trainer_defaults(0) | {
+    "max_steps": 8, "save_steps": 2, "save_total_limit": 10, "per_device_train_batch_size": 8, "report_to": "none"}))
+model = build_model(DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=64), tokenizer, seed=0)
+trainer = TokenLossSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer, token_loss=build_loss("ce"))
+try:
+    metrics = fit(trainer, tokenizer, out, merge=False)
+    print(f"RESULT finished, resumed from step {int(metrics['resumed_from_step'])}", flush=True)
+except Exception as error:
+    print(f"RESULT {type(error).__name__}: {error}", flush=True)
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_resume_works_after(tmp_path):
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unprivileged user and mount namespaces (unshare -rm) for a size-limited tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "train.py"
+    script.write_text(DISK_FULL)
+    # One namespace for both runs, so the tmpfs (and what is on it) outlives the first.
+    shell = (f"mount -t tmpfs -o size=1200k tmpfs {disk} && {sys.executable} {script} {disk}; "
+             f"ls {disk}/checkpoints > {tmp_path}/after-full.txt; "
+             f"mount -o remount,size=64m {disk} && {sys.executable} {script} {disk}; "
+             f"ls {disk}/checkpoints > {tmp_path}/after-resume.txt; cat {disk}/checkpoints/*/trainer_state.json "
+             f"| grep -c global_step > {tmp_path}/states.txt; ls {disk}/model > {tmp_path}/model.txt")
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=REPO, capture_output=True, text=True)
+    results = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 2, run.stdout + run.stderr
+    full = results[0]
+    assert full.startswith("RESULT DiskFull: no space left on device") and "free space" in full, full
+    kept = [name for name in (tmp_path / "after-full.txt").read_text().split() if name.startswith("checkpoint-")]
+    assert kept, "no checkpoint survived the full disk"
+    last_kept = max(int(name.split("-")[1]) for name in kept)
+    assert f"resumes from step {last_kept}" in full
+    assert results[1] == f"RESULT finished, resumed from step {last_kept}"
+    assert "model.safetensors" in (tmp_path / "model.txt").read_text()

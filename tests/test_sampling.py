@@ -90,3 +90,29 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_engine_starts(tmp_pa
     (tmp_path / "weights.bin").write_bytes(b"not a model")
     with pytest.raises(ValueError, match=rf"{tmp_path} is not a model folder \(no readable config.json\)"):
         sample(tmp_path, ["1+1="], SETTINGS.model_copy(update={"backend": "vllm"}))
+
+
+def test_a_prompt_longer_than_the_context_names_its_row(model_dir):
+    # The demo model's context is 128 tokens (one per character): 120 + 12 do not fit.
+    prompts = ["1+1=", "1" * 120 + "="]
+    with pytest.raises(ValueError, match=r"eval\.jsonl row 2: the prompt is 121 tokens, and with sampling\.max_tokens "
+                                         r"= 12 more than the model's context of 128"):
+        sample(model_dir, prompts, SETTINGS.model_copy(update={"backend": "vllm"}), names=["eval.jsonl row 1",
+                                                                                          "eval.jsonl row 2"])
+
+
+def test_a_chat_prompt_without_a_chat_template_is_refused(model_dir, tmp_path):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"prompt 2: the prompt is a chat, but the tokenizer .* has no chat template"):
+        sample(model_dir, PROMPTS, SETTINGS.model_copy(update={"backend": "vllm"}), tmp_path)
+    assert len(sample(model_dir, ["1+1="], SETTINGS, tmp_path)) == 1  # strings need no template
+
+
+def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(model_dir, tmp_path):
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<extra>"])  # an id the model's embedding does not have
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"has {len(tokenizer)} tokens, the model's vocabulary only {len(tokenizer) - 1}"):
+        sample(model_dir, ["1+1="], SETTINGS.model_copy(update={"backend": "vllm"}), tmp_path)

@@ -197,7 +197,8 @@ def test_mlflow_has_parent_and_child_runs_with_lineage(demo_run):
     assert sft.data.tags["posttrain.input.model"] == pretrain.data.tags["posttrain.key"]
     assert sft.data.tags["posttrain.input_run.model"] == pretrain.info.run_id
     assert sft.data.tags["posttrain.output_digest.model"] == results[3].manifest.digests["model"]
-    assert "train_loss" in sft.data.metrics  # TRL's MLflow callback logged into the stage's run
+    assert "train_loss" in sft.data.metrics  # the trainer's MLflow callback logged into the stage's run
+    assert [m.step for m in client.get_metric_history(sft.info.run_id, "loss")] == [1, 2]  # every logged step
     assert children["evaluate_sft"].data.metrics["target/pass_at_1"] == results[4].manifest.metrics["target/pass_at_1"]
     assert [d.dataset.name for d in sft.inputs.dataset_inputs] == ["domain_train.jsonl"]
     assert all(r.info.status == "FINISHED" for r in children.values())
