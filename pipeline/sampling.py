@@ -49,18 +49,24 @@ def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
     return backend(model_dir, prompts, settings, tokenizer_dir)
 
 
-def check_prompts(config: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], settings: SamplingConfig,
-                  names: list[str]) -> None:
-    """What would fail inside the engine, or silently sample garbage, fails here naming the prompt:
-    a tokenizer with more tokens than the model's embedding, a chat without a chat template, a
-    prompt plus max_tokens longer than the model's context."""
-    text_config = config.get_text_config()
-    vocab = getattr(text_config, "vocab_size", None)
+def check_vocabulary(config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A tokenizer with ids the model's embedding lacks fails later as an index error, or a CUDA
+    assert; say what is wrong instead. (A bigger embedding than the tokenizer is normal: padding.)"""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ValueError(
             f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens, the model's vocabulary only {vocab}: "
             "they do not belong together (model.tokenizer names another model's tokenizer?)"
         )
+
+
+def check_prompts(config: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], settings: SamplingConfig,
+                  names: list[str]) -> None:
+    """What would fail inside the engine, or silently sample garbage, fails here naming the prompt:
+    a tokenizer with more tokens than the model's embedding, a chat without a chat template, a
+    prompt plus max_tokens longer than the model's context."""
+    check_vocabulary(config, tokenizer)
+    text_config = config.get_text_config()
     chat = next((name for name, p in zip(names, prompts) if not isinstance(p, str)), None)
     if chat and tokenizer.chat_template is None:
         raise ValueError(f"{chat}: the prompt is a chat, but the tokenizer {tokenizer.name_or_path} has no chat "

@@ -19,6 +19,7 @@ from pipeline.data import DataError
 from pipeline.losses import build_loss
 from pipeline.manifest import atomic_write_text
 from pipeline.plots import loss_curve
+from pipeline.sampling import check_vocabulary
 from pipeline.trainer import FiniteLossDPOTrainer, StageMLflowCallback, TokenLossSFTTrainer
 
 
@@ -94,6 +95,7 @@ def train_sft(
     lora: LoraConfig | None = None,
 ) -> dict[str, float]:
     """SFT with a token loss; see `fit` for what it writes to `out`."""
+    check_vocabulary(model.config, tokenizer)
     trainer = TokenLossSFTTrainer(
         model=model,
         args=SFTConfig(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args}),
@@ -128,6 +130,7 @@ def train_dpo(
     one, TRL uses `model` itself as it was before training (the policy with its LoRA adapter
     disabled, or the untrained policy for `precompute_ref_log_probs`), so pass the weights to
     start from, never a PeftModel whose disabled adapter would leave some other base."""
+    check_vocabulary(model.config, tokenizer)
     trainer = FiniteLossDPOTrainer(
         model=model,
         ref_model=ref_model,

@@ -68,6 +68,23 @@ def test_sft_rows_whose_prompt_fills_max_length_are_an_error_not_silently_droppe
     assert not list(tmp_path.glob("checkpoints/checkpoint-*"))  # refused before any step
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_training_with_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(tmp_path, stage):
+    from pipeline.training import train_dpo, train_sft
+
+    tokenizer = build_tokenizer()
+    model = build_model(TINY, tokenizer, seed=0)
+    tokenizer.add_tokens(["<extra>"])  # an id the model's embedding does not have
+    rows = [{"prompt": "12*3=", "chosen": "63", "rejected": "36"}] * 8
+    args = {"max_steps": 1, "per_device_train_batch_size": 8, "report_to": "none"}
+    with pytest.raises(ValueError, match=rf"has {len(tokenizer)} tokens, the model's vocabulary only {len(tokenizer) - 1}"):
+        if stage == "sft":
+            sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+            train_sft(model, tokenizer, Dataset.from_list(sft_rows), args, LossConfig(name="ce"), tmp_path, 0)
+        else:
+            train_dpo(model, tokenizer, Dataset.from_list(rows), args, tmp_path, 0, build_model(TINY, tokenizer, seed=0))
+
+
 def test_dpo_stops_at_a_nan_loss_too(tmp_path):
     from pipeline.training import train_dpo
 
