@@ -155,3 +155,9 @@ def test_report_files_hold_the_tables_and_the_plots(compared):
     assert html.count('src="data:image/png;base64,') == 3 and "<table>" in html
     for png in ("pass_at_k.png", "gain_vs_retention.png", "loss_curves.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_without_a_compare_section_is_one_line_of_advice():
+    result = CliRunner().invoke(app, ["compare", str(REPO / "configs" / "demo.yaml")])
+    assert result.exit_code == 2
+    assert "the config has no `compare` section (arms and seeds); see configs/claim.yaml" in result.output
