@@ -66,7 +66,7 @@ def best_effort() -> Iterator[None]:
 
 
 class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server does not answer; nothing has been run."""
+    """The MLflow store cannot be reached or used; the message says what was run and kept."""
 
 
 def check_reachable(uri: str) -> None:
