@@ -10,6 +10,7 @@ keeps its own). Every stage runs as a Prefect task that starts the stage's own p
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,9 +26,13 @@ from pipeline.manifest import Manifest, atomic_write_text, digest, results_lock,
 from pipeline.stage import StageError, run_in_process
 from pipeline.tracking import Tracker, TrackingUnavailable, dataset_input
 
-STAGES = ("demo_data", "pretrain", "evaluate_base", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")
+STAGES = ("demo_data", "pretrain", "evaluate_base", "reference", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")
 DEMO_STAGES = ("demo_data", "pretrain")
 ON_POLICY_STAGES = ("sample", "pairs")  # not run when the config gives data.preference
+# SFTConfig keys that change the tokens or the loss mask of an SFT row
+TOKENIZATION_KEYS = {"max_length", "truncation_mode", "packing", "packing_strategy", "padding_free",
+                     "completion_only_loss", "assistant_only_loss", "chat_template_path", "dataset_text_field",
+                     "eos_token", "pad_token", "dataset_kwargs"}
 
 
 def _transient(task, task_run, state) -> bool:
@@ -48,6 +53,7 @@ class StageResult:
     manifest: Manifest
     cached: bool
     run_id: str  # the stage's MLflow run in this pipeline (a cached result's producer is manifest.run_id)
+    seconds: float  # wall time in this pipeline, MLflow logging and the stage's process included
 
 
 @dataclass
@@ -94,6 +100,7 @@ class PipelineRun:
                   inputs: dict[str, str], datasets: dict[str, DataSource], **paths: Path) -> Manifest:
         """Run one stage in its own process, or reuse its result if its key matches; either way
         it gets a child run in MLflow."""
+        start = time.perf_counter()
         inputs = {k: m.key for k, m in upstream.items()} | inputs
         key = stage_key(module, settings, inputs)
         out = self.cfg.results_dir / module / key
@@ -124,7 +131,7 @@ class PipelineRun:
                 "logged then"
             ) from error
         atomic_write_text(self.latest(name), key)
-        self.results.append(StageResult(name, manifest, cached, run_id))
+        self.results.append(StageResult(name, manifest, cached, run_id, time.perf_counter() - start))
         return manifest
 
     @cached_property
@@ -168,12 +175,31 @@ class PipelineRun:
         return path, {}, {"model": digest(path) if path.exists() else f"hub:{self.cfg.model.path}"}
 
     @cached_property
+    def reference(self) -> Manifest:
+        model, upstream, inputs = self.base_model
+        # The trainer keys that decide the tokens and the loss mask; rows are looked up by their
+        # tokens, so the order (seed, steps) does not matter, and SFT checks every row it gets.
+        tokenization = {k: v for k, v in self.cfg.sft.trainer.items() if k in TOKENIZATION_KEYS}
+        settings = {"topk": self.cfg.sft.reference_topk, "trainer": tokenization,
+                    "data": self.digest_of(self.data.sft), "tokenizer": str(self.cfg.model.tokenizer)}
+        return self.run_stage("reference", "reference", self.stage_cfg, settings, upstream, inputs,
+                              {"train": self.data.sft}, model=model)
+
+    @cached_property
     def sft(self) -> Manifest:
         model, upstream, inputs = self.base_model
-        settings = {"seed": self.cfg.seed, "sft": self.cfg.sft.model_dump(), "data": self.digest_of(self.data.sft),
+        # The chunked and full-logits paths give the same loss and gradients (to float tolerance),
+        # and the reference settings matter only when the reference is cached.
+        sft = self.cfg.sft.model_dump(exclude={"chunked_loss", "reference", "reference_topk"})
+        if self.cfg.sft.cached_reference():
+            sft["reference_topk"] = self.cfg.sft.reference_topk
+        settings = {"seed": self.cfg.seed, "sft": sft, "data": self.digest_of(self.data.sft),
                     "tokenizer": str(self.cfg.model.tokenizer)}
+        paths = {}
+        if self.cfg.sft.cached_reference():
+            upstream, paths = upstream | {"reference": self.reference}, {"reference": self.reference.folder}
         return self.run_stage("sft", "sft", self.stage_cfg, settings, upstream, inputs, {"train": self.data.sft},
-                              model=model)
+                              model=model, **paths)
 
     def evaluate(self, name: str, model: Path, upstream: dict[str, Manifest], inputs: dict[str, str]) -> Manifest:
         settings = {
@@ -235,7 +261,8 @@ class PipelineRun:
 def pipeline_stages(cfg: PipelineConfig, *named: str) -> tuple[str, ...]:
     """The stages of this pipeline (no demo stages for a real model, no on-policy pairs for
     given preference data); named ones must be among them."""
-    left_out = (() if cfg.is_demo else DEMO_STAGES) + (() if cfg.data.preference is None else ON_POLICY_STAGES)
+    left_out = ((() if cfg.is_demo else DEMO_STAGES) + (() if cfg.data.preference is None else ON_POLICY_STAGES)
+                + (() if cfg.sft.cached_reference() else ("reference",)))
     stages = tuple(name for name in STAGES if name not in left_out)
     for name in named:
         if name not in stages:

@@ -112,6 +112,19 @@ class TrainStage(Section):
 class SFTStageConfig(TrainStage):
     loss: LossConfig = Field(default_factory=LossConfig)
     lora: LoraConfig | None = None
+    chunked_loss: bool = Field(
+        True, description="the loss from the hidden states, projected to the vocabulary a chunk of tokens at a time, "
+        "where the model allows (a plain LM head, no logit scaling); false: from the full logits")
+    reference: Literal["model", "cached"] = Field(
+        "model", description="EKSFT's reference: the frozen starting model held in memory, or its top-K log-probs "
+        "per token, computed once by the `reference` stage")
+    reference_topk: int = Field(64, ge=1, description="K of the cached reference")
+
+    def cached_reference(self) -> bool:
+        """Whether the `reference` stage runs: the loss needs a reference, and it is to be cached."""
+        from pipeline.losses import build_loss
+
+        return self.reference == "cached" and build_loss(self.loss.name, **self.loss.params).needs_reference
 
 
 class PairsConfig(Section):

@@ -1,40 +1,43 @@
 """Token-level SFT losses: ce, dft, eaft, masked, eksft, gem.
 
-Definitions follow shared/notes/methods.md. Every loss sees the valid next-token positions
-only, as float32 log-probs `logp` [N, V] and targets `y` [N], and returns
-Σ(per-token loss) / n plus its own diagnostics, where n = num_items_in_batch (or the
-micro-batch's count of valid tokens): summing micro-batches then gives the big-batch update.
+Definitions follow shared/notes/methods.md. A loss is computed in two steps:
+1. `TokenStats` of each valid next-token position: log p(y), the entropy, and what the loss
+   needs besides (top-K entropy, KL to the reference, GEM's term). They come from the float32
+   logits all at once (`token_stats`), or straight from the hidden states, projected to the
+   vocabulary a chunk of tokens at a time (`ChunkedTokenStats`), so that the
+   [tokens × vocab] logits never exist whole;
+2. the loss, pure math on those [N] vectors: Σ(per-token loss) / n, where n =
+   num_items_in_batch (or the micro-batch's count of valid tokens): summing micro-batches then
+   gives the big-batch update.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 IGNORE_INDEX = -100
 CONFLICT_QUANTILE = 0.15  # the "confident conflict" diagnostic, logged under every loss
+CHUNK_LOGITS = 2**25  # logits per chunk of the chunked path: 128 MB in float32
 
 Diagnostics = dict[str, Tensor]
-LossFn = Callable[..., tuple[Tensor, Diagnostics]]
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def select_tokens(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Shift (logits[:, t] predicts labels[:, t+1]) and keep valid positions.
-
-    Returns float32 log-probs [N, V], targets [N] and the [B, T-1] validity mask. Selecting before
-    the upcast keeps the float32 copy to the valid tokens only.
-    """
+def select_tokens(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Shift (x[:, t] predicts labels[:, t+1]) and keep valid positions: x [N, ...], targets
+    [N] and the [B, T-1] validity mask. `x` is the logits or the hidden states."""
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    return F.log_softmax(logits[:, :-1][mask].float(), dim=-1), labels[mask], mask
+    return x[:, :-1][mask], labels[mask], mask
 
 
 def token_logp(logp: Tensor, y: Tensor) -> Tensor:
@@ -65,42 +68,212 @@ def confident_conflicts(h: Tensor, lp: Tensor, quantile: float) -> Tensor:
     return (h <= torch.quantile(h, quantile)) & (p <= torch.quantile(p, quantile))
 
 
+# -------------------------------------------------------------------- per-token stats
+
+
+def topk_entropy(logp: Tensor, k: int) -> Tensor:
+    """Entropy of the softmax over the top-K logits only (EAFT's H_K)."""
+    # log_softmax over the top-K log-probs renormalises them (softmax is shift invariant)
+    return entropy(F.log_softmax(logp.topk(min(k, logp.size(-1)), dim=-1).values, dim=-1))
+
+
+def reverse_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """KL(p_θ || p_ref) per token, both given over the whole vocabulary."""
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+class TopK(NamedTuple):
+    """The reference model's K most likely tokens and their log-probs, per token: [N, K] each."""
+
+    ids: Tensor
+    logp: Tensor
+
+    def rows(self, start: int, end: int) -> TopK:
+        return TopK(self.ids[start:end], self.logp[start:end])
+
+
+def reverse_kl_topk(logp: Tensor, ref: TopK) -> Tensor:
+    """KL(p_θ || p_ref) per token with p_ref known on its top K tokens only: the rest of its mass
+    is taken as spread evenly over the other V - K tokens."""
+    vocab, k = logp.size(-1), ref.ids.size(-1)
+    p = logp.exp()
+    p_top = p.gather(-1, ref.ids.long())
+    ref_tail = (1 - ref.logp.exp().sum(-1)).clamp(min=1e-12)
+    log_ref_rest = ref_tail.log() - math.log(max(vocab - k, 1))
+    cross = (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)).clamp(min=0) * log_ref_rest
+    return (p * logp).sum(-1) - cross
+
+
+def gem_term(logp: Tensor, lp: Tensor, beta: float, h: str) -> Tensor:
+    """GEM per token: Σ_v sg(q_v · w_v) (log p_v − log p_y), q = softmax(z/β).
+
+    h="linear": w_v = 1, i.e. −log p(y) + Σ_v sg(q_v) log p_v, gradient q − onehot(y).
+    h="logsigmoid": w_v = sg(sigmoid(0.01 · (z_v − z_y))), exactly as the official code
+    (github.com/liziniu/GEM, sft_trainer.py `gem_loss`) implements it.
+    """
+    diff = logp - lp.unsqueeze(-1)  # log p_v − log p_y = z_v − z_y
+    q = F.softmax(logp.detach() / beta, dim=-1)  # softmax(z/β): the log-normaliser cancels
+    if h == "logsigmoid":
+        q = q * torch.sigmoid(0.01 * diff.detach())
+    return (q * diff).sum(-1)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a loss needs per token besides log p(y) and the entropy."""
+
+    topk: int = 0  # EAFT's top-K entropy, with this K
+    reference: bool = False  # the reverse KL to the reference model
+    gem: tuple[float, str] | None = None  # GEM's term, with (beta, h)
+
+
+@dataclass
+class TokenStats:
+    """Per valid token, [N] each; all but `topk_entropy` carry gradients."""
+
+    vocab: int
+    logp: Tensor  # log p(y_t)
+    entropy: Tensor
+    topk_entropy: Tensor | None = None
+    kl: Tensor | None = None
+    gem: Tensor | None = None
+
+
+STAT_FIELDS = tuple(f.name for f in fields(TokenStats) if f.name != "vocab")
+
+# The reference model's distribution for some tokens: log-probs [n, V], or its top K.
+RefRows = Tensor | TopK
+
+
+def token_stats(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None = None) -> TokenStats:
+    """The stats of tokens with logits z [n, V] and targets y [n]."""
+    logp = F.log_softmax(z.float(), dim=-1)
+    lp = token_logp(logp, y)
+    stats = TokenStats(z.size(-1), lp, entropy(logp))
+    if needs.topk:
+        stats.topk_entropy = topk_entropy(logp.detach(), needs.topk)
+    if needs.reference:
+        stats.kl = reverse_kl(logp, ref) if isinstance(ref, Tensor) else reverse_kl_topk(logp, ref)
+    if needs.gem:
+        stats.gem = gem_term(logp, lp, *needs.gem)
+    return stats
+
+
+class RefHead(NamedTuple):
+    """The reference model's last hidden states at the valid positions [N, H], and its LM head."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+    def rows(self, start: int, end: int) -> Tensor:
+        with torch.no_grad():
+            return F.log_softmax(F.linear(self.hidden[start:end], self.weight, self.bias).float(), dim=-1)
+
+
+def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in float32: rounding each chunk's product to bf16 before summing biases training
+    (TRL's finding for its own chunked kernel)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class ChunkedTokenStats(torch.autograd.Function):
+    """TokenStats of the logits `hidden @ weight.T + bias` of N tokens, `chunk` tokens at a time.
+
+    TRL's ChunkedLogProbFunction does this for log p(y) and the entropy; the losses here need
+    the top-K entropy, the KL to a reference head or its cached top K, and GEM's term from the
+    same logits, so they get their own function, built the same way: the forward keeps no
+    graph, and the backward projects each chunk again and backpropagates through `token_stats`
+    there, so at most one chunk's logits (and their graph) exist at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, y, needs: Needs, ref: RefHead | TopK | None, chunk: int):
+        ctx.set_materialize_grads(False)
+        device_type = hidden.device.type
+        # the backward recomputes the chunks under the forward's autocast, not the one current then
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        parts = []
+        for start in range(0, max(len(y), 1), chunk):  # one empty chunk when N = 0
+            end = start + chunk
+            z = F.linear(hidden[start:end], weight, bias)
+            parts.append(token_stats(z, y[start:end], needs, ref.rows(start, end) if ref is not None else None))
+        ctx.save_for_backward(hidden, weight, bias, y)
+        ctx.needs, ctx.ref, ctx.chunk = needs, ref, chunk
+        out = tuple(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                    for f in STAT_FIELDS)
+        if out[STAT_FIELDS.index("topk_entropy")] is not None:
+            ctx.mark_non_differentiable(out[STAT_FIELDS.index("topk_entropy")])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden, weight, bias, y = ctx.saved_tensors
+        needs_grad = ctx.needs_input_grad
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs_grad[2] else None
+        device_type, autocast, autocast_dtype = ctx.autocast
+        for start in range(0, len(y), ctx.chunk):
+            end = start + ctx.chunk
+            rows = [(f, g[start:end]) for f, g in zip(STAT_FIELDS, grads) if g is not None and f != "topk_entropy"]
+            if not rows:
+                continue
+            h = hidden[start:end]
+            with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast):
+                z = F.linear(h, weight, bias).detach().requires_grad_()
+                stats = token_stats(z, y[start:end], ctx.needs, ctx.ref.rows(start, end) if ctx.ref is not None else None)
+                (grad_z,) = torch.autograd.grad([getattr(stats, f) for f, _ in rows], z, [g for _, g in rows])
+            grad_z = grad_z.to(h.dtype)
+            if grad_hidden is not None:
+                accumulate_matmul(grad_hidden[start:end], grad_z, weight.to(h.dtype))
+            if grad_weight is not None:
+                accumulate_matmul(grad_weight, grad_z.t(), h)
+            if grad_bias is not None:
+                grad_bias += grad_z.sum(0, dtype=torch.float32)
+        return (
+            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None, None, None, None,
+        )
+
+
 # ----------------------------------------------------------------------------- losses
 
-
-def ce_loss(logp: Tensor, y: Tensor, n: Tensor) -> tuple[Tensor, Diagnostics]:
-    return -token_logp(logp, y).sum() / n, {}
+LossFn = Callable[..., tuple[Tensor, Diagnostics]]
 
 
-def dft_loss(logp: Tensor, y: Tensor, n: Tensor) -> tuple[Tensor, Diagnostics]:
+def ce_loss(s: TokenStats, n: Tensor) -> tuple[Tensor, Diagnostics]:
+    return -s.logp.sum() / n, {}
+
+
+def dft_loss(s: TokenStats, n: Tensor) -> tuple[Tensor, Diagnostics]:
     """Dynamic Fine-Tuning: CE scaled by sg(p(y)); TRL's loss_type="dft"."""
-    lp = token_logp(logp, y)
-    return -(lp.exp().detach() * lp).sum() / n, {}
+    return -(s.logp.exp().detach() * s.logp).sum() / n, {}
 
 
-def eaft_loss(logp: Tensor, y: Tensor, n: Tensor, topk: int, alpha: float) -> tuple[Tensor, Diagnostics]:
+def eaft_loss(s: TokenStats, n: Tensor, topk: int, alpha: float) -> tuple[Tensor, Diagnostics]:
     """EAFT: CE scaled by sg((H_K / ln K)^α), H_K the entropy over the renormalised top-K."""
-    with torch.no_grad():
-        k = min(topk, logp.size(-1))
-        # log_softmax over the top-K log-probs renormalises them (softmax is shift invariant)
-        top = F.log_softmax(logp.topk(k, dim=-1).values, dim=-1)
-        # exact ln K (the LLaMA-Factory port's 3.0 is only right for K=20)
-        w = (entropy(top) / math.log(k)) ** alpha
-    return -(w * token_logp(logp, y)).sum() / n, {"weight": mean(w)}
+    # exact ln K (the LLaMA-Factory port's 3.0 is only right for K=20); K is at most the vocabulary
+    w = (s.topk_entropy / math.log(min(topk, s.vocab))) ** alpha
+    return -(w * s.logp).sum() / n, {"weight": mean(w)}
 
 
-def masked_loss(logp: Tensor, y: Tensor, n: Tensor, quantile: float) -> tuple[Tensor, Diagnostics]:
+def masked_loss(s: TokenStats, n: Tensor, quantile: float) -> tuple[Tensor, Diagnostics]:
     """CE without the confident conflicts; n still counts every valid token."""
-    lp = token_logp(logp, y)
-    drop = confident_conflicts(entropy(logp), lp, quantile)
-    return -(lp * ~drop).sum() / n, {"masked_frac": mean(drop.float())}
+    drop = confident_conflicts(s.entropy, s.logp, quantile)
+    return -(s.logp * ~drop).sum() / n, {"masked_frac": mean(drop.float())}
 
 
 def eksft_loss(
-    logp: Tensor,
-    y: Tensor,
+    s: TokenStats,
     n: Tensor,
-    ref_logp: Tensor,
     ratio: float,
     union: bool,
     lambda_entropy: float,
@@ -111,15 +284,14 @@ def eksft_loss(
     Diagnostics masked_entropy_frac / masked_kl_frac are the fractions in S_H only / S_KL only,
     masked_both_frac in both, masked_frac in M.
     """
-    lp, h = token_logp(logp, y), entropy(logp)
-    kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # true reverse KL(p_θ || p_ref), per token
-    k = math.floor(ratio * len(y))
+    lp, h, kl = s.logp, s.entropy, s.kl  # kl: the true reverse KL(p_θ || p_ref) per token
+    k = math.floor(ratio * len(lp))
     in_h, in_kl = topk_mask(h, k), topk_mask(kl, k)
     m = in_h | in_kl if union else in_h & in_kl
     ce = -(lp * ~m).sum() / n
     # The regularisers are means over this micro-batch's S_H / S_KL, as the paper defines them,
     # so unlike CE they are not rescaled by num_items_in_batch; empty sets (k=0) give 0.
-    reg = -lambda_entropy * mean(h / math.log(logp.size(-1)), in_h) + lambda_kl * mean(kl, in_kl)
+    reg = -lambda_entropy * mean(h / math.log(s.vocab), in_h) + lambda_kl * mean(kl, in_kl)
     diag = {
         "kl": mean(kl.detach()),
         "masked_entropy_frac": mean((in_h & ~in_kl).float()),
@@ -130,19 +302,9 @@ def eksft_loss(
     return ce + reg, diag
 
 
-def gem_loss(logp: Tensor, y: Tensor, n: Tensor, beta: float, h: str) -> tuple[Tensor, Diagnostics]:
-    """GEM: Σ_v sg(q_v · w_v) (log p_v − log p_y), q = softmax(z/β).
-
-    h="linear": w_v = 1, i.e. −log p(y) + Σ_v sg(q_v) log p_v, gradient q − onehot(y).
-    h="logsigmoid": w_v = sg(sigmoid(0.01 · (z_v − z_y))), exactly as the official code
-    (github.com/liziniu/GEM, sft_trainer.py `gem_loss`) implements it.
-    """
-    lp = token_logp(logp, y)
-    diff = logp - lp.unsqueeze(-1)  # log p_v − log p_y = z_v − z_y
-    q = F.softmax(logp.detach() / beta, dim=-1)  # softmax(z/β): the log-normaliser cancels
-    if h == "logsigmoid":
-        q = q * torch.sigmoid(0.01 * diff.detach())
-    return (q * diff).sum() / n, {}
+def gem_loss(s: TokenStats, n: Tensor) -> tuple[Tensor, Diagnostics]:
+    """GEM (see `gem_term`)."""
+    return s.gem.sum() / n, {}
 
 
 # -------------------------------------------------------------------------- public API
@@ -156,14 +318,15 @@ def _number(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[
     return ok
 
 
-# name -> (function, default parameters)
-LOSSES: dict[str, tuple[LossFn, dict[str, Any]]] = {
-    "ce": (ce_loss, {}),
-    "dft": (dft_loss, {}),
-    "eaft": (eaft_loss, {"topk": 20, "alpha": 1.0}),
-    "masked": (masked_loss, {"quantile": 0.15}),
-    "eksft": (eksft_loss, {"ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05}),
-    "gem": (gem_loss, {"beta": 0.7, "h": "linear"}),
+# name -> (function, default parameters, what it needs per token given its parameters)
+LOSSES: dict[str, tuple[LossFn, dict[str, Any], Callable[[dict[str, Any]], Needs]]] = {
+    "ce": (ce_loss, {}, lambda p: Needs()),
+    "dft": (dft_loss, {}, lambda p: Needs()),
+    "eaft": (eaft_loss, {"topk": 20, "alpha": 1.0}, lambda p: Needs(topk=p["topk"])),
+    "masked": (masked_loss, {"quantile": 0.15}, lambda p: Needs()),
+    "eksft": (eksft_loss, {"ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05},
+              lambda p: Needs(reference=True)),
+    "gem": (gem_loss, {"beta": 0.7, "h": "linear"}, lambda p: Needs(gem=(p["beta"], p["h"]))),
 }
 
 # parameter -> (check, what is allowed)
@@ -182,15 +345,19 @@ PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 @dataclass
 class TokenLoss:
-    """`loss(logits, labels, num_items_in_batch=None, ref_logits=None)` -> scalar.
+    """`loss(logits, labels, ...)`, or `loss.chunked(hidden, lm_head, labels, ...)` -> scalar.
 
     After each call `diagnostics` holds detached 0-d tensors for logging (per micro-batch).
     """
 
     name: str
     fn: LossFn
-    needs_reference: bool = False
+    needs: Needs
     diagnostics: Diagnostics = field(default_factory=dict)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.needs.reference
 
     def __call__(
         self,
@@ -198,29 +365,61 @@ class TokenLoss:
         labels: Tensor,
         num_items_in_batch: int | Tensor | None = None,
         ref_logits: Tensor | None = None,
+        ref_topk: TopK | None = None,
     ) -> Tensor:
-        logp, y, mask = select_tokens(logits, labels)
-        extra = {}
-        if self.needs_reference:
-            if ref_logits is None:
-                raise ValueError(f"loss {self.name!r} needs ref_logits from the frozen reference model")
+        """From the model's logits [B, T, V]; the reference as its logits, or its top K at the
+        valid positions."""
+        z, y, mask = select_tokens(logits, labels)
+        ref = ref_topk
+        if ref_logits is not None:
             with torch.no_grad():
-                extra["ref_logp"] = F.log_softmax(ref_logits[:, :-1][mask].float(), dim=-1)
-        count = len(y) if num_items_in_batch is None else num_items_in_batch
+                ref = F.log_softmax(ref_logits[:, :-1][mask].float(), dim=-1)
+        return self.loss(token_stats(z, y, self.needs, self.check_reference(ref)), num_items_in_batch)
+
+    def chunked(
+        self,
+        hidden: Tensor,
+        lm_head: nn.Linear,
+        labels: Tensor,
+        num_items_in_batch: int | Tensor | None = None,
+        ref_hidden: Tensor | None = None,
+        ref_lm_head: nn.Linear | None = None,
+        ref_topk: TopK | None = None,
+        chunk_tokens: int | None = None,
+    ) -> Tensor:
+        """The same loss from the last hidden states [B, T, H] and the LM head, projected
+        `chunk_tokens` at a time (default: CHUNK_LOGITS logits per chunk); the reference as its
+        hidden states and head, or its top K at the valid positions."""
+        h, y, mask = select_tokens(hidden, labels)
+        ref = ref_topk
+        if ref_hidden is not None:
+            ref = RefHead(ref_hidden[:, :-1][mask], ref_lm_head.weight, ref_lm_head.bias)
+        vocab = lm_head.weight.size(0)
+        chunk = chunk_tokens or max(1, CHUNK_LOGITS // vocab)
+        stats = ChunkedTokenStats.apply(h, lm_head.weight, lm_head.bias, y, self.needs, self.check_reference(ref), chunk)
+        return self.loss(TokenStats(vocab, *stats), num_items_in_batch)
+
+    def check_reference(self, ref: Any) -> Any:
+        if self.needs.reference and ref is None:
+            raise ValueError(f"loss {self.name!r} needs the frozen reference model (ref_logits) or its top K (ref_topk)")
+        return ref if self.needs.reference else None
+
+    def loss(self, stats: TokenStats, num_items_in_batch: int | Tensor | None) -> Tensor:
+        count = len(stats.logp) if num_items_in_batch is None else num_items_in_batch
         # clamped so that a micro-batch with no loss tokens gives a finite 0 (with a grad_fn)
-        n = torch.as_tensor(count, device=logp.device).clamp(min=1)
-        loss, diag = self.fn(logp, y, n, **extra)
+        n = torch.as_tensor(count, device=stats.logp.device).clamp(min=1)
+        loss, diag = self.fn(stats, n)
         with torch.no_grad():
-            lp, h = token_logp(logp, y), entropy(logp)
-            conflicts = confident_conflicts(h, lp, CONFLICT_QUANTILE)
-            self.diagnostics = {"entropy": mean(h), "confident_conflict_frac": mean(conflicts.float()), **diag}
+            conflicts = confident_conflicts(stats.entropy, stats.logp, CONFLICT_QUANTILE)
+            self.diagnostics = {"entropy": mean(stats.entropy.detach()),
+                                "confident_conflict_frac": mean(conflicts.float()), **diag}
         return loss
 
 
 def build_loss(name: str, **params: Any) -> TokenLoss:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {sorted(LOSSES)}")
-    fn, defaults = LOSSES[name]
+    fn, defaults, needs = LOSSES[name]
     unknown = set(params) - set(defaults)
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for loss {name!r}; allowed: {sorted(defaults)}")
@@ -229,4 +428,5 @@ def build_loss(name: str, **params: Any) -> TokenLoss:
         check, allowed = PARAM_CHECKS[key]
         if not check(value):
             raise ValueError(f"loss {name!r}: {key}={value!r} is invalid; allowed: {allowed}")
-    return TokenLoss(name, partial(fn, **params), needs_reference=name == "eksft")
+    own = inspect.signature(fn).parameters  # GEM's beta and h shape only its per-token term
+    return TokenLoss(name, partial(fn, **{k: v for k, v in params.items() if k in own}), needs(params))

@@ -106,16 +106,20 @@ class Manifest:
     inputs: dict[str, str] = field(default_factory=dict)  # name -> upstream key or digest
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None  # the MLflow run that produced it
+    seconds: float | None = None  # the stage function's own time, without its process's start and imports
     folder: Path | None = field(default=None, compare=False)
 
     def path(self, name: str) -> Path:
         assert self.folder is not None, "manifest not yet written or read"
         return self.folder / self.outputs[name]
 
-    def write(self, folder: Path) -> Manifest:
-        """Digest the outputs, then write the manifest atomically: the stage is done after this."""
+    def write(self, folder: Path, started: float | None = None) -> Manifest:
+        """Digest the outputs, then write the manifest atomically: the stage is done after this.
+        `started`: the stage function's start (time.perf_counter()), to record its `seconds`."""
         self.folder = folder
         self.digests = {name: digest(self.path(name)) for name in self.outputs}
+        if started is not None:
+            self.seconds = time.perf_counter() - started
         body = {k: v for k, v in asdict(self).items() if k != "folder"}
         atomic_write_text(folder / MANIFEST, json.dumps(body, indent=2, sort_keys=True))
         return self

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -70,10 +71,11 @@ def stage_main(run: Callable[..., Manifest]) -> None:
     run_id = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow's end_run() unsets it
     try:
         cfg = PipelineConfig.model_validate(request["config"])
+        start = time.perf_counter()
         manifest = run(cfg, out, **{k: Path(v) for k, v in request["paths"].items()})
         manifest.inputs = request["inputs"]
         manifest.run_id = run_id
-        manifest.write(out)
+        manifest.write(out, started=start)
     except Exception as error:
         (out / "traceback.txt").write_text(traceback.format_exc())
         (out / ERROR).write_text(f"{type(error).__name__}: {error}\n")

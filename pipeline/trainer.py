@@ -3,19 +3,26 @@ the first non-finite loss.
 
 The SFT trainer overrides `compute_loss`, the way TRL 1.16 supports custom losses (its
 `compute_loss_func` is deprecated and costs an extra forward per step). A frozen reference
-model is held only when the loss needs one (EKSFT).
+model is held only when the loss needs one (EKSFT) and its top-K log-probs were not cached.
+By default the loss comes from the decoder's hidden states, projected to the vocabulary a
+chunk of tokens at a time (`TokenLoss.chunked`), never from the full logits.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations import MLflowCallback
 from trl import DPOTrainer, SFTTrainer
 
 from pipeline.losses import TokenLoss
+from pipeline.reference import ReferenceTopK
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -68,27 +75,85 @@ class FiniteLossDPOTrainer(DPOTrainer):
         return result
 
 
+def unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside DDP / DataParallel and PEFT wrappers (LoRA layers stay in place)."""
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# Config attributes of models that scale or soft-cap their logits after the LM head; the
+# chunked loss projects with the bare head, so those models take the full-logits path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+
+
+def chunked_lm_head_applies(model: PreTrainedModel) -> bool:
+    """The loss can come from the decoder's hidden states and the LM head chunk by chunk: the head
+    is a plain nn.Linear, nothing transforms its logits, and the forward takes `logits_to_keep`."""
+    base = unwrap(model)
+    config = base.config.get_text_config()
+    return (
+        type(base.get_output_embeddings()) is nn.Linear
+        and all(getattr(config, name, None) in (None, 1.0) for name in LOGIT_TRANSFORMS)
+        and "logits_to_keep" in inspect.signature(base.forward).parameters
+    )
+
+
+def last_hidden_states(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H]. The model is called as a whole (so DDP and
+    PEFT see their forward) but applies its LM head to no position (`logits_to_keep` is an empty
+    index), so no logits are made; a hook on the decoder catches its output."""
+    captured = []
+    hook = unwrap(model).get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        hook.remove()
+    return captured[-1]
+
+
 class TokenLossSFTTrainer(SFTTrainer):
-    def __init__(self, *args, token_loss: TokenLoss, ref_model: PreTrainedModel | None = None, **kwargs):
+    def __init__(self, *args, token_loss: TokenLoss, ref_model: PreTrainedModel | None = None,
+                 reference_topk: ReferenceTopK | None = None, chunked: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        if token_loss.needs_reference and ref_model is None:
-            raise ValueError(f"loss '{token_loss.name}' needs a reference model")
+        if token_loss.needs_reference and ref_model is None and reference_topk is None:
+            raise ValueError(f"loss '{token_loss.name}' needs a reference model or its cached top-K log-probs")
         self.token_loss = token_loss
+        self.reference_topk = reference_topk if token_loss.needs_reference else None
         self.ref_model = None
-        if ref_model is not None:
+        if ref_model is not None and self.reference_topk is None:
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        # The chunked path reads the LM head's weight outside the model's forward: FSDP and ZeRO-3
+        # shard it there, and DataParallel replicas would share the hidden-states hook.
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and
+                                           self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        self.chunked = (chunked and not sharded and self.args.n_gpu <= 1 and chunked_lm_head_applies(self.model)
+                        and (self.ref_model is None or chunked_lm_head_applies(self.ref_model)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        labels = inputs["labels"]
         forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         forward_inputs["use_cache"] = False
-        outputs = model(**forward_inputs)
-        ref_logits = None
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref_logits = self.ref_model(**forward_inputs).logits
-        loss = self.token_loss(outputs.logits, inputs["labels"], num_items_in_batch, ref_logits)
+        ref_topk = self.reference_topk.lookup(inputs) if self.reference_topk is not None else None
+        outputs = None
+        if self.chunked and not return_outputs:  # evaluation asks for the logits: it takes the full path
+            ref_hidden = ref_head = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_hidden = last_hidden_states(self.ref_model, forward_inputs)
+                ref_head = unwrap(self.ref_model).get_output_embeddings()
+            hidden = last_hidden_states(model, forward_inputs)
+            loss = self.token_loss.chunked(hidden, unwrap(model).get_output_embeddings(), labels, num_items_in_batch,
+                                           ref_hidden, ref_head, ref_topk)
+        else:
+            outputs = model(**forward_inputs)
+            ref_logits = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logits = self.ref_model(**forward_inputs).logits
+            loss = self.token_loss(outputs.logits, labels, num_items_in_batch, ref_logits, ref_topk)
         check_finite(loss, self)
         # Like TRL's own compute_loss: `num_items_in_batch` counts every rank's tokens and DDP
         # averages gradients across ranks, so scale back up by the number of processes.

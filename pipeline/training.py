@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, SFTConfig, SFTTrainer
 
 from pipeline.config import LoraConfig, LossConfig
 from pipeline.data import DataError
@@ -20,7 +20,9 @@ from pipeline.losses import build_loss
 from pipeline.manifest import atomic_write_text
 from pipeline.plots import loss_curve
 from pipeline.sampling import check_vocabulary
-from pipeline.trainer import FiniteLossDPOTrainer, StageMLflowCallback, TokenLossSFTTrainer
+from pipeline.reference import ReferenceTopK, write_reference_topk
+from pipeline.trainer import (FiniteLossDPOTrainer, StageMLflowCallback, TokenLossSFTTrainer,
+                              chunked_lm_head_applies, last_hidden_states)
 
 
 # What `train_sft` writes in a stage's folder: name -> path, as a manifest lists its outputs.
@@ -93,17 +95,23 @@ def train_sft(
     seed: int,
     ref_model: PreTrainedModel | None = None,
     lora: LoraConfig | None = None,
+    reference_topk: ReferenceTopK | None = None,
+    chunked: bool = True,
 ) -> dict[str, float]:
-    """SFT with a token loss; see `fit` for what it writes to `out`."""
+    """SFT with a token loss, its reference (EKSFT) the model `ref_model` or its cached top K;
+    `chunked`: the loss from the hidden states where the model allows. See `fit` for what it
+    writes to `out`."""
     check_vocabulary(model.config, tokenizer)
     trainer = TokenLossSFTTrainer(
         model=model,
-        args=SFTConfig(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args}),
+        args=sft_config(out, trainer_args, seed),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config(lora),
         token_loss=build_loss(loss.name, **loss.params),
         ref_model=ref_model,
+        reference_topk=reference_topk,
+        chunked=chunked,
         callbacks=stage_callbacks(trainer_args),
     )
     dropped = len(dataset) - len(trainer.train_dataset)
@@ -114,6 +122,39 @@ def train_sft(
             "sft.trainer.max_length, or shorten those prompts"
         )
     return fit(trainer, tokenizer, out, merge=lora is not None)
+
+
+def sft_config(out: Path, trainer_args: dict[str, Any], seed: int) -> SFTConfig:
+    return SFTConfig(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args})
+
+
+def cache_reference_topk(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    trainer_args: dict[str, Any],
+    seed: int,
+    k: int,
+    folder: Path,
+) -> dict[str, float]:
+    """`model`'s top-K log-probs at every loss token of `dataset`, tokenized and collated by
+    TRL exactly as `train_sft` will, written to `folder` (see pipeline.reference)."""
+    check_vocabulary(model.config, tokenizer)
+    if not chunked_lm_head_applies(model):
+        raise ValueError(f"sft.reference: cached needs a model whose LM head is a plain nn.Linear applied to the last "
+                         f"hidden states without logit scaling or soft-capping; {type(model).__name__} is not: use "
+                         "sft.reference: model")
+    if k >= model.config.get_text_config().vocab_size:
+        raise ValueError(f"sft.reference_topk = {k} must be below the vocabulary size "
+                         f"{model.config.get_text_config().vocab_size}")
+    trainer = SFTTrainer(model=model, args=sft_config(folder.parent, trainer_args, seed), train_dataset=dataset,
+                         processing_class=tokenizer)
+    model = trainer.model.eval()
+    # In order, without the dataset columns the model does not take, on the model's device.
+    batches = trainer.get_eval_dataloader(trainer.train_dataset)
+    return write_reference_topk(
+        lambda batch: last_hidden_states(model, {name: v for name, v in batch.items() if name != "labels"} | {"use_cache": False}),
+        model.get_output_embeddings(), batches, folder, k)
 
 
 def train_dpo(

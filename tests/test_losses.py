@@ -395,3 +395,122 @@ def test_unknown_name_and_parameters_raise():
     for name, bad in invalid:
         with pytest.raises(ValueError, match="allowed"):
             build_loss(name, **bad)
+
+
+# ------------------------------------------------------------------- the chunked path
+
+
+def make_hidden_batch(B=3, T=9, H=16, V=50, seed=0, bias=True):
+    """Hidden states and LM heads (policy and reference) whose logits are a batch like make_batch's."""
+    g = torch.Generator().manual_seed(seed)
+    _, labels, _ = make_batch(B, T, V, seed)
+    hidden = torch.randn(B, T, H, generator=g)
+    head, ref_head = torch.nn.Linear(H, V, bias=bias), torch.nn.Linear(H, V, bias=bias)
+    with torch.no_grad():
+        for layer in (head, ref_head):
+            layer.weight.copy_(torch.randn(V, H, generator=g))
+            if bias:
+                layer.bias.copy_(torch.randn(V, generator=g))
+        ref_head.weight.add_(head.weight)
+    ref_hidden = hidden + 0.3 * torch.randn(B, T, H, generator=g)
+    return hidden, labels, head, ref_hidden, ref_head
+
+
+def loss_and_grads(compute, hidden, head):
+    hidden = hidden.clone().requires_grad_(True)
+    head.zero_grad()
+    loss = compute(hidden)
+    loss.backward()
+    grads = [hidden.grad, head.weight.grad] + ([head.bias.grad] if head.bias is not None else [])
+    return loss.detach(), [g.clone() for g in grads]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("name,params", CASES)
+def test_chunked_equals_full_logits(name, params, chunk):
+    hidden, labels, head, ref_hidden, ref_head = make_hidden_batch(bias=chunk != 4)
+    num_items = 50
+    full_fn, chunked_fn = build_loss(name, **params), build_loss(name, **params)
+
+    def full(h):
+        ref = ref_head(ref_hidden)
+        return full_fn(head(h), labels, num_items_in_batch=num_items, ref_logits=ref)
+
+    def chunked(h):
+        return chunked_fn.chunked(h, head, labels, num_items_in_batch=num_items, ref_hidden=ref_hidden,
+                                  ref_lm_head=ref_head, chunk_tokens=chunk)
+
+    want, want_grads = loss_and_grads(full, hidden, head)
+    got, got_grads = loss_and_grads(chunked, hidden, head)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert ref_head.weight.grad is None  # the reference is never trained
+    assert chunked_fn.diagnostics.keys() == full_fn.diagnostics.keys()
+    for key in full_fn.diagnostics:
+        torch.testing.assert_close(chunked_fn.diagnostics[key], full_fn.diagnostics[key], rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_without_loss_tokens_is_a_finite_zero():
+    hidden, labels, head, ref_hidden, ref_head = make_hidden_batch()
+    loss_fn = build_loss("eksft")
+    loss, grads = loss_and_grads(lambda h: loss_fn.chunked(h, head, torch.full_like(labels, -100),
+                                                           ref_hidden=ref_hidden, ref_lm_head=ref_head), hidden, head)
+    assert loss.item() == 0 and all(g.abs().sum() == 0 for g in grads)
+
+
+def test_chunked_bf16_matches_float32():
+    hidden, labels, head, _, _ = make_hidden_batch()
+    want, want_grads = loss_and_grads(lambda h: build_loss("eaft").chunked(h, head, labels, chunk_tokens=5), hidden, head)
+    head16 = torch.nn.Linear(16, 50).bfloat16()
+    head16.load_state_dict(head.state_dict())
+    got, got_grads = loss_and_grads(lambda h: build_loss("eaft").chunked(h, head16, labels, chunk_tokens=5),
+                                    hidden.bfloat16(), head16)
+    assert got.dtype == torch.float32 and got_grads[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)
+    torch.testing.assert_close(got_grads[1].float(), want_grads[1], rtol=0.05, atol=0.02)
+
+
+def topk_of(ref_logits, labels, k):
+    from pipeline.losses import TopK
+
+    ref_logp = F.log_softmax(ref_logits[:, :-1][labels[:, 1:] != -100], dim=-1)
+    top = ref_logp.topk(k, dim=-1)
+    return TopK(top.indices.int(), top.values)
+
+
+def test_cached_topk_kl_is_exact_when_the_reference_tail_is_flat():
+    logits, labels, ref = make_batch()
+    ref[..., 5:] = 0.0  # the tail of the reference's distribution is uniform: its top 5 say all there is
+    ref[..., :5] = 3 + ref[..., :5].abs()
+    for lambda_kl in (0.05, 2.0):
+        exact_fn, cached_fn = build_loss("eksft", lambda_kl=lambda_kl), build_loss("eksft", lambda_kl=lambda_kl)
+        want, want_grad = value_and_grad(lambda z: exact_fn(z, labels, ref_logits=ref), logits)
+        got, got_grad = value_and_grad(lambda z: cached_fn(z, labels, ref_topk=topk_of(ref, labels, 5)), logits)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached_fn.diagnostics["kl"], exact_fn.diagnostics["kl"])
+
+
+def test_cached_topk_kl_approaches_exact_as_k_grows():
+    logits, labels, ref = make_batch()
+    exact_fn = build_loss("eksft")
+    exact_fn(logits, labels, ref_logits=ref)
+    errors = []
+    for k in (2, 10, 49):
+        cached_fn = build_loss("eksft")
+        cached_fn(logits, labels, ref_topk=topk_of(ref, labels, k))
+        errors.append(abs(float(cached_fn.diagnostics["kl"] - exact_fn.diagnostics["kl"])))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
+
+
+def test_chunked_topk_reference_equals_full_logits():
+    hidden, labels, head, ref_hidden, ref_head = make_hidden_batch()
+    top = topk_of(ref_head(ref_hidden).detach(), labels, 8)
+    full_fn, chunked_fn = build_loss("eksft"), build_loss("eksft")
+    want, want_grads = loss_and_grads(lambda h: full_fn(head(h), labels, ref_topk=top), hidden, head)
+    got, got_grads = loss_and_grads(lambda h: chunked_fn.chunked(h, head, labels, ref_topk=top, chunk_tokens=3), hidden, head)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.pipeline import STAGES, pipeline_stages, run_pipeline
+from flows.pipeline import pipeline_stages, run_pipeline
 from pipeline.config import SamplingConfig, parse_config
 from pipeline.data import read_jsonl, write_jsonl
 from pipeline.manifest import MANIFEST, Manifest
@@ -34,6 +34,9 @@ def tiny_config(tmp_path: Path, **overrides):
     for section, value in overrides.items():
         data[section] = {**data.get(section, {}), **value}
     return parse_config(data)
+
+
+STAGES = pipeline_stages(tiny_config(Path("results")))  # the tiny world's: CE needs no `reference` stage
 
 
 def write_pair_prompts(sft: Manifest, data: Manifest, path: Path) -> None:
@@ -63,6 +66,8 @@ def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
         manifest = Manifest.read(r.manifest.folder)
         assert manifest.key == r.manifest.folder.name
         assert all(manifest.path(name).exists() for name in manifest.outputs)
+        if not r.cached:  # the stage function's own time, inside the pipeline's time for the stage
+            assert 0 < manifest.seconds < r.seconds
     by_name = {r.name: r.manifest for r in results}
     assert by_name["sft"].inputs["model"] == by_name["pretrain"].key  # lineage: SFT starts from the pretrained model
     assert by_name["dpo"].inputs == {"model": by_name["sft"].key, "pairs": by_name["pairs"].key}
@@ -110,6 +115,26 @@ def test_second_run_is_cached_and_a_changed_stage_reruns_downstream(demo_run):
         ("demo_data", True), ("pretrain", True), ("sft", False), ("evaluate_base", True), ("evaluate_sft", False)]
     only = run_pipeline(tiny_config(tmp_path, sft={"loss": {"name": "dft"}}), stage="sft")
     assert [(r.name, r.cached) for r in only] == [("demo_data", True), ("pretrain", True), ("sft", True)]
+
+
+def test_eksft_with_a_cached_reference_runs_the_reference_stage_before_sft(demo_run):
+    tmp_path, first = demo_run
+    cfg = tiny_config(tmp_path, sft={"loss": {"name": "eksft"}, "reference": "cached", "reference_topk": 8})
+    assert "reference" in pipeline_stages(cfg) and "reference" not in STAGES
+    results = run_pipeline(cfg, stage="sft")
+    assert [(r.name, r.cached) for r in results] == [
+        ("demo_data", True), ("pretrain", True), ("reference", False), ("sft", False)]
+    reference, sft = results[2].manifest, results[3].manifest
+    assert reference.inputs == {"model": first[1].manifest.key}
+    assert sft.inputs == {"model": first[1].manifest.key, "reference": reference.key}
+    assert reference.metrics["topk"] == 8 and reference.metrics["tokens"] > reference.metrics["rows"] > 0
+    history = json.loads(sft.path("log_history").read_text())
+    assert any("kl" in h and "masked_kl_frac" in h for h in history)
+    # Another seed or learning rate trains again on the same cache; another max_length rebuilds it.
+    reseeded = tiny_config(tmp_path, sft={**cfg.sft.model_dump(), "trainer": TINY["sft"]["trainer"] | {"seed": 7}})
+    assert [(r.name, r.cached) for r in run_pipeline(reseeded, stage="sft")][2:] == [("reference", True), ("sft", False)]
+    longer = tiny_config(tmp_path, sft={**cfg.sft.model_dump(), "trainer": TINY["sft"]["trainer"] | {"max_length": 99}})
+    assert [(r.name, r.cached) for r in run_pipeline(longer, stage="sft")][2:] == [("reference", False), ("sft", False)]
 
 
 def test_changing_only_the_dpo_beta_reruns_only_dpo_and_its_evaluation(demo_run):
