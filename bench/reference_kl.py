@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from trl import SFTConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data import SFT_FIELDS, load_rows  # noqa: E402
 from pipeline.config import DataSource  # noqa: E402
 from pipeline.losses import TopK, reverse_kl, reverse_kl_topk, select_tokens  # noqa: E402
-from pipeline.training import sft_config  # noqa: E402
+from pipeline.training import trainer_config  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +40,8 @@ def main() -> None:
     policy = AutoModelForCausalLM.from_pretrained(args.policy).eval()
     reference = AutoModelForCausalLM.from_pretrained(args.reference).eval()
     dataset = load_rows(DataSource(path=str(args.data)), SFT_FIELDS).select(range(args.rows))
-    trainer = SFTTrainer(model=policy, args=sft_config(Path(tempfile.mkdtemp()), {"report_to": "none"}, 0),
+    config = trainer_config(SFTConfig, Path(tempfile.mkdtemp()), {"report_to": "none"}, 0)
+    trainer = SFTTrainer(model=policy, args=config,
                          train_dataset=dataset, processing_class=tokenizer)
     exact, approx, tail = [], {k: [] for k in args.k}, {k: [] for k in args.k}
     with torch.no_grad():

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from trl import SFTConfig
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
@@ -33,7 +34,7 @@ from pipeline.demo import build_tokenizer  # noqa: E402
 from pipeline.losses import build_loss  # noqa: E402
 from pipeline.reference import ReferenceTopK  # noqa: E402
 from pipeline.trainer import TokenLossSFTTrainer  # noqa: E402
-from pipeline.training import cache_reference_topk, sft_config  # noqa: E402
+from pipeline.training import cache_reference_topk, trainer_config  # noqa: E402
 
 CACHED_K = 64
 
@@ -109,7 +110,8 @@ def main() -> None:
     for name, chunked, reference, label in cases:
         cls = ThreeForwardEKSFT if reference == "three-forward" else TokenLossSFTTrainer
         timer = StepTimes()
-        trainer = cls(model=clone(), args=sft_config(work / label, trainer_args, 0), train_dataset=dataset,
+        trainer = cls(model=clone(), args=trainer_config(SFTConfig, work / label, trainer_args, 0),
+                      train_dataset=dataset,
                       processing_class=tokenizer, token_loss=build_loss(name), chunked=chunked, callbacks=[timer],
                       ref_model=clone() if reference in ("model", "three-forward") else None,
                       reference_topk=reference_topk if reference == "cached" else None)

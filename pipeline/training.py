@@ -104,7 +104,7 @@ def train_sft(
     check_vocabulary(model.config, tokenizer)
     trainer = TokenLossSFTTrainer(
         model=model,
-        args=sft_config(out, trainer_args, seed),
+        args=trainer_config(SFTConfig, out, trainer_args, seed),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config(lora),
@@ -124,8 +124,9 @@ def train_sft(
     return fit(trainer, tokenizer, out, merge=lora is not None)
 
 
-def sft_config(out: Path, trainer_args: dict[str, Any], seed: int) -> SFTConfig:
-    return SFTConfig(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args})
+def trainer_config(config_cls: type[SFTConfig | DPOConfig], out: Path, trainer_args: dict[str, Any], seed: int):
+    """TRL's SFTConfig or DPOConfig: the pipeline's defaults, overridden by the YAML's `trainer:`."""
+    return config_cls(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args})
 
 
 def cache_reference_topk(
@@ -147,8 +148,8 @@ def cache_reference_topk(
     if k >= model.config.get_text_config().vocab_size:
         raise ValueError(f"sft.reference_topk = {k} must be below the vocabulary size "
                          f"{model.config.get_text_config().vocab_size}")
-    trainer = SFTTrainer(model=model, args=sft_config(folder.parent, trainer_args, seed), train_dataset=dataset,
-                         processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=trainer_config(SFTConfig, folder.parent, trainer_args, seed),
+                         train_dataset=dataset, processing_class=tokenizer)
     model = trainer.model.eval()
     # In order, without the dataset columns the model does not take, on the model's device.
     batches = trainer.get_eval_dataloader(trainer.train_dataset)
@@ -175,7 +176,7 @@ def train_dpo(
     trainer = FiniteLossDPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=DPOConfig(output_dir=str(out / "checkpoints"), **{**trainer_defaults(seed), **trainer_args}),
+        args=trainer_config(DPOConfig, out, trainer_args, seed),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config(lora),

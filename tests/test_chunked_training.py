@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from trl import SFTConfig
 from datasets import Dataset
 
 from pipeline.config import DemoConfig, LossConfig
@@ -9,7 +10,7 @@ from pipeline.demo import build_model, build_tokenizer
 from pipeline.losses import build_loss, select_tokens
 from pipeline.reference import ReferenceMismatch, ReferenceTopK
 from pipeline.trainer import TokenLossSFTTrainer, last_hidden_states
-from pipeline.training import cache_reference_topk, sft_config
+from pipeline.training import cache_reference_topk, trainer_config
 
 ARGS = {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": 1e-2,
         "save_strategy": "no", "report_to": "none"}
@@ -22,7 +23,8 @@ def rows():
 
 def trainer(tmp_path, loss, chunked=True, ref_model=None, reference_topk=None):
     tokenizer = build_tokenizer()
-    return TokenLossSFTTrainer(model=build_model(TINY, tokenizer, seed=0), args=sft_config(tmp_path, ARGS, 0),
+    return TokenLossSFTTrainer(model=build_model(TINY, tokenizer, seed=0),
+                               args=trainer_config(SFTConfig, tmp_path, ARGS, 0),
                                train_dataset=rows(), processing_class=tokenizer, token_loss=build_loss(**loss),
                                ref_model=ref_model, reference_topk=reference_topk, chunked=chunked)
 
