@@ -5,8 +5,12 @@ BIN := $(VENV)/bin
 # A machine with an NVIDIA driver gets CUDA torch and vllm; any other gets the CPU builds.
 ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 CONFIG ?= configs/demo.yaml
+# The MLflow UI tests drive Debian's chromium; BROWSER_TESTS=0 leaves them out and installs no browser.
+BROWSER_TESTS ?= 1
+# apt needs root: sudo only for a user who is not.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 setup: $(VENV)/.installed-$(ACCEL)
 
 $(VENV)/.installed-$(ACCEL): pyproject.toml constraints-cpu.txt
@@ -28,8 +32,19 @@ endif
 demo: setup
 	$(BIN)/posttrain run $(CONFIG)
 
-test: setup
+# Debian's chromium and its driver, of one version; the file target installs them only when missing.
+browser: /usr/bin/chromedriver
+/usr/bin/chromedriver:
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+
+ifeq ($(BROWSER_TESTS),1)
+test: setup browser
 	$(BIN)/python -m pytest -q
+else
+test: setup
+	$(BIN)/python -m pytest -q -m "not browser"
+endif
 
 clean:
 	rm -rf results

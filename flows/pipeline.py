@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig
 from pipeline.data import source_digest
 from pipeline.manifest import Manifest, atomic_write_text, digest, results_lock, stage_key
+from pipeline.progress import STAGE_ENV
 from pipeline.stage import StageError, run_in_process
 from pipeline.tracking import Tracker, TrackingUnavailable, dataset_input
 
@@ -54,6 +55,7 @@ class StageResult:
     cached: bool
     run_id: str  # the stage's MLflow run in this pipeline (a cached result's producer is manifest.run_id)
     seconds: float  # wall time in this pipeline, MLflow logging and the stage's process included
+    link: str  # the stage's run in the MLflow UI
 
 
 @dataclass
@@ -61,7 +63,7 @@ class StageStatus:
     name: str
     status: str  # done: a result under the current key; stale: only under an older key; missing
     key: str
-    run_id: str | None
+    manifest: Manifest | None  # the result under the current key, if done
 
 
 class NotBuilt(Exception):
@@ -91,7 +93,7 @@ class PipelineRun:
     def check_stage(self, name: str, key: str, manifest: Manifest | None) -> Manifest:
         latest = self.latest(name).read_text() if self.latest(name).is_file() else None
         status = "done" if manifest else "stale" if latest and latest != key else "missing"
-        self.statuses[name] = StageStatus(name, status, key, manifest.run_id if manifest else None)
+        self.statuses[name] = StageStatus(name, status, key, manifest)
         if manifest is None:
             raise NotBuilt(name)
         return manifest
@@ -111,12 +113,12 @@ class PipelineRun:
         run_id = self.tracker.start_stage(name, key, inputs, upstream)
         try:
             if cached:
-                print(f"[{name}] cached: {out}", flush=True)
+                print(f"[{name}] cached: {out} (made by MLflow run {manifest.run_id or 'unknown'})", flush=True)
             else:
                 if manifest is not None:  # forced: start from scratch, not from its checkpoints
                     shutil.rmtree(out)
                 print(f"[{name}] running: {out}", flush=True)
-                env = self.tracker.stage_env(run_id)
+                env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}
                 manifest = execute_stage.with_options(name=name)(module, cfg, out, inputs, env, paths)
         except BaseException as error:
             self.tracker.fail_stage(run_id, error)
@@ -131,7 +133,8 @@ class PipelineRun:
                 "logged then"
             ) from error
         atomic_write_text(self.latest(name), key)
-        self.results.append(StageResult(name, manifest, cached, run_id, time.perf_counter() - start))
+        self.results.append(StageResult(name, manifest, cached, run_id, time.perf_counter() - start,
+                                        self.tracker.link(run_id)))
         return manifest
 
     @cached_property
@@ -208,6 +211,7 @@ class PipelineRun:
             "target": self.digest_of(self.data.target_eval),
             "general": self.digest_of(self.data.general_eval),
             "tokenizer": str(self.cfg.model.tokenizer),
+            "measures": 2,  # 2: the answer tokens' entropy too (entropy.json); results without it are redone
         }
         datasets = {"target": self.data.target_eval, "general": self.data.general_eval}
         paths = {"baseline": upstream["baseline"].folder} if "baseline" in upstream else {}

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+# Prefect's temporary server would try to send usage data: with no internet it logs an error.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     help="Post-training pipeline: forgetting-aware SFT, sampling and Pass@K evaluation, with "
@@ -26,6 +32,32 @@ def _fail(error: Exception, debug: bool) -> None:
         raise error
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)
+
+
+class _WithoutTraceback(logging.Filter):
+    """Prefect logs a failed flow's traceback to the console; the error's own line says what to
+    do, and the traceback stays in the Prefect server's logs (its API handler runs first)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_prefect_tracebacks(debug: bool) -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_WithoutTraceback())
+
+
+def _print(table: Table) -> None:
+    """Rich wraps to 80 columns when the output is not a terminal (a CI log, a pipe): wider there."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=220)
+    console.print(table)
 
 
 def _load(config: Path, debug: bool = False):
@@ -49,24 +81,20 @@ def run(
     Stages: demo_data, pretrain (demo world only), evaluate_base, sft, evaluate_sft, sample,
     pairs (on-policy pairs only), dpo, evaluate_dpo."""
     from flows.pipeline import STAGE_FLOWS, pipeline_stages, run_pipeline
+    from pipeline.summary import evaluation_table, run_summary
 
     cfg = _load(config, debug)
+    _quiet_prefect_tracebacks(debug)
     try:
         pipeline_stages(cfg, *([stage] if stage else []), *force)
         results = STAGE_FLOWS[stage](cfg, set(force)) if stage else run_pipeline(cfg, set(force))
     except Exception as error:  # noqa: BLE001 - user errors become one readable line
         _fail(error, debug)
         return
-    typer.echo(f"\n{'stage':<14} {'status':<7} {'key':<17} {'MLflow run':<33}")
-    for r in results:
-        typer.echo(f"{r.name:<14} {'cached' if r.cached else 'ran':<7} {r.manifest.key:<17} {r.manifest.run_id or '-'}")
+    _print(run_summary(results))
     evaluations = [r for r in results if r.name.startswith("evaluate")]
     if evaluations:
-        names = sorted({k for r in evaluations for k in r.manifest.metrics if "pass_at" in k or "retention" in k})
-        typer.echo(f"\n{'metric':<32}" + "".join(f"{r.name:>15}" for r in evaluations))
-        for name in names:
-            values = [r.manifest.metrics.get(name) for r in evaluations]
-            typer.echo(f"{name:<32}" + "".join(f"{v:>15.3f}" if v is not None else f"{'':>15}" for v in values))
+        _print(evaluation_table(evaluations))
 
 
 @app.command()
@@ -80,6 +108,7 @@ def compare(
     from flows.compare import run_compare
 
     cfg = _load(config, debug)
+    _quiet_prefect_tracebacks(debug)
     try:
         folder = run_compare(cfg)
     except Exception as error:  # noqa: BLE001 - user errors become one readable line
@@ -91,12 +120,42 @@ def compare(
 
 @app.command()
 def status(config: Path = CONFIG) -> None:
-    """List each stage as done, stale (its result is for an older config) or missing, with its key."""
+    """List each stage as done, stale (its result is for an older config) or missing, with its
+    key, what it took and its headline metrics."""
     from flows.pipeline import pipeline_status
+    from pipeline.summary import status_table
 
-    typer.echo(f"{'stage':<14} {'status':<8} {'key':<21} MLflow run")
-    for s in pipeline_status(_load(config)):
-        typer.echo(f"{s.name:<14} {s.status:<8} {s.key:<21} {s.run_id or '-'}")
+    _print(status_table(pipeline_status(_load(config))))
+
+
+@app.command()
+def runs(
+    config: Path = typer.Argument(None, help="a pipeline's YAML file, for its MLflow store and experiment; "
+                                             "default: MLFLOW_TRACKING_URI, else results/mlflow.db"),
+    limit: int = typer.Option(20, help="how many runs, newest first"),
+) -> None:
+    """Recent pipeline runs read back from MLflow, with their headline metrics and links."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import parse_config
+    from pipeline.summary import recent_pipeline_runs, runs_table
+    from pipeline.tracking import TrackingUnavailable, check_reachable, run_link, tracking_uri
+
+    cfg = _load(config) if config else parse_config({"name": "runs"})
+    uri = tracking_uri(cfg)
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as error:
+        _fail(error, debug=False)
+    # Asking a SQLite store that is not there would create it.
+    no_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+    client = None if no_store else MlflowClient(uri)
+    experiment = client and client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        typer.echo(f"no runs yet: {uri} has no experiment '{cfg.tracking.experiment}' (`posttrain run` makes it)")
+        return
+    rows = recent_pipeline_runs(client, experiment.experiment_id, limit)
+    _print(runs_table(rows, lambda run_id: run_link(uri, experiment.experiment_id, run_id)))
 
 
 @app.command()

@@ -33,6 +33,15 @@ class ModelConfig(Section):
     )
     tokenizer: str | None = Field(None, description="defaults to the model's own tokenizer")
 
+    @model_validator(mode="after")
+    def _local_folders_exist(self) -> ModelConfig:
+        # A hub id (org/name) never starts like a path; a local path that is not there would
+        # otherwise fail inside a stage, as a confusing hub error.
+        for name, value in (("path", self.path), ("tokenizer", self.tokenizer)):
+            if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():
+                raise ValueError(f"{name}: no model folder at {value}: give a local folder or a hub id (org/name)")
+        return self
+
 
 class DemoConfig(Section):
     """The embedded demo world: a small Llama trained from scratch on synthetic tasks."""

@@ -71,7 +71,8 @@ def check_row(row: object, at: str, accepted: list[set[str]]) -> set[str]:
     fields = next((f for f in accepted if f <= row.keys()), None)
     if fields is None:
         options = " or ".join("/".join(sorted(f)) for f in accepted)
-        raise DataError(f"{at}: missing fields: expected {options}, got {', '.join(sorted(row)) or 'none'}")
+        raise DataError(f"{at}: missing fields: expected {options}, got {', '.join(sorted(row)) or 'none'}: "
+                        "give every row one of these field sets (rename the fields to match)")
     for name in fields:
         value = row[name]
         # An empty answer is an answer (a model that stops at once); an empty prompt is a broken row.

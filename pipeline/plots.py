@@ -11,6 +11,12 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save(fig, png: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def loss_curve(log_history: Path, png: Path) -> None:
     """Training loss (and the loss diagnostics, on a second axis) against the step."""
     history = [h for h in json.loads(log_history.read_text()) if "loss" in h]
@@ -26,9 +32,24 @@ def loss_curve(log_history: Path, png: Path) -> None:
         right.set_ylabel("diagnostics")
         right.legend(loc="upper right", fontsize=7)
     ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save(fig, png)
+
+
+def entropy_stairs(ax, counts: list[int], edges: list[float], label: str, **style) -> None:
+    """One entropy histogram as the fraction of tokens per bin, so that sets of different sizes overlay."""
+    total = max(sum(counts), 1)
+    ax.stairs([c / total for c in counts], edges, label=label, **style)
+
+
+def entropy_histogram(histograms: dict, png: Path) -> None:
+    """An evaluation's answer-token entropy histogram (`entropy.json`), one line per suite."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for suite, h in histograms["suites"].items():
+        entropy_stairs(ax, h["counts"], histograms["edges"], f"{suite} (mean {h['mean']:.2f})")
+    ax.set_xlabel("entropy at the answer tokens (nats)")
+    ax.set_ylabel("fraction of tokens")
+    ax.legend(fontsize=8)
+    save(fig, png)
 
 
 PHASE_TITLES = {"sft": "after SFT", "dpo": "after SFT + DPO"}
@@ -48,9 +69,7 @@ def pass_at_k_curves(report: dict, png: Path) -> None:
         ax.set_title(PHASE_TITLES[phase])
     axes[0][0].set_ylabel("target Pass@K")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save(fig, png)
 
 
 def gain_vs_retention(report: dict, png: Path) -> None:
@@ -70,9 +89,7 @@ def gain_vs_retention(report: dict, png: Path) -> None:
     ax.set_xlabel("general retention (general Pass@1 / base model's)")
     ax.set_ylabel("target Pass@1 gain over the base model")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save(fig, png)
 
 
 def loss_curves(histories: dict[str, dict[str, list[list[dict]]]], png: Path) -> None:
@@ -88,6 +105,24 @@ def loss_curves(histories: dict[str, dict[str, list[list[dict]]]], png: Path) ->
         ax.set_ylabel("training loss")
         ax.set_title(stage)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save(fig, png)
+
+
+def entropy_histograms(report: dict, png: Path) -> None:
+    """Answer-token entropy histograms, one panel per suite (row) and arm (column): the base
+    model's (before SFT) against the arm's after each phase, tokens pooled over seeds."""
+    entropy, arms = report["entropy"], list(report["arms"])
+    suites = list(entropy["base"])
+    fig, axes = plt.subplots(len(suites), len(arms), figsize=(4.5 * len(arms), 3 * len(suites)), sharex=True,
+                             squeeze=False)
+    for row, suite in zip(axes, suites):
+        for ax, arm in zip(row, arms):
+            entropy_stairs(ax, entropy["base"][suite], entropy["edges"], "before SFT", fill=True, color="0.8")
+            for phase in report["phases"]:
+                entropy_stairs(ax, entropy[phase][arm][suite], entropy["edges"], PHASE_TITLES[phase])
+            ax.set_title(f"{arm}, {suite} suite")
+            ax.set_ylabel("fraction of tokens")
+        row[0].legend(fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("entropy at the answer tokens (nats)")
+    save(fig, png)

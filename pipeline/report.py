@@ -1,6 +1,7 @@
 """The report of `posttrain compare`: for each phase (after SFT, after SFT + DPO), each arm's
 metrics as mean and 95% interval over seeds; each arm's paired difference from the baseline
-arm, bootstrapped over problems and seeds; a verdict in words; and plots. Written as
+arm, bootstrapped over problems and seeds; a verdict in words; the answer-token entropy
+histograms before and after training; and plots. Written as
 `report.json` (every number), `report.md` and a self-contained `report.html`."""
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pipeline.config import PipelineConfig
 from pipeline.data import read_jsonl
 from pipeline.manifest import Manifest, atomic_write_text
 from pipeline.metrics import mean_interval, paired_bootstrap, pass_at_k, pass_at_k_table, sample_counts
-from pipeline.plots import PHASE_TITLES, gain_vs_retention, loss_curves, pass_at_k_curves
+from pipeline.plots import PHASE_TITLES, entropy_histograms, gain_vs_retention, loss_curves, pass_at_k_curves
 
 PHASES = {"sft": "evaluate_sft", "dpo": "evaluate_dpo"}  # phase -> the evaluation after it
-PLOTS = {"pass_at_k": "pass_at_k.png", "gain_vs_retention": "gain_vs_retention.png", "loss_curves": "loss_curves.png"}
+PLOTS = {"pass_at_k": "pass_at_k.png", "gain_vs_retention": "gain_vs_retention.png", "loss_curves": "loss_curves.png",
+         "entropy": "entropy_histograms.png"}
 
 
 @dataclass
@@ -36,7 +38,8 @@ class ArmRun:
 
 
 def headline_metrics(ks: list[int]) -> list[str]:
-    return [*(f"target/pass_at_{k}" for k in ks), "general/pass_at_1", "general/retention", "target/distinct_correct"]
+    return [*(f"target/pass_at_{k}" for k in ks), "general/pass_at_1", "general/retention", "target/distinct_correct",
+            "target/answer_entropy", "general/answer_entropy"]
 
 
 def compared_metrics(ks: list[int]) -> list[str]:
@@ -75,6 +78,16 @@ def pass_at_k_curve(evaluations: list[Manifest], n: int) -> dict[str, list[float
             "low": curves.min(0).tolist(), "high": curves.max(0).tolist()}
 
 
+def pooled_entropy(evaluations: list[Manifest], edges: list[float]) -> dict[str, list[int]]:
+    """Per suite, the answer-token entropy histogram's counts summed over the evaluations (seeds)."""
+    histograms = [json.loads(e.path("entropy").read_text()) for e in evaluations]
+    if any(h["edges"] != edges for h in histograms):
+        raise ValueError("the entropy histograms have other bins than the base model's (another vocabulary?): "
+                         + ", ".join(str(e.folder) for e in evaluations))
+    return {suite: np.sum([h["suites"][suite]["counts"] for h in histograms], axis=0).tolist()
+            for suite in histograms[0]["suites"]}
+
+
 def verdict(differences: dict[str, dict[str, float]], ks: list[int]) -> str:
     """Better, worse or within noise on target Pass@K, from each interval's sign."""
     better = [k for k in ks if differences[f"target/pass_at_{k}"]["low"] > 0]
@@ -103,6 +116,8 @@ def build_report(cfg: PipelineConfig, runs: list[ArmRun], base: Manifest) -> dic
                      for p in phases}} for r in runs],
         "summary": {}, "differences": {}, "curves": {}, "verdicts": {},
     }
+    edges = json.loads(base.path("entropy").read_text())["edges"]
+    report["entropy"] = {"edges": edges, "base": pooled_entropy([base], edges)}
     for phase in phases:
         stage = PHASES[phase]
         by_arm = {a: [r for r in runs if r.arm == a] for a in compare.arms}
@@ -111,6 +126,8 @@ def build_report(cfg: PipelineConfig, runs: list[ArmRun], base: Manifest) -> dic
                 for m in headline_metrics(ks)} for a, arm_runs in by_arm.items()}
         report["curves"][phase] = {a: pass_at_k_curve([r.manifests[stage] for r in arm_runs], cfg.sampling.n)
                                    for a, arm_runs in by_arm.items()}
+        report["entropy"][phase] = {a: pooled_entropy([r.manifests[stage] for r in arm_runs], edges)
+                                    for a, arm_runs in by_arm.items()}
         report["differences"][phase] = {
             a: {m: paired_differences(runs, a, compare.baseline, stage, m, compare.bootstrap) for m in compared_metrics(ks)}
             for a in compare.arms if a != compare.baseline}
@@ -124,7 +141,7 @@ def interval(s: dict[str, float]) -> str:
 
 def metric_title(metric: str) -> str:
     suite, _, name = metric.partition("/")
-    return f"{suite} " + name.replace("pass_at_", "Pass@").replace("distinct_correct", "distinct correct")
+    return f"{suite} " + name.replace("pass_at_", "Pass@").replace("_", " ")
 
 
 def render_markdown(report: dict) -> str:
@@ -166,6 +183,7 @@ def render_markdown(report: dict) -> str:
               f"![Target Pass@K against K, per arm and phase]({PLOTS['pass_at_k']})", "",
               f"![Target Pass@1 gain against general retention]({PLOTS['gain_vs_retention']})", "",
               f"![Training loss curves]({PLOTS['loss_curves']})", "",
+              f"![Answer-token entropy histograms before and after training, per arm]({PLOTS['entropy']})", "",
               "## Runs", "", "| arm | seed | pipeline run | " + " | ".join(f"evaluation {PHASE_TITLES[p]}" for p in report["phases"])
               + " |", "|---|---|---|" + "---|" * len(report["phases"])]
     for run in report["runs"]:
@@ -198,6 +216,7 @@ def write_report(cfg: PipelineConfig, runs: list[ArmRun], base: Manifest, out: P
     histories = {stage: {a: [json.loads(r.manifests[stage].path("log_history").read_text()) for r in runs if r.arm == a]
                          for a in report["arms"]} for stage in ("sft", "dpo")}
     loss_curves(histories, out / PLOTS["loss_curves"])
+    entropy_histograms(report, out / PLOTS["entropy"])
     text = render_markdown(report)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", render_html(text, out))

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import SamplingConfig
+from pipeline.progress import stage_bar
 from pipeline.stage import TransientError
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     sampling = settings.temperature > 0
     torch.manual_seed(settings.seed)  # seeds the CUDA generators too
     results = []
+    progress = stage_bar(total=len(prompts), unit="prompt")
     for start in range(0, len(prompts), batch_size):
         texts = [format_prompt(p, tokenizer) for p in prompts[start:start + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -120,6 +122,8 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
             )
         decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         results += [decoded[i:i + settings.n] for i in range(0, len(decoded), settings.n)]
+        progress.update(len(texts))
+    progress.close()
     return results
 
 
@@ -185,5 +189,5 @@ def generate_vllm(llm: LLM, prompts: list[Prompt], settings: SamplingConfig) -> 
     params = [SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
                              max_tokens=settings.max_tokens, seed=rng.getrandbits(32), skip_special_tokens=True)
               for _ in prompts]
-    outputs = llm.generate(inputs, params, use_tqdm=False)
+    outputs = llm.generate(inputs, params, use_tqdm=stage_bar)
     return [[c.text for c in out.outputs] for out in outputs]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from pipeline.config import DataSource, PipelineConfig
 from pipeline.manifest import MANIFEST, Manifest
 
 MAX_PARAM_LENGTH = 250  # MLflow refuses longer parameter values
+UI_PORT = 5000  # where `posttrain ui` serves a local store (MLflow's own default)
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -38,6 +40,13 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(cfg.results_dir / 'mlflow.db').resolve()}"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or for a local store (SQLite,
+    files) on `posttrain ui`."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -48,8 +57,12 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput:
-    origin = (HuggingFaceDatasetSource(path=source.hub, split=source.split) if source.hub
-              else resolve_dataset_source(os.path.abspath(source.path)))
+    with warnings.catch_warnings():
+        # MLflow registers its local artifact source twice and warns, for every local file,
+        # that the path could be either of them.
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        origin = (HuggingFaceDatasetSource(path=source.hub, split=source.split) if source.hub
+                  else resolve_dataset_source(os.path.abspath(source.path)))
     name = source.hub or os.path.basename(source.path)
     dataset = MetaDataset(origin, name=name, digest=digest[:36])
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
@@ -115,6 +128,9 @@ class Tracker:
         config = cfg.model_dump(mode="json")
         self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in flatten(config).items()])
         self.client.log_text(self.parent_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+
+    def link(self, run_id: str) -> str:
+        return run_link(self.uri, self.experiment_id, run_id)
 
     def end_lost_runs(self) -> None:
         """A run whose process was killed (or whose machine was lost) stays RUNNING in MLflow.

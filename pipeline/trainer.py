@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, ProgressCallback, Trainer
 from transformers.integrations import MLflowCallback
 from trl import DPOTrainer, SFTTrainer
 
 from pipeline.losses import TokenLoss
+from pipeline.progress import stage_bar
 from pipeline.reference import ReferenceTopK
 
 
@@ -66,6 +67,27 @@ class StageMLflowCallback(MLflowCallback):
 
     def on_train_end(self, *args, **kwargs):
         self._guarded("on_train_end", *args, **kwargs)
+
+
+class StageProgress(ProgressCallback):
+    """The Trainer's progress bar (steps, rate, time left), named after the stage and showing
+    the latest loss, in place of a printed dict per logging step: every logged value is in
+    MLflow and log_history.json already."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = stage_bar(total=state.max_steps, unit="step")
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and "loss" in (logs or {}):
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}")
+
+
+def show_stage_progress(trainer: Trainer) -> None:
+    """Swap the Trainer's progress bar for StageProgress (none if the config set disable_tqdm)."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(StageProgress())
 
 
 class FiniteLossDPOTrainer(DPOTrainer):

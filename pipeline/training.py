@@ -22,7 +22,7 @@ from pipeline.plots import loss_curve
 from pipeline.sampling import check_vocabulary
 from pipeline.reference import ReferenceTopK, write_reference_topk
 from pipeline.trainer import (FiniteLossDPOTrainer, StageMLflowCallback, TokenLossSFTTrainer,
-                              chunked_lm_head_applies, last_hidden_states)
+                              chunked_lm_head_applies, last_hidden_states, show_stage_progress)
 
 
 # What `train_sft` writes in a stage's folder: name -> path, as a manifest lists its outputs.
@@ -39,6 +39,8 @@ def trainer_defaults(seed: int) -> dict[str, Any]:
         "save_total_limit": 2,
         # The stage logs into its MLflow run through `stage_callbacks`, not the Trainer's own callback.
         "report_to": "none",
+        # Pinned memory only helps copies to a GPU; without one torch warns at every epoch.
+        "dataloader_pin_memory": torch.cuda.is_available(),
         # TrainingArguments refuses bf16 on a machine without a GPU.
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     }
@@ -198,6 +200,7 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     save the final model and tokenizer to `out/model`, the logged curves to
     `out/log_history.json` and their plot to `out/loss_curve.png`. Returns the final metrics:
     the trainer's summary and the last logged value of each curve."""
+    show_stage_progress(trainer)
     checkpoints = out / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
     try:

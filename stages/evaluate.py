@@ -1,15 +1,19 @@
 """Stage `evaluate`: sample and score a model on the target suite and the general suite
-("what it must not forget"): Pass@K per suite, per-task Pass@1, diversity, and the
-retention of the general score against the base model's evaluation."""
+("what it must not forget"): Pass@K per suite, per-task Pass@1, diversity, the
+retention of the general score against the base model's evaluation, and the model's
+entropy at the reference answers' tokens (its histogram, `entropy.json`, and mean)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from pipeline.answer_entropy import answer_entropy_histograms
 from pipeline.config import DataSource, PipelineConfig
 from pipeline.data import EVAL_FIELDS, load_rows, write_jsonl
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, atomic_write_text
 from pipeline.metrics import pass_at_k_table, sample_counts
+from pipeline.plots import entropy_histogram
 from pipeline.sampling import sample
 from pipeline.stage import stage_main
 from pipeline.verifiers import get_verifier
@@ -61,6 +65,12 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
         write_jsonl(out / f"samples_{suite}.jsonl", scored)
         outputs[f"samples_{suite}"] = f"samples_{suite}.jsonl"
         metrics |= suite_metrics(suite, scored, cfg.evaluate.ks)
+    # After sampling, which (with vLLM) needs the GPU memory to itself.
+    entropy = answer_entropy_histograms(model, cfg.model.tokenizer, rows)
+    atomic_write_text(out / "entropy.json", json.dumps(entropy, indent=1))
+    entropy_histogram(entropy, out / "entropy.png")
+    outputs |= {"entropy": "entropy.json", "entropy_plot": "entropy.png"}
+    metrics |= {f"{suite}/answer_entropy": h["mean"] for suite, h in entropy["suites"].items()}
     if baseline is not None:
         before = Manifest.read(baseline).metrics["general/pass_at_1"]
         metrics["general/retention"] = metrics["general/pass_at_1"] / before if before > 0 else float("nan")

@@ -13,7 +13,7 @@ runner = CliRunner()
 def test_help_explains_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("run", "status", "ui", "validate"):
+    for command in ("run", "status", "runs", "ui", "validate", "compare"):
         assert command in result.output
 
 

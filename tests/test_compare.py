@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import write_jsonl
+from pipeline.manifest import Manifest
 from pipeline.metrics import mean_interval, paired_bootstrap
 from pipeline.report import verdict
 from tests.test_stages import TINY
@@ -126,7 +127,8 @@ def test_report_numbers_match_the_runs_in_mlflow(compared):
             values.setdefault((phase, run["arm"]), []).append(evaluation.data.metrics)
     for (phase, arm), seeds in values.items():
         summary = report["summary"][phase][arm]
-        for metric in ("target/pass_at_1", "target/pass_at_4", "general/pass_at_1", "target/distinct_correct"):
+        for metric in ("target/pass_at_1", "target/pass_at_4", "general/pass_at_1", "target/distinct_correct",
+                       "target/answer_entropy", "general/answer_entropy"):
             assert summary[metric]["mean"] == pytest.approx(np.mean([m[metric] for m in seeds]))
             assert summary[metric]["low"] <= summary[metric]["mean"] <= summary[metric]["high"]
             assert compare_run.data.metrics[f"{phase}/{arm}/{metric}"] == pytest.approx(summary[metric]["mean"])
@@ -136,7 +138,8 @@ def test_report_numbers_match_the_runs_in_mlflow(compared):
                 assert report["differences"][phase][arm][metric]["diff"] == pytest.approx(ours - theirs, abs=1e-9)
                 assert compare_run.data.metrics[f"{phase}/{arm}-vs-ce/{metric}"] == pytest.approx(ours - theirs, abs=1e-9)
     artifacts = {a.path for a in client.list_artifacts(compare_run.info.run_id, "report")}
-    assert {"report/report.md", "report/report.html", "report/pass_at_k.png", "report/loss_curves.png"} <= artifacts
+    assert {"report/report.md", "report/report.html", "report/pass_at_k.png", "report/loss_curves.png",
+            "report/entropy_histograms.png"} <= artifacts
 
 
 def test_report_files_hold_the_tables_and_the_plots(compared):
@@ -152,9 +155,32 @@ def test_report_files_hold_the_tables_and_the_plots(compared):
         assert curve["k"] == [1, 2, 3, 4] and curve["low"][0] <= curve["mean"][0] <= curve["high"][0]
         assert curve["mean"][0] == pytest.approx(report["summary"]["dpo"][arm]["target/pass_at_1"]["mean"])
     html = (folder / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 3 and "<table>" in html
-    for png in ("pass_at_k.png", "gain_vs_retention.png", "loss_curves.png"):
+    assert html.count('src="data:image/png;base64,') == 4 and "<table>" in html
+    assert "entropy_histograms.png" in text and "target answer entropy" in text
+    for png in ("pass_at_k.png", "gain_vs_retention.png", "loss_curves.png", "entropy_histograms.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_entropy_histograms_pool_the_evaluations_over_seeds(compared):
+    tmp_path, report, _ = compared
+    folders = {f.name: f for f in (tmp_path / "results" / "evaluate").iterdir()}
+    histograms = lambda key: json.loads(Manifest.read(folders[key]).path("entropy").read_text())  # noqa: E731
+    evaluated = {run[phase]["key"] for run in report["runs"] for phase in report["phases"]}
+    (base_key,) = set(folders) - evaluated  # the base model's evaluation, shared by every arm
+    base = histograms(base_key)
+    entropy = report["entropy"]
+    assert entropy["edges"] == base["edges"]
+    assert entropy["base"] == {suite: h["counts"] for suite, h in base["suites"].items()}
+    assert report["base"]["target/answer_entropy"] == base["suites"]["target"]["mean"]
+    for phase in report["phases"]:
+        for arm in ARMS:
+            seeds = [histograms(run[phase]["key"]) for run in report["runs"] if run["arm"] == arm]
+            for suite in ("target", "general"):
+                pooled = entropy[phase][arm][suite]
+                assert pooled == np.sum([h["suites"][suite]["counts"] for h in seeds], axis=0).tolist()
+                assert sum(pooled) == len(SEEDS) * base["suites"][suite]["tokens"]  # each seed, the same answers
+                assert report["summary"][phase][arm][f"{suite}/answer_entropy"]["mean"] == pytest.approx(
+                    np.mean([h["suites"][suite]["mean"] for h in seeds]))
 
 
 def test_compare_without_a_compare_section_is_one_line_of_advice():

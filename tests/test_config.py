@@ -76,7 +76,14 @@ def test_missing_data_file_names_key(tmp_path):
 
 def test_real_model_needs_its_data(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.sft, data\.target_eval, data\.general_eval"):
-        load_config(write(tmp_path, "name: x\nmodel:\n  path: /models/qwen\n"))
+        load_config(write(tmp_path, f"name: x\nmodel:\n  path: {tmp_path}\n"))
+
+
+def test_a_local_model_folder_that_is_not_there_is_named_but_a_hub_id_is_accepted(tmp_path):
+    data = "data: {sft: {hub: a/b}, target_eval: {hub: a/c}, general_eval: {hub: a/d}}\n"
+    with pytest.raises(ConfigError, match=r"pipeline\.yaml:3: model: path: no model folder at /models/nowhere"):
+        load_config(write(tmp_path, "name: x\n" + data + "model:\n  path: /models/nowhere\n"))
+    assert load_config(write(tmp_path, "name: x\n" + data + "model:\n  path: Qwen/Qwen3-4B-Base\n")).model.path == "Qwen/Qwen3-4B-Base"
 
 
 def test_k_larger_than_n_is_refused(tmp_path):

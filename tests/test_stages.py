@@ -1,15 +1,18 @@
 """End to end through the stage processes, on a very small demo world (seconds per stage)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from flows.pipeline import pipeline_stages, run_pipeline
-from pipeline.config import SamplingConfig, parse_config
+from pipeline import answer_entropy
+from pipeline.config import DemoConfig, SamplingConfig, parse_config
 from pipeline.data import read_jsonl, write_jsonl
+from pipeline.demo import ASSISTANT, USER, build_model, build_tokenizer
 from pipeline.manifest import MANIFEST, Manifest
 from pipeline.sampling import sample
 from pipeline.stage import StageError
@@ -74,6 +77,54 @@ def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
     evaluation = by_name["evaluate_sft"].metrics
     assert 0.0 <= evaluation["target/pass_at_1"] <= 1.0 and "general/retention" in evaluation
     assert "target/pass_at_1" in by_name["evaluate_dpo"].metrics
+
+
+def test_evaluation_writes_the_answer_token_entropy_histogram(demo_run):
+    _, results = demo_run
+    by_name = {r.name: r.manifest for r in results}
+    log_vocab = math.log(AutoConfig.from_pretrained(by_name["pretrain"].path("model")).vocab_size)
+    means = {}
+    for name in ("evaluate_base", "evaluate_sft", "evaluate_dpo"):
+        evaluation = by_name[name]
+        histograms = json.loads(evaluation.path("entropy").read_text())
+        assert histograms["edges"][0] == 0 and histograms["edges"][-1] == pytest.approx(log_vocab)
+        assert set(histograms["suites"]) == {"target", "general"}
+        for suite, h in histograms["suites"].items():
+            # The demo tokenizer has one token per character: the answers' tokens are their characters.
+            tokens = sum(len(row["answer"]) for row in read_jsonl(evaluation.path(f"samples_{suite}")))
+            assert sum(h["counts"]) == h["tokens"] == tokens > 0
+            assert h["mean"] == evaluation.metrics[f"{suite}/answer_entropy"]
+            assert 0 < h["mean"] < log_vocab
+            means[name, suite] = h["mean"]
+        assert evaluation.path("entropy_plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert means["evaluate_base", "target"] != means["evaluate_sft", "target"]  # each evaluation measures its own model
+
+
+def test_answer_entropy_is_each_answer_tokens_predictive_entropy(monkeypatch):
+    """Batched (string and chat prompts, padded, over several batches and chunks) as for each row
+    alone, by torch.distributions, at the positions that predict the answer's tokens."""
+    tokenizer = build_tokenizer()
+    model = build_model(DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=64), tokenizer, 0)
+    with torch.no_grad():  # peakier than at initialisation, so that the entropy differs from token to token
+        model.get_output_embeddings().weight.mul_(4)
+    rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": [{"role": "user", "content": "count a in aba="}],
+                                                    "answer": "2"},
+            {"prompt": "131*4=", "answer": "4251"}, {"prompt": "7+1=", "answer": ""}, {"prompt": "x", "answer": "a b c"}]
+    monkeypatch.setattr(answer_entropy, "BATCH_ROWS", 2)
+    monkeypatch.setattr(answer_entropy, "CHUNK_LOGITS", 3 * model.config.vocab_size)  # 3 tokens per chunk
+    expected = []
+    for row in rows:
+        text = row["prompt"] if isinstance(row["prompt"], str) else USER + row["prompt"][0]["content"] + ASSISTANT
+        ids = tokenizer(text + row["answer"], add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            per_position = torch.distributions.Categorical(logits=model(ids).logits[0]).entropy()
+        # one token per character: the answer is the last len(answer) tokens, each predicted at the position before it
+        end = ids.shape[1] - 1
+        expected += per_position[end - len(row["answer"]):end].tolist()
+    entropies = answer_entropy.answer_entropies(model.eval(), tokenizer, rows)
+    assert entropies.tolist() == pytest.approx(expected, abs=1e-5)
+    assert len(entropies) == sum(len(row["answer"]) for row in rows)
+    assert ((entropies >= 0) & (entropies <= math.log(len(tokenizer)))).all() and entropies.std() > 0.1
 
 
 def test_pairs_pair_a_correct_with_an_incorrect_sample_of_the_sft_model(demo_run):
@@ -229,7 +280,7 @@ def test_mlflow_has_parent_and_child_runs_with_lineage(demo_run):
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert {"manifest.json", "log_history.json", "loss_curve.png"} <= {a.path for a in client.list_artifacts(sft.info.run_id)}
     evaluation_files = {a.path for a in client.list_artifacts(children["evaluate_sft"].info.run_id)}
-    assert {"samples_target.jsonl", "samples_general.jsonl"} <= evaluation_files
+    assert {"samples_target.jsonl", "samples_general.jsonl", "entropy.json", "entropy.png"} <= evaluation_files
     assert "config.yaml" in {a.path for a in client.list_artifacts(first.info.run_id)}
     dpo, pairs = children["dpo"], children["pairs"]
     assert dpo.data.tags["posttrain.input_run.pairs"] == pairs.info.run_id
@@ -263,7 +314,7 @@ def test_status_lists_done_stale_and_missing(demo_run, tmp_path):
     demo_tmp, results = demo_run
     statuses = pipeline_status(tiny_config(demo_tmp))
     assert [(s.name, s.status) for s in statuses] == [(name, "done") for name in STAGES]
-    assert statuses[3].key == results[3].manifest.key and statuses[3].run_id == results[3].manifest.run_id
+    assert statuses[3].key == results[3].manifest.key and statuses[3].manifest == results[3].manifest
     changed = pipeline_status(tiny_config(demo_tmp, sft={"trainer": {"learning_rate": 0.0123, "max_steps": 2}}))
     assert [(s.name, s.status) for s in changed] == [
         ("demo_data", "done"), ("pretrain", "done"), ("evaluate_base", "done"), ("sft", "stale"),

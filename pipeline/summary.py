@@ -1,0 +1,116 @@
+"""The tables a person reads: a run's summary, `posttrain status` and `posttrain runs`."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from rich.table import Table
+
+# Per stage (by module), the metrics worth a glance and their short names; the rest is in MLflow.
+HEADLINE = {
+    "pretrain": {"train_loss": "loss"},
+    "sft": {"train_loss": "loss", "final/kl": "KL"},
+    "dpo": {"train_loss": "loss", "final/rewards/accuracies": "reward acc"},
+    "evaluate": {"target/pass_at_1": "target pass@1", "general/pass_at_1": "general pass@1",
+                 "general/retention": "retention"},
+    "pairs": {"pairs/pairs": "pairs", "pairs/train_pass_at_1": "train pass@1"},
+    "reference": {"tail_mass": "tail mass"},
+}
+
+
+COUNTS = {"pairs/pairs"}
+
+
+def headline(stage: str, metrics: dict[str, float]) -> str:
+    return "  ".join(f"{label} {metrics[name]:.{0 if name in COUNTS else 3}f}"
+                     for name, label in HEADLINE.get(stage, {}).items() if name in metrics)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def run_summary(results: Iterable) -> Table:
+    """One row per stage of a finished run (flows.pipeline.StageResult): whether it ran or was
+    cached, its key, its time in this run, its headline metrics and its run in the MLflow UI."""
+    table = Table("stage", "status", "key", "time", "headline metrics", "MLflow run", title="posttrain run")
+    for r in results:
+        table.add_row(r.name, "cached" if r.cached else "ran", r.manifest.key, duration(r.seconds),
+                      headline(r.manifest.stage, r.manifest.metrics), r.link, style="dim" if r.cached else None)
+    return table
+
+
+def evaluation_table(evaluations: list) -> Table:
+    """Every Pass@K and retention metric, one column per evaluation (StageResult) of the run."""
+    names = sorted({k for r in evaluations for k in r.manifest.metrics if "pass_at" in k or "retention" in k})
+    table = Table("metric", *(r.name for r in evaluations), title="evaluations")
+    for name in names:
+        values = [r.manifest.metrics.get(name) for r in evaluations]
+        table.add_row(name, *("" if v is None else f"{v:.3f}" for v in values))
+    return table
+
+
+def status_table(statuses: Iterable) -> Table:
+    """`posttrain status`: each stage (flows.pipeline.StageStatus) with, where done, what its
+    result took to make, its headline metrics and the MLflow run that made it."""
+    table = Table("stage", "status", "key", "took", "headline metrics", "made by MLflow run")
+    colors = {"done": "green", "stale": "yellow", "missing": "red"}
+    for s in statuses:
+        m = s.manifest
+        table.add_row(s.name, f"[{colors[s.status]}]{s.status}[/]", s.key, duration(m.seconds) if m else "",
+                      headline(m.stage, m.metrics) if m else "", (m.run_id or "unknown") if m else "")
+    return table
+
+
+@dataclass
+class PipelineRunRow:
+    run: Run
+    stages: dict[str, Run]  # stage name -> its run under this pipeline run
+
+    def metric(self, stage: str, name: str) -> float | None:
+        return self.stages[stage].data.metrics.get(name) if stage in self.stages else None
+
+
+def recent_pipeline_runs(client: MlflowClient, experiment_id: str, limit: int) -> list[PipelineRunRow]:
+    """The newest pipeline runs, each with its stage runs (two searches, not one per run)."""
+    pipelines = client.search_runs([experiment_id], "tags.`posttrain.kind` = 'pipeline'", max_results=limit,
+                                   order_by=["attributes.start_time DESC"])
+    if not pipelines:
+        return []
+    oldest = min(p.info.start_time for p in pipelines)
+    stages = client.search_runs([experiment_id], f"tags.`posttrain.kind` = 'stage' and attributes.start_time >= {oldest}",
+                                max_results=50000)
+    by_parent: dict[str, dict[str, Run]] = defaultdict(dict)
+    for stage in stages:
+        by_parent[stage.data.tags.get("mlflow.parentRunId")][stage.info.run_name] = stage
+    return [PipelineRunRow(p, by_parent[p.info.run_id]) for p in pipelines]
+
+
+def runs_table(rows: list[PipelineRunRow], link) -> Table:
+    """`posttrain runs`: one pipeline run per row, newest first, with what it reached: target
+    Pass@1 at each evaluation and the general retention after SFT and after DPO."""
+    table = Table("started", "name", "status", "time", "target pass@1 base / sft / dpo",
+                  "retention sft / dpo", "MLflow run")
+
+    def values(row: PipelineRunRow, stages: tuple[str, ...], name: str) -> str:
+        return " / ".join("-" if (v := row.metric(s, name)) is None else f"{v:.3f}" for s in stages)
+
+    for row in rows:
+        info, tags = row.run.info, row.run.data.tags
+        arm = ", ".join(f"{k.split('.')[-1]} {tags[k]}" for k in ("posttrain.arm", "posttrain.seed") if k in tags)
+        seconds = (info.end_time - info.start_time) / 1000 if info.end_time else None
+        table.add_row(time.strftime("%Y-%m-%d %H:%M", time.localtime(info.start_time / 1000)),
+                      f"{info.run_name} ({arm})" if arm else info.run_name, info.status.lower(), duration(seconds),
+                      values(row, ("evaluate_base", "evaluate_sft", "evaluate_dpo"), "target/pass_at_1"),
+                      values(row, ("evaluate_sft", "evaluate_dpo"), "general/retention"), link(info.run_id))
+    return table
