@@ -26,30 +26,45 @@ CONFIG = typer.Argument(..., help="the pipeline's YAML file, e.g. configs/demo.y
 USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "TrackingUnavailable")
 
 
-def _fail(error: Exception, debug: bool) -> None:
+def _fail(error: BaseException, debug: bool) -> None:
     """A user's mistake reads as one line of advice; anything else keeps its traceback."""
+    if isinstance(error, KeyboardInterrupt) and not debug:
+        typer.echo("interrupted: every finished stage is kept, and a killed training stage resumes from its last "
+                   "checkpoint: run the same command again to go on", err=True)
+        raise typer.Exit(130)
     if debug or type(error).__name__ not in USER_ERRORS:
         raise error
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)
 
 
-class _WithoutTraceback(logging.Filter):
-    """Prefect logs a failed flow's traceback to the console; the error's own line says what to
-    do, and the traceback stays in the Prefect server's logs (its API handler runs first)."""
+class _RunErrorsWithoutTraceback(logging.Formatter):
+    """Prefect logs a failed flow's or task's traceback to the console; our own last line says
+    what was wrong and what to do. The traceback stays in the record (the Prefect server's log
+    has it) and in every other log."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not record.exc_info or not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return self.inner.format(record)
+        kept = record.exc_info, record.exc_text
         record.exc_info, record.exc_text = None, None
-        return True
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = kept
 
 
 def _quiet_prefect_tracebacks(debug: bool) -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    if not debug:
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(_WithoutTraceback())
+    for handler in logging.getLogger().handlers:
+        quiet = isinstance(handler.formatter, _RunErrorsWithoutTraceback)
+        if isinstance(handler, PrefectConsoleHandler) and quiet == debug:  # on without --debug, once
+            handler.setFormatter(_RunErrorsWithoutTraceback(handler.formatter) if not debug else handler.formatter.inner)
 
 
 def _print(table: Table) -> None:
@@ -88,7 +103,7 @@ def run(
     try:
         pipeline_stages(cfg, *([stage] if stage else []), *force)
         results = STAGE_FLOWS[stage](cfg, set(force)) if stage else run_pipeline(cfg, set(force))
-    except Exception as error:  # noqa: BLE001 - user errors become one readable line
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - user errors become one readable line
         _fail(error, debug)
         return
     _print(run_summary(results))
@@ -111,7 +126,7 @@ def compare(
     _quiet_prefect_tracebacks(debug)
     try:
         folder = run_compare(cfg)
-    except Exception as error:  # noqa: BLE001 - user errors become one readable line
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - user errors become one readable line
         _fail(error, debug)
         return
     typer.echo((folder / "report.md").read_text())
@@ -132,7 +147,7 @@ def status(config: Path = CONFIG) -> None:
 def runs(
     config: Path = typer.Argument(None, help="a pipeline's YAML file, for its MLflow store and experiment; "
                                              "default: MLFLOW_TRACKING_URI, else results/mlflow.db"),
-    limit: int = typer.Option(20, help="how many runs, newest first"),
+    limit: int = typer.Option(20, min=1, help="how many runs, newest first"),
 ) -> None:
     """Recent pipeline runs read back from MLflow, with their headline metrics and links."""
     from mlflow.tracking import MlflowClient
@@ -151,19 +166,22 @@ def runs(
     no_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
     client = None if no_store else MlflowClient(uri)
     experiment = client and client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        typer.echo(f"no runs yet: {uri} has no experiment '{cfg.tracking.experiment}' (`posttrain run` makes it)")
+    rows = experiment and recent_pipeline_runs(client, experiment.experiment_id, limit)
+    if not rows:
+        typer.echo(f"no runs yet: {uri} has no pipeline run in experiment '{cfg.tracking.experiment}' "
+                   "(`posttrain run` makes them)")
         return
-    rows = recent_pipeline_runs(client, experiment.experiment_id, limit)
-    _print(runs_table(rows, lambda run_id: run_link(uri, experiment.experiment_id, run_id)))
+    _print(runs_table(rows, lambda run_id: run_link(uri, experiment.experiment_id, run_id, cfg.tracking.ui_port)))
 
 
 @app.command()
-def ui(config: Path = CONFIG, port: int = typer.Option(5000, help="the port to serve on")) -> None:
+def ui(config: Path = CONFIG, port: int = typer.Option(None, help="the port to serve on; default: tracking.ui_port "
+                                                              "(5000), where the summaries' links point")) -> None:
     """Open the MLflow UI on the pipeline's tracking store, to compare runs and their lineage."""
     from pipeline.tracking import tracking_uri
 
-    uri = tracking_uri(_load(config))
+    cfg = _load(config)
+    uri, port = tracking_uri(cfg), port or cfg.tracking.ui_port
     typer.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(port)],
                    env=os.environ.copy())

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -33,14 +33,16 @@ class ModelConfig(Section):
     )
     tokenizer: str | None = Field(None, description="defaults to the model's own tokenizer")
 
-    @model_validator(mode="after")
-    def _local_folders_exist(self) -> ModelConfig:
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _local_folder_exists(cls, value: str | None) -> str | None:
         # A hub id (org/name) never starts like a path; a local path that is not there would
         # otherwise fail inside a stage, as a confusing hub error.
-        for name, value in (("path", self.path), ("tokenizer", self.tokenizer)):
-            if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():
-                raise ValueError(f"{name}: no model folder at {value}: give a local folder or a hub id (org/name)")
-        return self
+        if value and value.startswith(("/", "./", "../", "~")):
+            if not Path(value).expanduser().is_dir():
+                raise ValueError(f"no model folder at {value}: give a local folder or a hub id (org/name)")
+            return str(Path(value).expanduser())
+        return value
 
 
 class DemoConfig(Section):
@@ -192,6 +194,8 @@ class EvaluateConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; null: SQLite in results_dir")
     experiment: str = "posttrain"
+    ui_port: int = Field(5000, gt=0, lt=65536, description="where `posttrain ui` serves a local store, and the "
+                                                          "summaries' links to it point")
 
 
 class CompareConfig(Section):
@@ -266,7 +270,7 @@ class PipelineConfig(Section):
             if source is not None and source.verifier == "code" and not self.evaluate.allow_untrusted_code:
                 raise ValueError(
                     f"{key}.verifier is 'code', which runs model-written code: set "
-                    "evaluate.allow_untrusted_code: true to accept that (see the README's sandbox section)"
+                    "evaluate.allow_untrusted_code: true to accept that (see docs/robustness.md, the sandbox)"
                 )
         return self
 

@@ -79,6 +79,8 @@ def check_row(row: object, at: str, accepted: list[set[str]]) -> set[str]:
         if not isinstance(value, (str, list)) or (not value and name in ("prompt", "messages")):
             raise DataError(f"{at}: field '{name}' must be a {'non-empty ' if name in ('prompt', 'messages') else ''}"
                             "string or message list")
+        if name == "answer" and not isinstance(value, str):
+            raise DataError(f"{at}: field 'answer' must be a string: the reference a completion is checked against")
     return fields
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column, Table
 
 # Per stage (by module), the metrics worth a glance and their short names; the rest is in MLflow.
 HEADLINE = {
@@ -31,6 +32,11 @@ def headline(stage: str, metrics: dict[str, float]) -> str:
                      for name, label in HEADLINE.get(stage, {}).items() if name in metrics)
 
 
+def link_column() -> Column:
+    # Never wrapped: a link cut in two cannot be clicked or pasted; other columns wrap instead.
+    return Column("MLflow run", no_wrap=True)
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -43,10 +49,10 @@ def duration(seconds: float | None) -> str:
 def run_summary(results: Iterable) -> Table:
     """One row per stage of a finished run (flows.pipeline.StageResult): whether it ran or was
     cached, its key, its time in this run, its headline metrics and its run in the MLflow UI."""
-    table = Table("stage", "status", "key", "time", "headline metrics", "MLflow run", title="posttrain run")
+    table = Table("stage", "status", "key", "time", "headline metrics", link_column(), title="posttrain run")
     for r in results:
         table.add_row(r.name, "cached" if r.cached else "ran", r.manifest.key, duration(r.seconds),
-                      headline(r.manifest.stage, r.manifest.metrics), r.link, style="dim" if r.cached else None)
+                      headline(r.manifest.stage, r.manifest.metrics), escape(r.link), style="dim" if r.cached else None)
     return table
 
 
@@ -92,7 +98,7 @@ def recent_pipeline_runs(client: MlflowClient, experiment_id: str, limit: int) -
                                 max_results=50000)
     by_parent: dict[str, dict[str, Run]] = defaultdict(dict)
     for stage in stages:
-        by_parent[stage.data.tags.get("mlflow.parentRunId")][stage.info.run_name] = stage
+        by_parent[stage.data.tags.get("mlflow.parentRunId")][stage.data.tags.get("posttrain.stage")] = stage
     return [PipelineRunRow(p, by_parent[p.info.run_id]) for p in pipelines]
 
 
@@ -100,7 +106,7 @@ def runs_table(rows: list[PipelineRunRow], link) -> Table:
     """`posttrain runs`: one pipeline run per row, newest first, with what it reached: target
     Pass@1 at each evaluation and the general retention after SFT and after DPO."""
     table = Table("started", "name", "status", "time", "target pass@1 base / sft / dpo",
-                  "retention sft / dpo", "MLflow run")
+                  "retention sft / dpo", link_column())
 
     def values(row: PipelineRunRow, stages: tuple[str, ...], name: str) -> str:
         return " / ".join("-" if (v := row.metric(s, name)) is None else f"{v:.3f}" for s in stages)
@@ -110,7 +116,7 @@ def runs_table(rows: list[PipelineRunRow], link) -> Table:
         arm = ", ".join(f"{k.split('.')[-1]} {tags[k]}" for k in ("posttrain.arm", "posttrain.seed") if k in tags)
         seconds = (info.end_time - info.start_time) / 1000 if info.end_time else None
         table.add_row(time.strftime("%Y-%m-%d %H:%M", time.localtime(info.start_time / 1000)),
-                      f"{info.run_name} ({arm})" if arm else info.run_name, info.status.lower(), duration(seconds),
-                      values(row, ("evaluate_base", "evaluate_sft", "evaluate_dpo"), "target/pass_at_1"),
-                      values(row, ("evaluate_sft", "evaluate_dpo"), "general/retention"), link(info.run_id))
+                      escape(f"{info.run_name} ({arm})" if arm else info.run_name), info.status.lower(),
+                      duration(seconds), values(row, ("evaluate_base", "evaluate_sft", "evaluate_dpo"), "target/pass_at_1"),
+                      values(row, ("evaluate_sft", "evaluate_dpo"), "general/retention"), escape(link(info.run_id)))
     return table

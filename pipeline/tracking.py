@@ -14,6 +14,7 @@ import json
 import os
 import time
 import warnings
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,6 @@ from pipeline.config import DataSource, PipelineConfig
 from pipeline.manifest import MANIFEST, Manifest
 
 MAX_PARAM_LENGTH = 250  # MLflow refuses longer parameter values
-UI_PORT = 5000  # where `posttrain ui` serves a local store (MLflow's own default)
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -42,10 +42,18 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(cfg.results_dir / 'mlflow.db').resolve()}"
 
 
-def run_link(uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: on the tracking server, or for a local store (SQLite,
-    files) on `posttrain ui`."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+def run_link(uri: str, experiment_id: str, run_id: str, ui_port: int) -> str:
+    """The run's page in the MLflow UI: on the tracking server (without the credentials its URI
+    may hold), for a local store (SQLite, files) on `posttrain ui`; elsewhere (Databricks, ...)
+    just the run id."""
+    parsed = urlsplit(uri)
+    if parsed.scheme in ("http", "https"):
+        host = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
+        base = urlunsplit((parsed.scheme, host, parsed.path.rstrip("/"), "", ""))
+    elif parsed.scheme in ("file", "sqlite") or (not parsed.scheme and uri != "databricks"):  # a local path
+        base = f"http://127.0.0.1:{ui_port}"
+    else:
+        return run_id
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -104,6 +112,7 @@ class Tracker:
         """Start a run for a pipeline (or a comparison of pipelines), nested under `parent_id`
         if given. Call it holding the results folder's lock."""
         self.uri = tracking_uri(cfg)
+        self.ui_port = cfg.tracking.ui_port
         check_reachable(self.uri)
         cfg.results_dir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(self.uri)
@@ -130,7 +139,7 @@ class Tracker:
         self.client.log_text(self.parent_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
 
     def link(self, run_id: str) -> str:
-        return run_link(self.uri, self.experiment_id, run_id)
+        return run_link(self.uri, self.experiment_id, run_id, self.ui_port)
 
     def end_lost_runs(self) -> None:
         """A run whose process was killed (or whose machine was lost) stays RUNNING in MLflow.

@@ -75,9 +75,10 @@ class StageProgress(ProgressCallback):
     MLflow and log_history.json already."""
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run starts at its checkpoint's step, so the rate and time left count only new steps.
         if state.is_world_process_zero:
-            self.training_bar = stage_bar(total=state.max_steps, unit="step")
-        self.current_step = 0
+            self.training_bar = stage_bar(total=state.max_steps, initial=state.global_step, unit="step")
+        self.current_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is not None and "loss" in (logs or {}):

@@ -81,7 +81,7 @@ def test_real_model_needs_its_data(tmp_path):
 
 def test_a_local_model_folder_that_is_not_there_is_named_but_a_hub_id_is_accepted(tmp_path):
     data = "data: {sft: {hub: a/b}, target_eval: {hub: a/c}, general_eval: {hub: a/d}}\n"
-    with pytest.raises(ConfigError, match=r"pipeline\.yaml:3: model: path: no model folder at /models/nowhere"):
+    with pytest.raises(ConfigError, match=r"pipeline\.yaml:4: model\.path: no model folder at /models/nowhere"):
         load_config(write(tmp_path, "name: x\n" + data + "model:\n  path: /models/nowhere\n"))
     assert load_config(write(tmp_path, "name: x\n" + data + "model:\n  path: Qwen/Qwen3-4B-Base\n")).model.path == "Qwen/Qwen3-4B-Base"
 
@@ -121,3 +121,13 @@ def test_code_verifier_needs_explicit_opt_in(tmp_path):
         load_config(write(tmp_path, text))
     cfg = load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n"))
     assert cfg.evaluate.allow_untrusted_code
+
+
+def test_the_readme_tour_config_is_valid(tmp_path, monkeypatch):
+    tour = (REPO / "README.md").read_text().split("## A tour", 1)[1]
+    block = tour.split("```yaml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # its data paths are relative
+    for name in ("train.jsonl", "test.jsonl", "general.jsonl"):
+        (tmp_path / name).write_text('{"prompt": "1+1=", "completion": "2", "answer": "2"}\n')
+    cfg = load_config(write(tmp_path, block))
+    assert cfg.sft.loss.name == "eaft" and cfg.sft.trainer["max_steps"] == 1000 and cfg.dpo.trainer["beta"] == 0.1

@@ -56,3 +56,10 @@ def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "d.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
+
+
+def test_an_evaluation_answer_must_be_a_string(tmp_path):
+    write_jsonl(tmp_path / "e.jsonl", [{"prompt": "1+1=", "answer": "2"},
+                                       {"prompt": "2+2=", "answer": [{"role": "assistant", "content": "4"}]}])
+    with pytest.raises(DataError, match=r"e\.jsonl:2: field 'answer' must be a string: the reference"):
+        read_jsonl(tmp_path / "e.jsonl", EVAL_FIELDS)

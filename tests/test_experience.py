@@ -24,7 +24,8 @@ MODULES = {"evaluate_base": "evaluate", "evaluate_sft": "evaluate"}
 
 def posttrain(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     # The test session's Prefect server, rather than a temporary one per command (20 s each).
-    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}
+    # Without MLFLOW_TRACKING_URI, the runs go to the store the test reads (results_dir's SQLite).
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PREFECT_API_URL": PREFECT_API_URL.value()}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -135,7 +136,7 @@ def test_a_failing_stage_is_advice_without_traceback(world):
 @pytest.mark.parametrize("text, advice", [
     ("name: x\nsamplng: {n: 2}\n", "bad.yaml:2: samplng: unknown key"),
     ("name: x\nsft: {loss: {name: eksft, ratio: 2}}\n", "bad.yaml:2: sft.loss: loss 'eksft': ratio=2 is invalid"),
-    ("name: x\nmodel: {path: /models/nowhere}\n", "model: path: no model folder at /models/nowhere: give a local"),
+    ("name: x\nmodel: {path: /models/nowhere}\n", "bad.yaml:2: model.path: no model folder at /models/nowhere: give a local"),
 ])
 def test_config_mistakes_are_one_line_of_advice(tmp_path, text, advice):
     path = tmp_path / "bad.yaml"

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SHOTS = REPO / "test-artifacts" / "mlflow_ui"  # kept by CI as artifacts
+SHOTS = REPO / "test-artifacts" / "mlflow_ui"  # the screenshots, for a person (or a CI that keeps artifacts) to look at
 WAIT = 120  # seconds; a fresh Chromium profile's first page load is slow on a small machine
 
 
