@@ -13,13 +13,16 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from prefect.settings import PREFECT_API_URL
+from typer.testing import CliRunner
 
+from pipeline.cli import app
+from pipeline.config import ConfigError
 from pipeline.data import read_jsonl
 from tests.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("demo_data", "pretrain", "sft", "evaluate_base", "evaluate_sft")  # in the order `--stage evaluate_sft` runs them
-MODULES = {"evaluate_base": "evaluate", "evaluate_sft": "evaluate"}
+STAGES = ("demo_data", "pretrain", "evaluate_base")  # what `--stage evaluate_base` runs: training and sampling
+MODULES = {"evaluate_base": "evaluate"}
 
 
 def posttrain(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -43,13 +46,13 @@ def manifest(results: Path, stage: str, key: str) -> dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny pipeline run twice to its evaluation after SFT: once from nothing, once cached."""
+    """A tiny pipeline run twice to its base model's evaluation: once from nothing, once cached."""
     tmp = tmp_path_factory.mktemp("experience")
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump({"name": "tiny", "results_dir": str(tmp / "results"), **TINY}))
-    first = posttrain("run", str(config), "--stage", "evaluate_sft")
+    first = posttrain("run", str(config), "--stage", "evaluate_base")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = posttrain("run", str(config), "--stage", "evaluate_sft")
+    second = posttrain("run", str(config), "--stage", "evaluate_base")
     assert second.returncode == 0, second.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp / 'results' / 'mlflow.db'}")
     return tmp, config, first, second, client
@@ -58,11 +61,10 @@ def world(tmp_path_factory):
 def test_training_and_sampling_stages_show_progress_bars(world):
     tmp, _, first, _, _ = world
     prompts = sum(len(read_jsonl(path)) for path in (tmp / "results" / "demo_data").glob("*/*_test.jsonl"))
-    steps = {"pretrain": TINY["pretrain"]["trainer"]["max_steps"], "sft": TINY["sft"]["trainer"]["max_steps"]}
-    for stage, total in steps.items():  # steps done, rate and the latest loss, named after the stage
-        assert re.search(rf"{stage}: 100%\|[^|]*\| {total}/{total} \[[^\]]*step/s, loss=\d", first.stderr), stage
-    for stage in ("evaluate_base", "evaluate_sft"):  # both suites' prompts in one sampling call
-        assert re.search(rf"{stage}: 100%\|[^|]*\| {prompts}/{prompts} \[[^\]]*prompt/s\]", first.stderr), stage
+    steps = TINY["pretrain"]["trainer"]["max_steps"]  # steps done, rate and the latest loss, named after the stage
+    assert re.search(rf"pretrain: 100%\|[^|]*\| {steps}/{steps} \[[^\]]*step/s, loss=\d", first.stderr)
+    # both suites' prompts in one sampling call
+    assert re.search(rf"evaluate_base: 100%\|[^|]*\| {prompts}/{prompts} \[[^\]]*prompt/s\]", first.stderr)
     assert "{'loss'" not in first.stdout + first.stderr  # the Trainer's printed log dicts are replaced by the bar
 
 
@@ -78,9 +80,9 @@ def test_summary_table_has_each_stage_its_key_time_metrics_and_mlflow_run(world)
         assert manifest(tmp / "results", stage, key)["key"] == key
         assert re.fullmatch(r"\d+\.\ds|\d+s|\d+m \d\ds", seconds)
         assert link == f"http://127.0.0.1:5000/#/experiments/1/runs/{stage_runs[stage].info.run_id}"
-    metrics = manifest(tmp / "results", "evaluate_sft", rows["evaluate_sft"][2])["metrics"]
-    assert f"target pass@1 {metrics['target/pass_at_1']:.3f}" in rows["evaluate_sft"][4]
-    assert f"loss {manifest(tmp / 'results', 'sft', rows['sft'][2])['metrics']['train_loss']:.3f}" in rows["sft"][4]
+    metrics = manifest(tmp / "results", "evaluate_base", rows["evaluate_base"][2])["metrics"]
+    assert f"target pass@1 {metrics['target/pass_at_1']:.3f}" in rows["evaluate_base"][4]
+    assert f"loss {manifest(tmp / 'results', 'pretrain', rows['pretrain'][2])['metrics']['train_loss']:.3f}" in rows["pretrain"][4]
 
 
 def test_a_cached_stage_is_one_line_and_shows_no_progress(world):
@@ -99,8 +101,8 @@ def test_status_shows_done_and_missing_stages_with_their_metrics(world):
     for stage in STAGES:
         assert rows[stage][1:3] == ["done", ran[stage][2]]
         assert rows[stage][5] == manifest(tmp / "results", stage, ran[stage][2])["run_id"]
-    assert rows["evaluate_sft"][4] == ran["evaluate_sft"][4]
-    assert [rows[s][1] for s in ("sample", "pairs", "dpo", "evaluate_dpo")] == ["missing"] * 4
+    assert rows["evaluate_base"][4] == ran["evaluate_base"][4]
+    assert [rows[s][1] for s in ("sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")] == ["missing"] * 6
 
 
 def test_runs_lists_recent_pipeline_runs_from_mlflow_newest_first(world, tmp_path):
@@ -113,7 +115,7 @@ def test_runs_lists_recent_pipeline_runs_from_mlflow_newest_first(world, tmp_pat
     assert len(links) == 2
     newest = {r.info.run_name: r.data.metrics for r in client.search_runs(
         ["1"], f"tags.`mlflow.parentRunId` = '{pipelines[0].info.run_id}'")}
-    expected = f"{newest['evaluate_base']['target/pass_at_1']:.3f} / {newest['evaluate_sft']['target/pass_at_1']:.3f} / -"
+    expected = f"{newest['evaluate_base']['target/pass_at_1']:.3f} / - / -"
     assert expected in runs.stdout.splitlines()[3]
     nothing = posttrain("runs", cwd=tmp_path)  # no config: MLflow's default store here, which has no runs
     assert nothing.returncode == 0 and "no runs yet" in nothing.stdout
@@ -138,17 +140,17 @@ def test_a_failing_stage_is_advice_without_traceback(world):
     ("name: x\nsft: {loss: {name: eksft, ratio: 2}}\n", "bad.yaml:2: sft.loss: loss 'eksft': ratio=2 is invalid"),
     ("name: x\nmodel: {path: /models/nowhere}\n", "bad.yaml:2: model.path: no model folder at /models/nowhere: give a local"),
 ])
-def test_config_mistakes_are_one_line_of_advice(tmp_path, text, advice):
+def test_config_mistakes_are_one_line_of_advice(tmp_path, monkeypatch, text, advice):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    result = posttrain("run", str(path), cwd=tmp_path)  # where the default results_dir would be made
-    assert result.returncode == 2 and advice in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "results").exists()
+    monkeypatch.chdir(tmp_path)  # where the default results_dir would be made
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and advice in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "results").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_raises_the_error_itself_for_its_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nsamplng: {n: 2}\n")
-    result = posttrain("run", str(path), "--debug", cwd=tmp_path)
-    assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr
-    assert "ConfigError" in result.stderr and "samplng: unknown key" in result.stderr
+    result = CliRunner().invoke(app, ["run", str(path), "--debug"])
+    assert isinstance(result.exception, ConfigError) and "samplng: unknown key" in str(result.exception)
