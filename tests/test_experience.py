@@ -1,6 +1,7 @@
-"""What a user sees on the command line, through the real `posttrain` process: a progress bar
+"""What a user sees on the command line: through the real `posttrain` process, a progress bar
 per training and sampling stage, one line per cached stage, the summary table with each
-stage's MLflow run, `posttrain status` and `posttrain runs`, and errors as advice."""
+stage's MLflow run, `posttrain status`, `posttrain runs` and a failing stage as advice; in
+process, the config mistakes that stop a run before it starts."""
 
 import json
 import os
