@@ -7,6 +7,9 @@ ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 CONFIG ?= configs/demo.yaml
 # The MLflow UI tests drive Debian's chromium; BROWSER_TESTS=0 leaves them out and installs no browser.
 BROWSER_TESTS ?= 1
+# Test files run on this many workers (pytest-xdist), a file's tests on one worker so that its
+# module fixtures (a tiny pipeline run) are built once: most of the suite waits on stage processes.
+TEST_WORKERS ?= 2
 # apt needs root: sudo only for a user who is not.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -40,10 +43,10 @@ browser: /usr/bin/chromedriver
 
 ifeq ($(BROWSER_TESTS),1)
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 else
 test: setup
-	$(BIN)/python -m pytest -q -m "not browser"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not browser"
 endif
 
 clean:

@@ -18,13 +18,15 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 from prefect import flow, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig
+from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig, load_config
 from pipeline.data import source_digest
 from pipeline.manifest import Manifest, atomic_write_text, digest, results_lock, stage_key
 from pipeline.progress import STAGE_ENV
 from pipeline.stage import StageError, run_in_process
+from pipeline.storage import open_store
 from pipeline.tracking import Tracker, TrackingUnavailable, dataset_input
 
 STAGES = ("demo_data", "pretrain", "evaluate_base", "reference", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")
@@ -109,6 +111,11 @@ class PipelineRun:
         manifest = Manifest.find(out)
         if self.tracker is None:
             return self.check_stage(name, key, manifest)
+        store = open_store(self.cfg.results_store)  # results shared with other machines (docs/storage.md)
+        if manifest is None and store is not None and name not in self.force:
+            manifest = store.download(module, key, out)  # None: not in the store either
+            if manifest is not None:
+                print(f"[{name}] downloaded: {store.uri(module, key)}", flush=True)
         cached = manifest is not None and name not in self.force
         run_id = self.tracker.start_stage(name, key, inputs, upstream)
         try:
@@ -120,6 +127,10 @@ class PipelineRun:
                 print(f"[{name}] running: {out}", flush=True)
                 env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}
                 manifest = execute_stage.with_options(name=name)(module, cfg, out, inputs, env, paths)
+            if store is not None:  # a cached result too, if an earlier upload of it was cut off
+                if store.upload(out, replace=name in self.force):
+                    print(f"[{name}] uploaded: {store.uri(module, key)}", flush=True)
+                self.tracker.client.set_tag(run_id, "posttrain.store", store.uri(module, key))
         except BaseException as error:
             self.tracker.fail_stage(run_id, error)
             raise
@@ -206,7 +217,7 @@ class PipelineRun:
 
     def evaluate(self, name: str, model: Path, upstream: dict[str, Manifest], inputs: dict[str, str]) -> Manifest:
         settings = {
-            "sampling": self.cfg.sampling.model_dump(),
+            "sampling": self.cfg.sampling.key_settings(),
             "evaluate": self.cfg.evaluate.model_dump(),
             "target": self.digest_of(self.data.target_eval),
             "general": self.digest_of(self.data.general_eval),
@@ -230,7 +241,7 @@ class PipelineRun:
     @cached_property
     def sample(self) -> Manifest:
         prompts = self.stage_cfg.pair_prompts
-        settings = {"sampling": self.cfg.pairs.sampling(self.cfg.sampling).model_dump(),
+        settings = {"sampling": self.cfg.pairs.sampling(self.cfg.sampling).key_settings(),
                     "max_prompts": self.cfg.pairs.max_prompts, "prompts": self.digest_of(prompts),
                     "tokenizer": str(self.cfg.model.tokenizer)}
         return self.run_stage("sample", "sample", self.stage_cfg, settings, {"model": self.sft}, {},
@@ -316,3 +327,22 @@ def stage_flow(name: str):
 
 
 STAGE_FLOWS = {name: stage_flow(name) for name in STAGES}
+
+
+@flow(name="posttrain-config")
+def run_config(config: str, stage: str | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
+    """The deployable entry point (`prefect.yaml`): what a user types in Prefect's UI or in
+    `prefect deployment run --param`. `config` is the pipeline's YAML file, a relative path
+    being relative to the flow run's working directory (the deployment's pull step sets it);
+    `stage` runs only that stage and what it needs, `force` re-runs stages by name. Returns one
+    plain (JSON-able) row per stage, also shown in Prefect's UI as the flow run's table artifact."""
+    cfg = load_config(config)
+    forced = set(force or [])
+    pipeline_stages(cfg, *([stage] if stage else []), *forced)  # a wrong name fails before any work
+    results = STAGE_FLOWS[stage](cfg, forced) if stage else run_pipeline(cfg, forced)
+    rows = [{"stage": r.name, "cached": r.cached, "key": r.manifest.key, "folder": str(r.manifest.folder),
+             "run_id": r.run_id, "link": r.link, "seconds": round(r.seconds, 1), "metrics": r.manifest.metrics}
+            for r in results]
+    create_table_artifact([{k: v for k, v in row.items() if k != "metrics"} for row in rows], key="posttrain-stages",
+                          description=f"posttrain {cfg.name}: the stages of this run and their MLflow runs")
+    return rows

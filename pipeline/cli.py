@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Argument(..., help="the pipeline's YAML file, e.g. configs/demo.yaml")
-USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "TrackingUnavailable")
+USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "TrackingUnavailable", "StoreError")
 
 
 def _fail(error: BaseException, debug: bool) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -171,16 +171,37 @@ class SamplingConfig(Section):
     seed: int = 0
     # vLLM engine settings; null (or auto) picks the device's default when sampling starts.
     gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="vLLM: share of GPU memory (of RAM on CPU) to reserve; null: 0.9 on GPU, 0.2 on CPU"
+        None, gt=0, le=1, description="vLLM: share of GPU memory (of RAM on CPU) each engine reserves; null: 0.9 on "
+        "GPU, on CPU 0.2 split over the data_parallel_size engines (they share the RAM)"
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="vLLM: auto is the checkpoint's on GPU (float32 as bfloat16), float32 on CPU"
     )
-    tensor_parallel_size: int = Field(1, gt=0, description="vLLM: devices the model is split across")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM: devices one engine splits the model across")
+    data_parallel_size: int = Field(
+        1, ge=1, description="vLLM: engines, each in its own process on its own tensor_parallel_size devices, each "
+        "sampling a share of the prompts (tensor_parallel_size x data_parallel_size devices in all, on one node)"
+    )
     max_model_len: int | None = Field(None, gt=0, description="vLLM: prompt + completion tokens; null: the model's")
     enforce_eager: bool = Field(
         False, description="vLLM: no torch.compile or CUDA graphs: starts faster (about 40 s less on CPU), samples slower"
     )
+
+    @field_validator("tensor_parallel_size", "data_parallel_size")
+    @classmethod
+    def _parallel_is_vllm(cls, value: int, info: ValidationInfo) -> int:
+        # transformers `generate` has nothing to match: device_map="auto" splits the layers over
+        # the GPUs to run one after the other (no speed-up), and several copies would need a
+        # launcher of their own. With hf, these settings would be silently ignored.
+        if value > 1 and info.data.get("backend") == "hf":
+            raise ValueError(f"{info.field_name} = {value} is a vLLM setting: with sampling.backend hf "
+                             "(transformers generate, one device) set it to 1, or use backend vllm")
+        return value
+
+    def key_settings(self) -> dict[str, Any]:
+        """The settings that decide what is sampled, for stage keys: not how many devices the
+        engines are spread over, so moving a pipeline to a bigger node keeps its results."""
+        return self.model_dump(exclude={"tensor_parallel_size", "data_parallel_size"})
 
 
 class EvaluateConfig(Section):
@@ -196,6 +217,40 @@ class TrackingConfig(Section):
     experiment: str = "posttrain"
     ui_port: int = Field(5000, gt=0, lt=65536, description="where `posttrain ui` serves a local store, and the "
                                                           "summaries' links to it point")
+
+
+class LaunchConfig(Section):
+    """How the training stages (pretrain, sft, dpo) start: one process, or `accelerate launch`
+    with an accelerate config file (DDP, FSDP2, DeepSpeed ZeRO-2/3: see configs/accelerate/)."""
+
+    num_processes: int = Field(1, gt=0, description="processes per training stage, one per device; >1: launched "
+                                                    "through `accelerate launch`")
+    accelerate_config: str | None = Field(
+        None, description="an `accelerate config` YAML, e.g. configs/accelerate/fsdp2.yaml; null: plain DDP")
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _config_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ValueError(f"no accelerate config file at {value}")
+            try:
+                yaml.safe_load(path.read_text())
+            except yaml.YAMLError as error:
+                raise ValueError(f"{value} is not valid YAML: {error}") from None
+            return str(path)
+        return value
+
+    def accelerate_settings(self) -> dict[str, Any]:
+        """The accelerate config file's settings ({} without one)."""
+        return (yaml.safe_load(Path(self.accelerate_config).read_text()) or {}) if self.accelerate_config else {}
+
+    def shards_parameters(self) -> bool:
+        """Whether each process holds only a shard of the weights (FSDP, ZeRO-3)."""
+        settings = self.accelerate_settings()
+        zero_stage = (settings.get("deepspeed_config") or {}).get("zero_stage")
+        return self.num_processes > 1 and (settings.get("distributed_type") == "FSDP" or zero_stage == 3)
 
 
 class CompareConfig(Section):
@@ -225,6 +280,10 @@ class PipelineConfig(Section):
     name: str
     seed: int = 0
     results_dir: Path = Path("results")
+    results_store: str | None = Field(
+        None, description="an object store that mirrors the stage results, so stages can run on different machines: "
+        "s3://bucket/prefix, gs://, az://, any fsspec URL (its backend installed, e.g. s3fs); null: none "
+        "(docs/storage.md)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -235,7 +294,15 @@ class PipelineConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     compare: CompareConfig | None = Field(None, description="arms and seeds for `posttrain compare`")
+
+    @field_validator("results_store")
+    @classmethod
+    def _store_backend(cls, value: str | None) -> str | None:
+        from pipeline.storage import check_store_url
+
+        return None if value is None else check_store_url(value)
 
     @property
     def is_demo(self) -> bool:
@@ -272,6 +339,17 @@ class PipelineConfig(Section):
                     f"{key}.verifier is 'code', which runs model-written code: set "
                     "evaluate.allow_untrusted_code: true to accept that (see docs/robustness.md, the sandbox)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_merges_whole_weights(self) -> PipelineConfig:
+        lora = [f"{stage}.lora" for stage in ("sft", "dpo") if getattr(self, stage).lora is not None]
+        if lora and self.launch.shards_parameters():
+            raise ValueError(
+                f"{lora[0]} with launch.accelerate_config {self.launch.accelerate_config}: the LoRA adapter is merged "
+                "into the saved model by the first process, which needs the whole weights, not an FSDP or ZeRO-3 "
+                "shard: use DDP or ZeRO-2 (configs/accelerate/ddp.yaml, zero2.yaml) with LoRA"
+            )
         return self
 
     @model_validator(mode="after")

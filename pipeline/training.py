@@ -43,6 +43,9 @@ def trainer_defaults(seed: int) -> dict[str, Any]:
         "dataloader_pin_memory": torch.cuda.is_available(),
         # TrainingArguments refuses bf16 on a machine without a GPU.
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        # Processes that `accelerate launch` started on a machine without GPUs train together
+        # (over gloo) only when the Trainer is told it runs on the CPU; else each trains alone.
+        "use_cpu": not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1,
     }
 
 
@@ -65,7 +68,8 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
             json.loads((checkpoint / "trainer_state.json").read_text())
             complete = checkpoint
         except (OSError, ValueError):
-            shutil.rmtree(checkpoint)
+            # Every process of a launched stage looks here: another one may have removed it already.
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return complete
 
 
@@ -199,19 +203,21 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     """Train, resuming from the last complete checkpoint under `out/checkpoints` if one exists;
     save the final model and tokenizer to `out/model`, the logged curves to
     `out/log_history.json` and their plot to `out/loss_curve.png`. Returns the final metrics:
-    the trainer's summary and the last logged value of each curve."""
+    the trainer's summary and the last logged value of each curve. Under `accelerate launch`
+    every process trains and only the first writes."""
     show_stage_progress(trainer)
     checkpoints = out / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
     try:
         # Resuming restores the optimizer, scheduler and RNG state along with the weights.
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        final = trainer.model
-        if merge:
+        if not merge:
+            # The Trainer's save gathers FSDP / ZeRO-3 shards, and writes from the main process only.
+            trainer.save_model(str(out / "model"))
+        elif trainer.is_world_process_zero():
             # Merged, so every later stage (sampling, DPO and its reference) loads plain weights.
-            final = final.merge_and_unload()
-        final.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+            trainer.model.merge_and_unload().save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
     except Exception as error:
         newest = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None  # drops a cut-off one
         if not is_disk_full(error, out, newest):
@@ -220,8 +226,9 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
         raise DiskFull(f"no space left on device in {out} at step {trainer.state.global_step} "
                        f"({shutil.disk_usage(out).free} bytes free): free space and run again; training {resume}") from error
     history = trainer.state.log_history
-    atomic_write_text(out / "log_history.json", json.dumps(history, indent=1))
-    loss_curve(out / "log_history.json", out / "loss_curve.png")
+    if trainer.is_world_process_zero():
+        atomic_write_text(out / "log_history.json", json.dumps(history, indent=1))
+        loss_curve(out / "log_history.json", out / "loss_curve.png")
     curves = {f"final/{k}": float(v) for h in history if "loss" in h for k, v in h.items()
               if isinstance(v, int | float) and k not in ("step", "epoch")}
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}

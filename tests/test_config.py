@@ -131,3 +131,34 @@ def test_the_readme_tour_config_is_valid(tmp_path, monkeypatch):
         (tmp_path / name).write_text('{"prompt": "1+1=", "completion": "2", "answer": "2"}\n')
     cfg = load_config(write(tmp_path, block))
     assert cfg.sft.loss.name == "eaft" and cfg.sft.trainer["max_steps"] == 1000 and cfg.dpo.trainer["beta"] == 0.1
+
+
+def test_shipped_accelerate_configs_are_accelerate_configs(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    kinds = {"ddp": DistributedType.MULTI_GPU, "fsdp2": DistributedType.FSDP, "zero2": DistributedType.DEEPSPEED,
+             "zero3": DistributedType.DEEPSPEED}
+    for name, kind in kinds.items():
+        path = REPO / "configs" / "accelerate" / f"{name}.yaml"
+        assert load_config_from_file(str(path)).distributed_type == kind, name
+        cfg = load_config(write(tmp_path, f"name: x\nlaunch:\n  num_processes: 8\n  accelerate_config: {path}\n"))
+        assert cfg.launch.shards_parameters() == (name in ("fsdp2", "zero3")), name
+
+
+def test_accelerate_config_must_exist_and_lora_needs_whole_weights(tmp_path):
+    with pytest.raises(ConfigError, match=r":4: launch\.accelerate_config: no accelerate config file at nope\.yaml"):
+        load_config(write(tmp_path, "name: x\nlaunch:\n  num_processes: 2\n  accelerate_config: nope.yaml\n"))
+    fsdp = REPO / "configs" / "accelerate" / "fsdp2.yaml"
+    with pytest.raises(ConfigError, match=r"sft\.lora .*merged.*use DDP or ZeRO-2"):
+        load_config(write(tmp_path, f"name: x\nsft:\n  lora: {{r: 8}}\nlaunch:\n  num_processes: 2\n"
+                                    f"  accelerate_config: {fsdp}\n"))
+
+
+def test_engine_layout_is_not_part_of_the_sampling_key():
+    from pipeline.config import SamplingConfig
+
+    one = SamplingConfig(backend="vllm")
+    spread = SamplingConfig(backend="vllm", tensor_parallel_size=2, data_parallel_size=4)
+    assert spread.key_settings() == one.key_settings()
+    assert SamplingConfig(backend="vllm", n=2, temperature=1.0).key_settings() != one.key_settings()

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.stage import free_port
 from tests.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(store: Path, port: int) -> subprocess.Popen:

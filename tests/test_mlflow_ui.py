@@ -16,7 +16,8 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from flows.pipeline import run_pipeline
-from tests.test_mlflow_store import free_port, start_server, stop_server
+from pipeline.stage import free_port
+from tests.test_mlflow_store import start_server, stop_server
 from tests.test_stages import tiny_config
 
 pytestmark = pytest.mark.browser

@@ -1,16 +1,35 @@
-"""Both sampling backends on a tiny untrained model: the format, seeds, and the sample stage."""
+"""Both sampling backends on a tiny untrained model: the format, seeds, and the sample stage;
+vLLM's data parallelism: the prompts' shards and seeds, each rank's devices, its errors.
 
+A real run with data_parallel_size 2 (two CPU engines) is `python bench/sampling_dp.py`: its
+dp 2 run alone took 95 s to 250 s on 2 shared cores, too long and too variable for the suite
+(docs/pipeline.md, "Sampling on many GPUs")."""
+
+import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+from pydantic import ValidationError
 
-from pipeline.config import DemoConfig, PipelineConfig, SamplingConfig
+from pipeline.config import ConfigError, DemoConfig, PipelineConfig, SamplingConfig, load_config
 from pipeline.data import read_jsonl, write_jsonl
 from pipeline.demo import build_model, build_tokenizer
 from pipeline.manifest import Manifest
-from pipeline.sampling import generate_vllm, sample, sample_hf, vllm_engine
-from pipeline.stage import run_in_process
+from pipeline.engines import CPU_BIND_ENV, DP_ENV, DeviceSlice, cpu_slices, device_slices, gpu_slices, run_ranks
+from pipeline.sampling import (
+    generate_vllm,
+    merge_shards,
+    prompt_seeds,
+    sample,
+    sample_hf,
+    shard_prompts,
+    vllm_engine,
+    vllm_engine_args,
+)
+from pipeline.stage import TransientError, run_in_process
 
 PROMPTS = ["12+3=", [{"role": "user", "content": "2*4="}]]  # a text and a chat
 # Temperature 1 on an untrained model: completions differ from seed to seed.
@@ -31,12 +50,17 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_sampler(model_dir) -> Iterator[Sampler]:
+def vllm_llm(model_dir) -> Iterator:
     pytest.importorskip("vllm")
     # One engine for the module: starting one takes half a minute on a small CPU.
     # Eager: torch.compile would add about 40 s to the start.
-    with vllm_engine(model_dir, SETTINGS.model_copy(update={"enforce_eager": True})) as llm:
-        yield lambda settings: generate_vllm(llm, PROMPTS, settings)
+    with vllm_engine(model_dir, SETTINGS.model_copy(update={"backend": "vllm", "enforce_eager": True})) as llm:
+        yield llm
+
+
+@pytest.fixture
+def vllm_sampler(vllm_llm) -> Sampler:
+    return lambda settings: generate_vllm(vllm_llm, PROMPTS, settings)
 
 
 @pytest.fixture
@@ -116,3 +140,143 @@ def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(model_dir, tmp
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=rf"has {len(tokenizer)} tokens, the model's vocabulary only {len(tokenizer) - 1}"):
         sample(model_dir, ["1+1="], SETTINGS.model_copy(update={"backend": "vllm"}), tmp_path)
+
+
+# vLLM's tensor and data parallelism
+
+def test_the_engine_gets_the_configs_tensor_parallel_size_and_is_one_data_parallel_rank(vllm_llm):
+    parallel = vllm_llm.llm_engine.vllm_config.parallel_config
+    assert (parallel.tensor_parallel_size, parallel.data_parallel_size) == (1, 1)
+    args = vllm_engine_args(SamplingConfig(backend="vllm", tensor_parallel_size=4, data_parallel_size=2))
+    # data_parallel_size is that many engines of data-parallel size 1: vLLM's LLM refuses more.
+    assert args["tensor_parallel_size"] == 4 and "data_parallel_size" not in args
+    assert args["gpu_memory_utilization"] == pytest.approx(0.1)  # CPU: the engines share the RAM's 0.2
+    explicit = SamplingConfig(backend="vllm", data_parallel_size=2, gpu_memory_utilization=0.3)
+    assert vllm_engine_args(explicit)["gpu_memory_utilization"] == 0.3  # set: per engine
+
+
+def test_shards_sampled_with_their_handed_out_seeds_equal_one_engines_completions(vllm_llm):
+    # What each data-parallel rank does, on this module's engine: its share of the prompts with
+    # its share of the seeds. The shards' completions, merged, are the whole run's.
+    prompts = PROMPTS + ["7+7=", "9*9=", "1+2+3="]
+    whole = generate_vllm(vllm_llm, prompts, SETTINGS)
+    shards = shard_prompts(prompts, SETTINGS.seed, 3)
+    parts = [generate_vllm(vllm_llm, part, SETTINGS, seeds) for _, part, seeds in shards]
+    assert merge_shards([positions for positions, _, _ in shards], parts) == whole
+    assert len({tuple(texts) for texts in whole}) > 1  # the prompts' streams differ
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 16])
+@pytest.mark.parametrize("dp", [1, 2, 3, 8])
+def test_shards_cover_each_prompt_once_with_the_single_engines_seed_and_merge_in_order(count, dp):
+    prompts = [f"{i}+{i}=" for i in range(count)]
+    seeds = prompt_seeds(5, count)
+    assert len(set(seeds)) == count  # one stream per prompt
+    shards = shard_prompts(prompts, 5, dp)
+    assert len(shards) == dp
+    assert shard_prompts(prompts, 5, 1) == [(list(range(count)), prompts, seeds)]  # what one engine samples
+    assert sorted(i for positions, _, _ in shards for i in positions) == list(range(count))
+    for positions, part, part_seeds in shards:
+        assert part == [prompts[i] for i in positions] and part_seeds == [seeds[i] for i in positions]
+    # Each "engine" answers with its prompt and seed: merged, they are in prompt order.
+    answers = [[(p, s) for p, s in zip(part, part_seeds)] for _, part, part_seeds in shards]
+    assert merge_shards([positions for positions, _, _ in shards], answers) == list(zip(prompts, seeds))
+    if count:
+        with pytest.raises(RuntimeError, match="returned 0 results for"):
+            merge_shards([positions for positions, _, _ in shards], [[] for _ in shards])
+
+
+def test_gpu_ranks_get_disjoint_devices_of_the_visible_ones():
+    slices = gpu_slices(2, 2, "CUDA_VISIBLE_DEVICES", ["4", "5", "6", "7"])  # the parent's CUDA_VISIBLE_DEVICES
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slices] == ["4,5", "6,7"]
+    assert all(s.env[name] is None for s in slices for name in DP_ENV)  # independent engines: VLLM_DP_* unset
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slices(1, 8, "CUDA_VISIBLE_DEVICES", list("01234567"))] == \
+        list("01234567")
+    with pytest.raises(ValueError, match=r"sampling\.tensor_parallel_size x sampling\.data_parallel_size = 4 x 2 "
+                                         r"= 8 devices, but 4 are visible \(CUDA_VISIBLE_DEVICES=4,5,6,7\)"):
+        gpu_slices(4, 2, "CUDA_VISIBLE_DEVICES", ["4", "5", "6", "7"])
+
+
+def test_cpu_ranks_get_disjoint_cores_through_vllms_bind_variable():
+    # This machine's kind: 2 cores, one engine each.
+    two = cpu_slices(1, 2, [(0, 0, 0), (1, 1, 0)], "auto")
+    assert [(s.env[CPU_BIND_ENV], s.cores) for s in two] == [("0", (0,)), ("1", (1,))]
+    # 16 logical CPUs, SMT siblings i and i + 8, NUMA nodes 0 (cores 0-3) and 1 (cores 4-7): one
+    # logical CPU per core, a slice per rank, and (as vLLM's auto binding) a core per worker left
+    # to the engine's scheduler process.
+    smt = [(cpu, cpu % 8, cpu % 8 // 4) for cpu in range(16)]
+    assert [(s.env[CPU_BIND_ENV], s.cores) for s in cpu_slices(1, 2, smt, "auto")] == \
+        [("8,9,10", (8, 9, 10, 11)), ("12,13,14", (12, 13, 14, 15))]
+    assert [s.env[CPU_BIND_ENV] for s in cpu_slices(2, 2, [(c, c, 0) for c in range(16)], "auto")] == \
+        ["0,1,2|4,5,6", "8,9,10|12,13,14"]
+    # The parent's own list, in vLLM's multi-rank form: tp x dp entries, rank-major.
+    given = cpu_slices(2, 2, [], "0-3|4-7|8-11|12-15")
+    assert [(s.env[CPU_BIND_ENV], s.cores) for s in given] == [("0-3|4-7", tuple(range(8))),
+                                                              ("8-11|12-15", tuple(range(8, 16)))]
+    assert all(CPU_BIND_ENV not in s.env for s in cpu_slices(1, 2, [(0, 0, 0), (1, 1, 0)], "nobind"))
+    with pytest.raises(ValueError, match=rf"= 4 CPU workers, but {CPU_BIND_ENV}='0-3\|4-7' lists 2"):
+        cpu_slices(2, 2, [], "0-3|4-7")
+    with pytest.raises(ValueError, match=r"1 x 3 = 3 CPU workers, but this process may use 2 cores"):
+        cpu_slices(1, 3, [(0, 0, 0), (1, 1, 0)], "auto")
+
+
+# Jobs for the ranks' processes: builtins, which a spawned child unpickles without importing
+# this module (and its torch).
+WHAT_A_RANK_SEES = ("(lambda os: (os.environ.get('VLLM_CPU_OMP_THREADS_BIND'), os.environ.get('VLLM_DP_SIZE'), "
+                    "sorted(os.sched_getaffinity(0)), os.environ.get('POSTTRAIN_STAGE')))(__import__('os'))")
+
+
+def _own_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_each_rank_runs_in_its_own_process_on_its_slice(monkeypatch):
+    pytest.importorskip("vllm")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores")
+    monkeypatch.setenv("VLLM_DP_SIZE", "8")  # a parent's VLLM_DP_* would make the engines one DP group
+    monkeypatch.setenv("POSTTRAIN_STAGE", "evaluate_sft")
+    slices = device_slices(1, 2)
+    before = dict(os.environ)
+    job = (eval, (WHAT_A_RANK_SEES, {}))
+    results = run_ranks({0: job, 1: job}, slices)
+    assert results == {rank: (s.env[CPU_BIND_ENV], None, list(s.cores), f"evaluate_sft dp{rank}")
+                       for rank, s in enumerate(slices)}
+    assert set(slices[0].cores).isdisjoint(slices[1].cores)
+    assert dict(os.environ) == before  # the ranks' settings did not leak into this process
+
+
+RANK_1 = r"^vLLM data-parallel rank 1 of 2 \(cores 1\)"
+
+
+@pytest.mark.parametrize("job, error, message", [
+    # An engine that did not start stays transient (the flow retries the stage).
+    ((exec, ("from pipeline.stage import TransientError\n"
+             "raise TransientError('the vLLM engine did not start: no memory')", {})),
+     TransientError, RANK_1 + r": the vLLM engine did not start: no memory\n"),
+    ((int, ("twelve",)), RuntimeError, RANK_1 + r": ValueError: invalid literal for int\(\) .*'twelve'\n"),
+    ((os._exit, (3,)), RuntimeError, RANK_1 + r" ended without a result \(exit code 3\)"),  # died: no error sent
+])
+def test_a_failing_rank_fails_the_run_by_name_and_the_others_are_stopped(job, error, message):
+    slices = [DeviceSlice({}, None, f"cores {rank}") for rank in range(2)]
+    before = _own_children()
+    start = time.perf_counter()
+    with pytest.raises(error, match=message) as raised:
+        run_ranks({0: (time.sleep, (300,)), 1: job}, slices)  # rank 0 would sleep on for 5 minutes
+    assert time.perf_counter() - start < 120
+    assert _own_children() <= before  # rank 0 was stopped, and no process of either is left
+    if job[0] is not os._exit:  # the rank's own traceback comes along
+        assert "traceback of vLLM data-parallel rank 1" in "".join(raised.value.__notes__)
+
+
+def test_parallel_sizes_are_vllm_settings(tmp_path):
+    assert SamplingConfig(backend="vllm", tensor_parallel_size=2, data_parallel_size=4).data_parallel_size == 4
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        SamplingConfig(backend="vllm", data_parallel_size=0)
+    for key in ("tensor_parallel_size", "data_parallel_size"):
+        config = tmp_path / f"{key}.yaml"
+        config.write_text(f"name: x\nsampling:\n  backend: hf\n  {key}: 2\n")
+        with pytest.raises(ConfigError, match=rf":4: sampling\.{key}: {key} = 2 is a vLLM setting: with "
+                                              r"sampling\.backend hf .* set it to 1, or use backend vllm"):
+            load_config(config)
+
