@@ -149,6 +149,13 @@ class PipelineRun:
         return manifest
 
     @cached_property
+    def processes(self) -> dict[str, int]:
+        """For a training stage's key: the number of processes multiplies the global batch. (Absent
+        for one process, so that results made before `launch` existed keep their keys.)"""
+        n = self.cfg.launch.num_processes
+        return {"processes": n} if n > 1 else {}
+
+    @cached_property
     def demo_data(self) -> Manifest:
         settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.model_dump()}
         return self.run_stage("demo_data", "demo_data", self.cfg, settings, {}, {}, {})
@@ -174,7 +181,8 @@ class PipelineRun:
 
     @cached_property
     def pretrain(self) -> Manifest:
-        settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.model_dump(), "trainer": self.cfg.pretrain.trainer}
+        settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.model_dump(), "trainer": self.cfg.pretrain.trainer,
+                    **self.processes}
         world = self.demo_data
         general = DataSource(path=str(world.path("general_train")))
         return self.run_stage("pretrain", "pretrain", self.cfg, settings, {"data": world}, {}, {"train": general},
@@ -208,7 +216,7 @@ class PipelineRun:
         if self.cfg.sft.cached_reference():
             sft["reference_topk"] = self.cfg.sft.reference_topk
         settings = {"seed": self.cfg.seed, "sft": sft, "data": self.digest_of(self.data.sft),
-                    "tokenizer": str(self.cfg.model.tokenizer)}
+                    "tokenizer": str(self.cfg.model.tokenizer), **self.processes}
         paths = {}
         if self.cfg.sft.cached_reference():
             upstream, paths = upstream | {"reference": self.reference}, {"reference": self.reference.folder}
@@ -256,7 +264,8 @@ class PipelineRun:
 
     @cached_property
     def dpo(self) -> Manifest:
-        settings = {"seed": self.cfg.seed, "dpo": self.cfg.dpo.model_dump(), "tokenizer": str(self.cfg.model.tokenizer)}
+        settings = {"seed": self.cfg.seed, "dpo": self.cfg.dpo.model_dump(), "tokenizer": str(self.cfg.model.tokenizer),
+                    **self.processes}
         upstream: dict[str, Manifest] = {"model": self.sft}
         if self.data.preference is None:
             upstream["pairs"] = self.pairs

@@ -9,6 +9,7 @@ process runs it, and only the first writes the manifest, once all have finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,7 +57,8 @@ def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str,
         "paths": {k: str(v) for k, v in paths.items()},
     }
     atomic_write_text(out / REQUEST, json.dumps(request, indent=2))
-    (out / ERROR).unlink(missing_ok=True)
+    for old in [out / ERROR, *out.glob("traceback*.txt")]:  # an earlier attempt's
+        old.unlink(missing_ok=True)
     command = stage_command(stage, cfg, out / REQUEST)
     result = subprocess.run(command, env=os.environ | (env or {}))
     if result.returncode != 0:
@@ -121,6 +123,8 @@ def stage_main(run: Callable[..., Manifest]) -> None:
     except Exception as error:
         where = f"rank {rank} " if processes > 1 else ""
         (out / ("traceback.txt" if rank == 0 else f"traceback-rank{rank}.txt")).write_text(traceback.format_exc())
-        atomic_write_text(out / ERROR, f"{where}{type(error).__name__}: {error}\n")
+        # The first failing process's error is the cause: the others then fail on the lost connection.
+        with contextlib.suppress(FileExistsError), open(out / ERROR, "x") as first:
+            first.write(f"{where}{type(error).__name__}: {error}\n")
         print(f"error: {where}{error}", file=sys.stderr)
         sys.exit(1)

@@ -219,6 +219,8 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
             trainer.model.merge_and_unload().save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
     except Exception as error:
+        if not trainer.is_world_process_zero():  # the first process judges the checkpoints and the disk
+            raise
         newest = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None  # drops a cut-off one
         if not is_disk_full(error, out, newest):
             raise

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from flows.pipeline import run_pipeline
+from flows.pipeline import pipeline_status, run_pipeline
 from pipeline.config import DemoConfig, parse_config
 from pipeline.data import write_jsonl
 from pipeline.demo import build_model, build_tokenizer
@@ -111,3 +111,12 @@ def test_only_training_stages_are_launched(world, tmp_path):
     cfg = config(world, tmp_path, 4)
     assert stage_command("evaluate", cfg, tmp_path / "r.json")[1:] == ["-m", "stages.evaluate", str(tmp_path / "r.json")]
     assert "accelerate.commands.launch" in stage_command("pretrain", cfg, tmp_path / "r.json")
+
+
+def test_the_number_of_processes_is_in_the_training_keys_only(world, tmp_path):
+    """The same per-device settings on two processes train on twice the global batch: another
+    result. Evaluation does not depend on it."""
+    one, two = ({s.name: s.key for s in pipeline_status(cfg)} for cfg in
+                (config(world, tmp_path, 1, per_device_train_batch_size=GLOBAL_BATCH // 2), config(world, tmp_path, 2)))
+    assert one["sft"] != two["sft"]
+    assert one["evaluate_base"] == two["evaluate_base"]
