@@ -21,11 +21,16 @@ from pipeline.demo import build_model, build_tokenizer
 from pipeline.sampling import generate_hf, generate_vllm, load_hf, vllm_engine, vllm_engine_args
 
 
-def build_demo_model(folder: Path) -> Path:
+def build_demo_model(folder: Path, cfg: DemoConfig = DemoConfig()) -> Path:
+    """An untrained demo-world model (and its tokenizer) saved in `folder`."""
     tokenizer = build_tokenizer()
-    build_model(DemoConfig(), tokenizer, seed=0).save_pretrained(folder)
+    build_model(cfg, tokenizer, seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def addition_prompts(count: int) -> list[str]:
+    return [f"{17 * i}+{29 * i}=" for i in range(count)]
 
 
 def measure(generate: Callable[[list[str]], list[list[str]]], prompts: list[str]) -> tuple[float, float]:
@@ -45,7 +50,7 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile and CUDA graphs")
     args = parser.parse_args()
     settings = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens, enforce_eager=args.eager)
-    prompts = [f"{17 * i}+{29 * i}=" for i in range(args.prompts)]
+    prompts = addition_prompts(args.prompts)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or build_demo_model(Path(tmp))

@@ -17,17 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import DemoConfig, SamplingConfig
-from pipeline.demo import build_model, build_tokenizer
-from pipeline.sampling import sample_vllm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `bench.sampling`
 
+from bench.sampling import addition_prompts, build_demo_model  # noqa: E402
+from pipeline.config import DemoConfig, SamplingConfig  # noqa: E402
+from pipeline.sampling import sample_vllm  # noqa: E402
 
-def build_tiny_model(folder: Path) -> Path:
-    tokenizer = build_tokenizer()
-    build_model(DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=128), tokenizer, 0) \
-        .save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+TINY = DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=128)
 
 
 def main() -> int:
@@ -40,11 +36,11 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="an HF model folder; default: a tiny untrained Llama")
     parser.add_argument("--compile", action="store_true", help="vLLM with torch.compile (default: enforce_eager)")
     args = parser.parse_args()
-    prompts = [f"{17 * i}+{29 * i}=" for i in range(args.prompts)]
+    prompts = addition_prompts(args.prompts)
     settings = SamplingConfig(backend="vllm", n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=7,
                               enforce_eager=not args.compile, tensor_parallel_size=args.tp)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or build_tiny_model(Path(tmp))
+        model_dir = args.model or build_demo_model(Path(tmp), TINY)
         runs = {}
         for dp in (1, args.dp):
             start = time.perf_counter()
