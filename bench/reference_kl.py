@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data import SFT_FIELDS, load_rows  # noqa: E402
 from pipeline.config import DataSource  # noqa: E402
-from pipeline.losses import TopK, reverse_kl, reverse_kl_topk, select_tokens  # noqa: E402
+from pipeline.losses import TopK, reverse_kl, select_tokens  # noqa: E402
 from pipeline.training import trainer_config  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> None:
             exact.append(reverse_kl(logp, ref_logp))
             for k in args.k:
                 top = ref_logp.topk(k, dim=-1)
-                approx[k].append(reverse_kl_topk(logp, TopK(top.indices, top.values)))
+                approx[k].append(reverse_kl(logp, TopK(top.indices, top.values)))
                 tail[k].append(1 - top.values.exp().sum(-1))
     exact_kl = torch.cat(exact)
     print(f"{len(exact_kl)} loss tokens, vocabulary {logp.size(-1)}; exact KL: mean {exact_kl.mean():.4f} nats per token")

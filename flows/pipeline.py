@@ -25,7 +25,7 @@ from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig,
 from pipeline.data import source_digest
 from pipeline.manifest import Manifest, atomic_write_text, digest, results_lock, stage_key
 from pipeline.progress import STAGE_ENV
-from pipeline.stage import StageError, run_in_process
+from pipeline.stage import StageError, run_in_process, start_fork_server
 from pipeline.storage import open_store
 from pipeline.tracking import Tracker, TrackingUnavailable, dataset_input
 
@@ -312,6 +312,8 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
     """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name.
     Its MLflow run is nested under `parent_run_id` if given, with `tags` added."""
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
+    if cfg.launch.preload:
+        start_fork_server()  # its imports run while MLflow and Prefect set up
     with results_lock(cfg.results_dir):
         tracker = Tracker(cfg, parent_run_id, tags=tags)
         run = PipelineRun(cfg, tracker, set(force))

@@ -220,13 +220,18 @@ class TrackingConfig(Section):
 
 
 class LaunchConfig(Section):
-    """How the training stages (pretrain, sft, dpo) start: one process, or `accelerate launch`
-    with an accelerate config file (DDP, FSDP2, DeepSpeed ZeRO-2/3: see configs/accelerate/)."""
+    """How the stages start. The training stages (pretrain, sft, dpo): one process, or `accelerate
+    launch` with an accelerate config file (DDP, FSDP2, DeepSpeed ZeRO-2/3: see configs/accelerate/).
+    A one-process stage forks from a server that imported the libraries once (`preload`)."""
 
     num_processes: int = Field(1, gt=0, description="processes per training stage, one per device; >1: launched "
                                                     "through `accelerate launch`")
     accelerate_config: str | None = Field(
         None, description="an `accelerate config` YAML, e.g. configs/accelerate/fsdp2.yaml; null: plain DDP")
+    preload: bool = Field(
+        True, description="fork each one-process stage from a server that imported torch, transformers and TRL "
+        "once (a fresh process spends 10-15 s of a small CPU importing them); false: a new `python -m "
+        "stages.<name>` per stage")
 
     @field_validator("accelerate_config")
     @classmethod

@@ -77,11 +77,6 @@ def topk_entropy(logp: Tensor, k: int) -> Tensor:
     return entropy(F.log_softmax(logp.topk(min(k, logp.size(-1)), dim=-1).values, dim=-1))
 
 
-def reverse_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """KL(p_θ || p_ref) per token, both given over the whole vocabulary."""
-    return (logp.exp() * (logp - ref_logp)).sum(-1)
-
-
 class TopK(NamedTuple):
     """The reference model's K most likely tokens and their log-probs, per token: [N, K] each."""
 
@@ -91,17 +86,34 @@ class TopK(NamedTuple):
     def rows(self, start: int, end: int) -> TopK:
         return TopK(self.ids[start:end], self.logp[start:end])
 
+    def rest_logp(self, vocab: int) -> Tensor:
+        """log r_v of each token v outside the top K: the rest of the mass, spread evenly over the V - K."""
+        rest = (1 - self.logp.exp().sum(-1)).clamp(min=1e-12)
+        return rest.log() - math.log(max(vocab - self.ids.size(-1), 1))
 
-def reverse_kl_topk(logp: Tensor, ref: TopK) -> Tensor:
-    """KL(p_θ || p_ref) per token with p_ref known on its top K tokens only: the rest of its mass
-    is taken as spread evenly over the other V - K tokens."""
-    vocab, k = logp.size(-1), ref.ids.size(-1)
-    p = logp.exp()
+
+# The reference model's distribution for some tokens: log-probs [n, V], or its top K.
+RefRows = Tensor | TopK
+
+
+def ref_cross(p: Tensor, ref: RefRows) -> Tensor:
+    """Σ_v p_v log r_v per token, r the reference's distribution (see TopK.rest_logp for a top K)."""
+    if isinstance(ref, Tensor):
+        return (p * ref).sum(-1)
     p_top = p.gather(-1, ref.ids.long())
-    ref_tail = (1 - ref.logp.exp().sum(-1)).clamp(min=1e-12)
-    log_ref_rest = ref_tail.log() - math.log(max(vocab - k, 1))
-    cross = (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)).clamp(min=0) * log_ref_rest
-    return (p * logp).sum(-1) - cross
+    return (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)).clamp(min=0) * ref.rest_logp(p.size(-1))
+
+
+def reverse_kl(logp: Tensor, ref: RefRows) -> Tensor:
+    """KL(p_θ || p_ref) = −H(p_θ) − Σ p_θ log p_ref per token; the reference over the whole vocabulary or its top K."""
+    return -entropy(logp) - ref_cross(logp.exp(), ref)
+
+
+def gem_weights(logp: Tensor, lp: Tensor, beta: float, h: str) -> Tensor:
+    """GEM's sg(q_v · w_v), q = softmax(z/β) (the log-normaliser cancels); see `gem_term`."""
+    logp = logp.detach()
+    q = F.softmax(logp / beta, dim=-1)
+    return q * torch.sigmoid(0.01 * (logp - lp.detach().unsqueeze(-1))) if h == "logsigmoid" else q
 
 
 def gem_term(logp: Tensor, lp: Tensor, beta: float, h: str) -> Tensor:
@@ -111,11 +123,7 @@ def gem_term(logp: Tensor, lp: Tensor, beta: float, h: str) -> Tensor:
     h="logsigmoid": w_v = sg(sigmoid(0.01 · (z_v − z_y))), exactly as the official code
     (github.com/liziniu/GEM, sft_trainer.py `gem_loss`) implements it.
     """
-    diff = logp - lp.unsqueeze(-1)  # log p_v − log p_y = z_v − z_y
-    q = F.softmax(logp.detach() / beta, dim=-1)  # softmax(z/β): the log-normaliser cancels
-    if h == "logsigmoid":
-        q = q * torch.sigmoid(0.01 * diff.detach())
-    return (q * diff).sum(-1)
+    return (gem_weights(logp, lp, beta, h) * (logp - lp.unsqueeze(-1))).sum(-1)  # log p_v − log p_y = z_v − z_y
 
 
 @dataclass(frozen=True)
@@ -141,22 +149,60 @@ class TokenStats:
 
 STAT_FIELDS = tuple(f.name for f in fields(TokenStats) if f.name != "vocab")
 
-# The reference model's distribution for some tokens: log-probs [n, V], or its top K.
-RefRows = Tensor | TopK
-
-
 def token_stats(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None = None) -> TokenStats:
     """The stats of tokens with logits z [n, V] and targets y [n]."""
     logp = F.log_softmax(z.float(), dim=-1)
+    p = logp.exp()
     lp = token_logp(logp, y)
-    stats = TokenStats(z.size(-1), lp, entropy(logp))
+    stats = TokenStats(z.size(-1), lp, -(p * logp).sum(-1))
     if needs.topk:
         stats.topk_entropy = topk_entropy(logp.detach(), needs.topk)
     if needs.reference:
-        stats.kl = reverse_kl(logp, ref) if isinstance(ref, Tensor) else reverse_kl_topk(logp, ref)
+        stats.kl = -stats.entropy - ref_cross(p, ref)  # KL(p‖r) = −H(p) − Σ p log r
     if needs.gem:
         stats.gem = gem_term(logp, lp, *needs.gem)
     return stats
+
+
+def token_stats_grad(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, grads: dict[str, Tensor]) -> Tensor:
+    """d(Σ_t Σ_s grads[s]_t · s_t) / dz [n, V] for the stats s of `token_stats` that have a gradient.
+
+    In closed form, so that the chunked backward walks the chunk's logits a few times instead of
+    building and walking autograd's graph of `token_stats`. With p = softmax(z), per token:
+      log p(y):  onehot(y) − p
+      H:         −p ⊙ (log p + H)
+      KL(p‖r) = −H − Σ p log r:  p ⊙ (log p + H) − p ⊙ (log r − Σ p log r)
+      GEM:       sg(q ⊙ w) − Σ sg(q ⊙ w) · onehot(y)
+    so the gradient is p ⊙ (a · log p + b) plus terms at y (and at a cached reference's top K).
+    """
+    logp = F.log_softmax(z.float(), dim=-1)
+    p = logp.exp()
+    zero = torch.zeros(len(y), device=p.device)
+    g_lp, g_h, g_kl, g_gem = (grads.get(s, zero) for s in ("logp", "entropy", "kl", "gem"))
+    b, at_y = -g_lp, g_lp.clone()
+    inner = None
+    if "entropy" in grads or "kl" in grads:
+        a = g_kl - g_h
+        b = b + a * -(p * logp).sum(-1)
+        inner = logp * a.unsqueeze(-1)
+    if "kl" in grads:
+        if isinstance(ref, Tensor):
+            inner = inner.addcmul_(ref, g_kl.unsqueeze(-1), value=-1)
+            b = b + g_kl * (p * ref).sum(-1)
+        else:  # log r is rest_logp off the top K: the constant goes to b, the top K are scattered below
+            p_top = p.gather(-1, ref.ids.long())
+            # where rounding makes the top K hold all of p, ref_cross's clamp leaves the rest no gradient
+            rest = torch.where(p_top.sum(-1) <= 1, ref.rest_logp(p.size(-1)), 0)
+            cross = (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)) * rest
+            b = b - g_kl * (rest - cross)
+    grad = p * b.unsqueeze(-1) if inner is None else inner.add_(b.unsqueeze(-1)).mul_(p)
+    if "kl" in grads and isinstance(ref, TopK):
+        grad.scatter_add_(-1, ref.ids.long(), -g_kl.unsqueeze(-1) * p_top * (ref.logp - rest.unsqueeze(-1)))
+    if "gem" in grads:
+        weights = gem_weights(logp, token_logp(logp, y), *needs.gem)
+        grad.add_(weights * g_gem.unsqueeze(-1))
+        at_y = at_y - g_gem * weights.sum(-1)
+    return grad.scatter_add_(-1, y.unsqueeze(-1), at_y.unsqueeze(-1))
 
 
 class RefHead(NamedTuple):
@@ -188,8 +234,8 @@ class ChunkedTokenStats(torch.autograd.Function):
     TRL's ChunkedLogProbFunction does this for log p(y) and the entropy; the losses here need
     the top-K entropy, the KL to a reference head or its cached top K, and GEM's term from the
     same logits, so they get their own function, built the same way: the forward keeps no
-    graph, and the backward projects each chunk again and backpropagates through `token_stats`
-    there, so at most one chunk's logits (and their graph) exist at a time.
+    graph, and the backward projects each chunk again and takes the stats' gradient there in
+    closed form (`token_stats_grad`), so at most one chunk's logits exist at a time.
     """
 
     @staticmethod
@@ -225,11 +271,10 @@ class ChunkedTokenStats(torch.autograd.Function):
             if not rows:
                 continue
             h = hidden[start:end]
-            with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast):
-                z = F.linear(h, weight, bias).detach().requires_grad_()
-                stats = token_stats(z, y[start:end], ctx.needs, ctx.ref.rows(start, end) if ctx.ref is not None else None)
-                (grad_z,) = torch.autograd.grad([getattr(stats, f) for f, _ in rows], z, [g for _, g in rows])
-            grad_z = grad_z.to(h.dtype)
+            with torch.autocast(device_type, autocast_dtype, enabled=autocast):
+                z = F.linear(h, weight, bias)
+            ref = ctx.ref.rows(start, end) if ctx.ref is not None else None
+            grad_z = token_stats_grad(z, y[start:end], ctx.needs, ref, dict(rows)).to(h.dtype)
             if grad_hidden is not None:
                 accumulate_matmul(grad_hidden[start:end], grad_z, weight.to(h.dtype))
             if grad_weight is not None:

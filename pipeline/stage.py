@@ -1,17 +1,23 @@
 """Running a stage in its own process, so its memory (GPU memory too) is returned when it ends.
 
 The parent writes a request (the config and the stage's path arguments) to the stage
-folder and runs `python -m stages.<name> request.json`; a training stage whose config asks
-for several processes runs as `accelerate launch ... -m stages.<name> request.json` instead.
-A stage function takes the config and paths and returns a Manifest; under accelerate every
-process runs it, and only the first writes the manifest, once all have finished.
+folder. A one-process stage is forked from a server that has imported torch, transformers,
+TRL and the stage modules once (`launch.preload`); without it the stage runs as
+`python -m stages.<name> request.json`, and a training stage whose config asks for several
+processes runs as `accelerate launch ... -m stages.<name> request.json`. A stage function
+takes the config and paths and returns a Manifest; under accelerate every process runs it,
+and only the first writes the manifest, once all have finished.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import importlib
 import json
+import multiprocessing
 import os
+import pkgutil
 import re
 import socket
 import subprocess
@@ -19,6 +25,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing import forkserver, reduction
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
@@ -60,25 +67,29 @@ def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str,
     for old in [out / ERROR, *out.glob("traceback*.txt")]:  # an earlier attempt's
         old.unlink(missing_ok=True)
     command = stage_command(stage, cfg, out / REQUEST)
-    result = subprocess.run(command, env=os.environ | (env or {}))
-    if result.returncode != 0:
+    env = os.environ | (env or {})
+    if command is None:
+        exit_code = run_forked(f"stages.{stage}", out / REQUEST, env)
+    else:
+        exit_code = subprocess.run(command, env=env).returncode
+    if exit_code != 0:
         reason = (out / ERROR).read_text().strip() if (out / ERROR).is_file() else ""
-        others = " (the other processes': traceback-rank<N>.txt)" if "accelerate.commands.launch" in command else ""
+        others = " (the other processes': traceback-rank<N>.txt)" if command and "accelerate.commands.launch" in command else ""
         raise StageError(
-            f"stage '{stage}' failed (exit code {result.returncode}): {reason or 'no error recorded'}\n"
+            f"stage '{stage}' failed (exit code {exit_code}): {reason or 'no error recorded'}\n"
             f"  full traceback: {out / 'traceback.txt'}{others}",
             error_type=re.sub(r"^rank \d+ ", "", reason).split(":", 1)[0],
         )
     return Manifest.read(out)
 
 
-def stage_command(stage: str, cfg: PipelineConfig, request: Path) -> list[str]:
+def stage_command(stage: str, cfg: PipelineConfig, request: Path) -> list[str] | None:
     """`python -m stages.<stage> request.json`, through `accelerate launch` for a training stage
-    that the config gives more than one process."""
+    that the config gives more than one process; None: forked from the preloaded server."""
     module = ["-m", f"stages.{stage}", str(request)]
     launch = cfg.launch
     if stage not in LAUNCHED_STAGES or launch.num_processes == 1:
-        return [sys.executable, *module]
+        return None if launch.preload else [sys.executable, *module]
     # Without a file: plain DDP (on a machine without GPUs torchrun's processes meet over gloo),
     # with the defaults accelerate would otherwise warn it assumed.
     where = ["--config_file", launch.accelerate_config] if launch.accelerate_config else [
@@ -100,10 +111,96 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+# ------------------------------------------------------------------ the preloaded server
+# A fresh `python -m stages.<name>` spends 10-15 s of a small CPU importing torch, transformers
+# and TRL; forking it from multiprocessing's fork server, which imported them once, takes a
+# fraction of a second. The server only imports: it never initialises CUDA (a test checks), so
+# each stage still sets up its own devices and gives all its memory back when it exits.
+
+
+def preloaded_modules() -> list[str]:
+    """What the fork server imports: the stage modules (and through them torch, transformers,
+    TRL, datasets), the flows (Prefect, MLflow: multiprocessing re-runs the parent's main module
+    in each child, and the command line's imports the flows), and the parent's main itself."""
+    import stages
+
+    return ["__main__", "flows.pipeline", *(f"stages.{m.name}" for m in pkgutil.iter_modules(stages.__path__))]
+
+
+def start_fork_server() -> None:
+    """Start the fork server now, so that its imports overlap the parent's own set-up; a no-op
+    once it runs."""
+    forkserver.set_forkserver_preload(preloaded_modules())
+    forkserver.ensure_running()
+
+
+class ParentFd:
+    """One of the parent's file descriptors, handed to a child of the fork server: pickling it
+    while the child starts registers the descriptor to be sent along (as multiprocessing does
+    for its own connections); the child unpickles it as its copy's number."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return ParentFd.received, (reduction.DupFd(self.fd),)
+
+    @staticmethod
+    def received(duplicate) -> int:
+        return duplicate.detach()
+
+
+def run_forked(module: str, request: Path, env: dict[str, str]) -> int:
+    """Run a stage module's request in a child of the fork server, with `env` as its environment
+    and this process's stdout and stderr; its exit code (negative: killed by that signal)."""
+    start_fork_server()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = multiprocessing.get_context("forkserver").Process(
+        target=forked_stage, args=(module, request, env, ParentFd(1), ParentFd(2)), name=module)
+    child.start()
+    try:
+        child.join()
+    except BaseException:  # interrupted: the stage must not outlive its pipeline
+        child.kill()
+        child.join()
+        raise
+    return child.exitcode
+
+
+def forked_stage(module: str, request: Path, env: dict[str, str], stdout: int, stderr: int) -> None:
+    """In the child: the parent's environment and output, then the stage as `stage_main` runs it."""
+    os.environ.clear()
+    os.environ.update(env)
+    for received, fd in ((stdout, 1), (stderr, 2)):
+        os.dup2(received, fd)
+        os.close(received)
+    if env.get("OMP_NUM_THREADS", "").isdigit():  # torch read the server's when it was imported
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    try:
+        run_request(importlib.import_module(module).run, request)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # multiprocessing ends its children with os._exit, skipping what the stage registered to
+        # run at exit (MLflow ends and flushes its run there), which a `python -m` stage would run.
+        atexit._run_exitfuncs()
+
+
+# -------------------------------------------------------------------- a stage's process
+
+
 def stage_main(run: Callable[..., Manifest]) -> None:
-    """Entry point of a stage module: `python -m stages.<name> request.json`. Writes the
-    returned manifest last, so the stage counts as done only once all its outputs exist."""
-    request = json.loads(Path(sys.argv[1]).read_text())
+    """Entry point of a stage module: `python -m stages.<name> request.json`."""
+    run_request(run, Path(sys.argv[1]))
+
+
+def run_request(run: Callable[..., Manifest], request_file: Path) -> None:
+    """Run a stage's request. Writes the returned manifest last, so the stage counts as done only
+    once all its outputs exist; a failure exits with 1 after writing error.txt and the traceback."""
+    request = json.loads(request_file.read_text())
     out = Path(request["out"])
     run_id = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow's end_run() unsets it
     rank, processes = process_rank()

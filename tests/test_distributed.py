@@ -109,6 +109,9 @@ def test_a_launched_stage_error_names_the_rank_and_is_not_retried(world, tmp_pat
 
 def test_only_training_stages_are_launched(world, tmp_path):
     cfg = config(world, tmp_path, 4)
+    assert stage_command("evaluate", cfg, tmp_path / "r.json") is None  # forked from the preloaded server
+    assert "accelerate.commands.launch" in stage_command("pretrain", cfg, tmp_path / "r.json")
+    cfg.launch.preload = False
     assert stage_command("evaluate", cfg, tmp_path / "r.json")[1:] == ["-m", "stages.evaluate", str(tmp_path / "r.json")]
     assert "accelerate.commands.launch" in stage_command("pretrain", cfg, tmp_path / "r.json")
 

@@ -452,6 +452,31 @@ def test_chunked_equals_full_logits(name, params, chunk):
         torch.testing.assert_close(chunked_fn.diagnostics[key], full_fn.diagnostics[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reference", ["logits", "top 5", "top V"])
+@pytest.mark.parametrize("with_grad", [("logp",), ("entropy",), ("kl",), ("gem",), ("logp", "entropy", "kl", "gem")])
+@pytest.mark.parametrize("gem", [(0.7, "linear"), (0.5, "logsigmoid")])
+def test_closed_form_stats_gradient_is_autograds(reference, with_grad, gem):
+    """The chunked backward's token_stats_grad against autograd through token_stats, each stat
+    with its own upstream gradient; "top V" caches the whole vocabulary (the tail clamp's edge)."""
+    from pipeline.losses import Needs, TopK, token_stats, token_stats_grad
+
+    g = torch.Generator().manual_seed(1)
+    n, V = 7, 30
+    z = (3 * torch.randn(n, V, generator=g)).requires_grad_()
+    y = torch.randint(0, V, (n,), generator=g)
+    ref = F.log_softmax(z.detach() + torch.randn(n, V, generator=g), dim=-1)
+    if reference != "logits":
+        top = ref.topk(5 if reference == "top 5" else V, dim=-1)
+        ref = TopK(top.indices.int(), top.values)
+    needs = Needs(reference=True, gem=gem)
+    stats = token_stats(z, y, needs, ref)
+    upstream = {name: torch.randn(n, generator=g) for name in with_grad}
+    (want,) = torch.autograd.grad([getattr(stats, name) for name in upstream], z, list(upstream.values()))
+    got = token_stats_grad(z.detach(), y, needs, ref, upstream)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_chunked_without_loss_tokens_is_a_finite_zero():
     hidden, labels, head, ref_hidden, ref_head = make_hidden_batch()
     loss_fn = build_loss("eksft")

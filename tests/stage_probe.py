@@ -1,0 +1,26 @@
+"""A stage module for tests/test_stage_launch.py: it reports what its process sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+from pipeline.manifest import Manifest
+
+PRELOADED = "trl" in sys.modules  # at import: in the fork server, after the stage modules brought TRL in
+
+
+def run(cfg: PipelineConfig, out: Path) -> Manifest:
+    print("probe says hello on stdout", flush=True)
+    print("probe says hello on stderr", file=sys.stderr, flush=True)
+    if os.environ.get("PROBE_FAIL"):
+        raise ValueError("the probe was told to fail")
+    import torch
+
+    seen = {"pid": os.getpid(), "preloaded": PRELOADED, "threads": torch.get_num_threads(),
+            "env": {k: os.environ.get(k) for k in ("PROBE_VALUE", "PROBE_UNSET")}}
+    (out / "seen.json").write_text(json.dumps(seen))
+    return Manifest("probe", out.name, {"seen": "seen.json"})

@@ -1,0 +1,70 @@
+"""One-process stages fork from a server that imported the libraries once (pipeline.stage):
+the child gets the parent's environment and output, fails like a `python -m` stage, and the
+server's imports never touch CUDA (a CUDA driver initialised before a fork is unusable in
+the children)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline.config import PipelineConfig
+from pipeline.manifest import Manifest
+from pipeline.stage import ERROR, preloaded_modules, run_forked
+
+
+def request(tmp_path):
+    out = tmp_path / "probe"
+    out.mkdir(parents=True)
+    (out / "request.json").write_text(json.dumps({
+        "config": PipelineConfig(name="probe").model_dump(mode="json"), "out": str(out), "inputs": {"x": "1"},
+        "paths": {}}))
+    return out
+
+
+def test_a_forked_stage_has_the_parents_environment_and_output(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PROBE_UNSET", "in this process, not in the stage's environment")
+    env = {k: v for k, v in os.environ.items() if k != "PROBE_UNSET"} | {"PROBE_VALUE": "42", "OMP_NUM_THREADS": "1"}
+    seen = []
+    for _ in range(2):
+        out = request(tmp_path / str(len(seen)))
+        assert run_forked("tests.stage_probe", out / "request.json", env) == 0
+        seen.append(json.loads((out / "seen.json").read_text()))
+        assert Manifest.read(out).inputs == {"x": "1"}  # written by run_request, as for `python -m`
+    captured = capfd.readouterr()
+    assert captured.out.count("probe says hello on stdout") == 2
+    assert captured.err.count("probe says hello on stderr") == 2
+    assert all(s["env"] == {"PROBE_VALUE": "42", "PROBE_UNSET": None} for s in seen)
+    assert all(s["preloaded"] for s in seen)  # TRL was imported before the stage's own module ran
+    assert seen[0]["pid"] != seen[1]["pid"] != os.getpid()  # a process per stage
+    assert all(s["threads"] == 1 for s in seen)  # OMP_NUM_THREADS set for the stage is honoured
+
+
+def test_a_forked_stage_that_fails_exits_nonzero_with_its_error_recorded(tmp_path):
+    out = request(tmp_path)
+    assert run_forked("tests.stage_probe", out / "request.json", os.environ | {"PROBE_FAIL": "1"}) == 1
+    assert (out / ERROR).read_text() == "ValueError: the probe was told to fail\n"
+    assert "raise ValueError" in (out / "traceback.txt").read_text()
+    assert Manifest.find(out) is None
+
+
+def test_the_fork_servers_imports_never_ask_cuda_anything():
+    """Every query that would initialise the CUDA driver raises while the server's modules import."""
+    modules = [m for m in preloaded_modules() if m != "__main__"]
+    assert "stages.sft" in modules and "flows.pipeline" in modules
+    probe = textwrap.dedent(f"""
+        import torch, torch.cuda
+        def refuse(*args, **kwargs):
+            raise AssertionError("CUDA was asked at import time")
+        for name in ("is_available", "device_count", "init", "_lazy_init", "current_device", "get_device_properties"):
+            setattr(torch.cuda, name, refuse)
+        for module in {modules!r}:
+            __import__(module)
+        print("imported", len({modules!r}))
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"imported {len(modules)}" in result.stdout
