@@ -2,12 +2,14 @@
 
     python bench/orchestration.py
 
-Runs the pipeline on a very small demo world (a few seconds of work per stage) twice in a
-temporary folder, with an MLflow SQLite store there and the Prefect API from the environment
-(a temporary local server without one). Per stage, the overhead is the wall time the pipeline
-spent on it minus the time the stage function itself ran (recorded in its manifest): the
-child process's start and imports, the Prefect task, the MLflow run and its logging. The
-second run finds every stage cached: its per-stage time is orchestration alone.
+Runs the pipeline on a very small demo world (a few seconds of work per stage) in a temporary
+folder, with an MLflow SQLite store there and the Prefect API from the environment (a
+temporary local server without one): once with every stage a fresh `python -m stages.<name>`
+(`launch.preload: false`), once forked from the preloaded server (the default), then again
+with every stage cached. Per stage, the overhead is the wall time the pipeline spent on it
+minus the time the stage function itself ran (recorded in its manifest): the process's start
+and imports, the Prefect task, the MLflow run and its logging. The cached run's per-stage
+time is orchestration alone.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.pipeline import run_pipeline  # noqa: E402
-from pipeline.config import parse_config  # noqa: E402
+from flows.pipeline import StageResult, run_pipeline  # noqa: E402
+from pipeline.config import PipelineConfig, parse_config  # noqa: E402
 
 TINY = {
     "demo": {"hidden_size": 64, "num_heads": 1, "num_layers": 1, "intermediate_size": 64,
@@ -37,24 +39,33 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     preference = work / "preference.jsonl"
     preference.write_text('{"prompt": "12*3=", "chosen": "63", "rejected": "36"}\n' * 8)
-    cfg = parse_config({"name": "orchestration", "results_dir": str(work / "results"), **TINY,
-                        "data": {"preference": {"path": str(preference)}},
-                        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"}})
+
+    def config(preload: bool) -> PipelineConfig:
+        results = work / ("results" if preload else "results-fresh")
+        return parse_config({"name": "orchestration", "results_dir": str(results), **TINY,
+                             "launch": {"preload": preload}, "data": {"preference": {"path": str(preference)}},
+                             "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"}})
+
+    fresh = run_pipeline(config(preload=False))
     start = time.perf_counter()
-    first = run_pipeline(cfg)
+    first = run_pipeline(config(preload=True))
     first_wall = time.perf_counter() - start
     start = time.perf_counter()
-    cached = run_pipeline(cfg)
+    cached = run_pipeline(config(preload=True))
     cached_wall = time.perf_counter() - start
 
-    print(f"{'stage':15}{'wall s':>8}{'work s':>8}{'overhead s':>12}{'cached s':>10}")
-    overheads = []
-    for run, again in zip(first, cached):
-        overhead = run.seconds - run.manifest.seconds
-        overheads.append(overhead)
-        print(f"{run.name:15}{run.seconds:8.1f}{run.manifest.seconds:8.1f}{overhead:12.1f}{again.seconds:10.2f}")
-    print(f"\noverhead per run stage: mean {statistics.mean(overheads):.1f} s, max {max(overheads):.1f} s "
-          f"({len(first)} stages; pipeline {first_wall:.0f} s, of which stage work "
+    def overhead(run: StageResult) -> float:
+        return run.seconds - run.manifest.seconds
+
+    print(f"{'stage':15}{'work s':>8}{'overhead s, fresh python':>26}{'forked':>8}{'cached s':>10}")
+    for a, b, again in zip(fresh, first, cached):
+        print(f"{b.name:15}{b.manifest.seconds:8.1f}{overhead(a):26.1f}{overhead(b):8.1f}{again.seconds:10.2f}")
+    for label, runs in (("fresh python per stage", fresh), ("forked from the preloaded server", first)):
+        costs = [overhead(r) for r in runs]
+        print(f"overhead per run stage, {label}: mean {statistics.mean(costs):.1f} s, max {max(costs):.1f} s, "
+              f"after the first: mean {statistics.mean(costs[1:]):.1f} s")
+    print(f"preloaded / fresh, mean overhead: {statistics.mean(map(overhead, first)) / statistics.mean(map(overhead, fresh)):.2f}x"
+          f" ({len(first)} stages; preloaded pipeline {first_wall:.0f} s, of which stage work "
           f"{sum(r.manifest.seconds for r in first):.0f} s)")
     print(f"all cached: {cached_wall:.1f} s in all, {max(r.seconds for r in cached):.2f} s per stage at most")
 
