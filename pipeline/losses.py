@@ -96,17 +96,15 @@ class TopK(NamedTuple):
 RefRows = Tensor | TopK
 
 
-def ref_cross(p: Tensor, ref: RefRows) -> Tensor:
-    """Σ_v p_v log r_v per token, r the reference's distribution (see TopK.rest_logp for a top K)."""
+def reverse_kl(logp: Tensor, ref: RefRows, p: Tensor | None = None) -> Tensor:
+    """KL(p_θ || p_ref) per token, the reference over the whole vocabulary or its top K (see
+    TopK.rest_logp); `p`: exp(logp) if already computed."""
+    p = logp.exp() if p is None else p
     if isinstance(ref, Tensor):
-        return (p * ref).sum(-1)
+        return (p * (logp - ref)).sum(-1)  # one sum: −H − Σ p log r would cancel to noise where p ≈ r
     p_top = p.gather(-1, ref.ids.long())
-    return (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)).clamp(min=0) * ref.rest_logp(p.size(-1))
-
-
-def reverse_kl(logp: Tensor, ref: RefRows) -> Tensor:
-    """KL(p_θ || p_ref) = −H(p_θ) − Σ p_θ log p_ref per token; the reference over the whole vocabulary or its top K."""
-    return -entropy(logp) - ref_cross(logp.exp(), ref)
+    cross = (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)).clamp(min=0) * ref.rest_logp(p.size(-1))
+    return (p * logp).sum(-1) - cross
 
 
 def gem_weights(logp: Tensor, lp: Tensor, beta: float, h: str) -> Tensor:
@@ -158,7 +156,7 @@ def token_stats(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None = None) 
     if needs.topk:
         stats.topk_entropy = topk_entropy(logp.detach(), needs.topk)
     if needs.reference:
-        stats.kl = -stats.entropy - ref_cross(p, ref)  # KL(p‖r) = −H(p) − Σ p log r
+        stats.kl = reverse_kl(logp, ref, p)
     if needs.gem:
         stats.gem = gem_term(logp, lp, *needs.gem)
     return stats
@@ -179,8 +177,9 @@ def token_stats_grad(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, gr
     p = logp.exp()
     zero = torch.zeros(len(y), device=p.device)
     g_lp, g_h, g_kl, g_gem = (grads.get(s, zero) for s in ("logp", "entropy", "kl", "gem"))
-    b, at_y = -g_lp, g_lp.clone()
-    inner = None
+    b, at_y = -g_lp, g_lp
+    inner = None  # a · log p + b, where a is not 0
+    scatters = []  # (columns, values) added to the gradient at the end
     if "entropy" in grads or "kl" in grads:
         a = g_kl - g_h
         b = b + a * -(p * logp).sum(-1)
@@ -189,20 +188,22 @@ def token_stats_grad(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, gr
         if isinstance(ref, Tensor):
             inner = inner.addcmul_(ref, g_kl.unsqueeze(-1), value=-1)
             b = b + g_kl * (p * ref).sum(-1)
-        else:  # log r is rest_logp off the top K: the constant goes to b, the top K are scattered below
-            p_top = p.gather(-1, ref.ids.long())
-            # where rounding makes the top K hold all of p, ref_cross's clamp leaves the rest no gradient
+        else:  # log r is rest_logp off the top K: the constant goes to b, the top K are scattered
+            ids = ref.ids.long()
+            p_top = p.gather(-1, ids)
+            # where rounding makes the top K hold all of p, reverse_kl's clamp leaves the rest no gradient
             rest = torch.where(p_top.sum(-1) <= 1, ref.rest_logp(p.size(-1)), 0)
             cross = (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)) * rest
             b = b - g_kl * (rest - cross)
+            scatters.append((ids, -g_kl.unsqueeze(-1) * p_top * (ref.logp - rest.unsqueeze(-1))))
     grad = p * b.unsqueeze(-1) if inner is None else inner.add_(b.unsqueeze(-1)).mul_(p)
-    if "kl" in grads and isinstance(ref, TopK):
-        grad.scatter_add_(-1, ref.ids.long(), -g_kl.unsqueeze(-1) * p_top * (ref.logp - rest.unsqueeze(-1)))
     if "gem" in grads:
         weights = gem_weights(logp, token_logp(logp, y), *needs.gem)
         grad.add_(weights * g_gem.unsqueeze(-1))
         at_y = at_y - g_gem * weights.sum(-1)
-    return grad.scatter_add_(-1, y.unsqueeze(-1), at_y.unsqueeze(-1))
+    for columns, values in [*scatters, (y.unsqueeze(-1), at_y.unsqueeze(-1))]:
+        grad.scatter_add_(-1, columns, values)
+    return grad
 
 
 class RefHead(NamedTuple):

@@ -22,6 +22,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -74,7 +75,8 @@ def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str,
         exit_code = subprocess.run(command, env=env).returncode
     if exit_code != 0:
         reason = (out / ERROR).read_text().strip() if (out / ERROR).is_file() else ""
-        others = " (the other processes': traceback-rank<N>.txt)" if command and "accelerate.commands.launch" in command else ""
+        launched = command is not None and "accelerate.commands.launch" in command
+        others = " (the other processes': traceback-rank<N>.txt)" if launched else ""
         raise StageError(
             f"stage '{stage}' failed (exit code {exit_code}): {reason or 'no error recorded'}\n"
             f"  full traceback: {out / 'traceback.txt'}{others}",
@@ -120,11 +122,12 @@ def process_rank() -> tuple[int, int]:
 
 def preloaded_modules() -> list[str]:
     """What the fork server imports: the stage modules (and through them torch, transformers,
-    TRL, datasets), the flows (Prefect, MLflow: multiprocessing re-runs the parent's main module
-    in each child, and the command line's imports the flows), and the parent's main itself."""
+    TRL, datasets) and the flows (Prefect, MLflow). multiprocessing runs the parent's main
+    module again in each child, as `__mp_main__` (so a script that starts a pipeline needs the
+    usual `if __name__ == "__main__"`); `posttrain`'s imports the flows, which are then loaded."""
     import stages
 
-    return ["__main__", "flows.pipeline", *(f"stages.{m.name}" for m in pkgutil.iter_modules(stages.__path__))]
+    return ["flows.pipeline", *(f"stages.{m.name}" for m in pkgutil.iter_modules(stages.__path__))]
 
 
 def start_fork_server() -> None:
@@ -143,49 +146,65 @@ class ParentFd:
         self.fd = fd
 
     def __reduce__(self):
-        return ParentFd.received, (reduction.DupFd(self.fd),)
+        return received_fd, (reduction.DupFd(self.fd),)
 
-    @staticmethod
-    def received(duplicate) -> int:
-        return duplicate.detach()
+
+def received_fd(duplicate) -> int:
+    return duplicate.detach()
 
 
 def run_forked(module: str, request: Path, env: dict[str, str]) -> int:
     """Run a stage module's request in a child of the fork server, with `env` as its environment
     and this process's stdout and stderr; its exit code (negative: killed by that signal)."""
-    start_fork_server()
     sys.stdout.flush()
     sys.stderr.flush()
     child = multiprocessing.get_context("forkserver").Process(
         target=forked_stage, args=(module, request, env, ParentFd(1), ParentFd(2)), name=module)
-    child.start()
+    try:
+        start_fork_server()
+        child.start()
+    except (OSError, EOFError) as error:  # the server died (an import failed) or an fd is closed
+        raise StageError(f"{module}: the fork server could not start it ({type(error).__name__}: {error}); "
+                         "launch.preload: false starts stages as `python -m`") from error
     try:
         child.join()
     except BaseException:  # interrupted: the stage must not outlive its pipeline
+        child.terminate()
+        child.join(5)
         child.kill()
         child.join()
         raise
-    return child.exitcode
+    exit_code = child.exitcode
+    child.close()
+    return exit_code
 
 
 def forked_stage(module: str, request: Path, env: dict[str, str], stdout: int, stderr: int) -> None:
-    """In the child: the parent's environment and output, then the stage as `stage_main` runs it."""
+    """In the child: what a fresh `python -m <module> request.json` would have (its environment,
+    output, arguments, start method, thread count, random state), then the stage as `stage_main`
+    runs it, and the exit steps an interpreter takes."""
+    import numpy as np
+    import torch
+
     os.environ.clear()
     os.environ.update(env)
     for received, fd in ((stdout, 1), (stderr, 2)):
         os.dup2(received, fd)
         os.close(received)
-    if env.get("OMP_NUM_THREADS", "").isdigit():  # torch read the server's when it was imported
-        import torch
-
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = [module, str(request)]
+    multiprocessing.set_start_method(None, force=True)  # the platform's default again, not forkserver
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # torch read the server's at import
+    np.random.seed()  # from the OS, as at a process start, not the server's state
     try:
         run_request(importlib.import_module(module).run, request)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        # multiprocessing ends its children with os._exit, skipping what the stage registered to
-        # run at exit (MLflow ends and flushes its run there), which a `python -m` stage would run.
+        # multiprocessing ends its children with os._exit, skipping an interpreter's exit steps:
+        # join the threads (MLflow's async logging), then what the stage registered to run at exit
+        # (MLflow ends and flushes its run there).
+        threading._shutdown()
         atexit._run_exitfuncs()
 
 

@@ -18,9 +18,13 @@ def run(cfg: PipelineConfig, out: Path) -> Manifest:
     print("probe says hello on stderr", file=sys.stderr, flush=True)
     if os.environ.get("PROBE_FAIL"):
         raise ValueError("the probe was told to fail")
+    import multiprocessing
+
+    import numpy as np
     import torch
 
-    seen = {"pid": os.getpid(), "preloaded": PRELOADED, "threads": torch.get_num_threads(),
+    seen = {"pid": os.getpid(), "preloaded": PRELOADED, "threads": torch.get_num_threads(), "argv": sys.argv,
+            "start_method": multiprocessing.get_start_method(), "numpy_draw": int(np.random.randint(2**31)),
             "env": {k: os.environ.get(k) for k in ("PROBE_VALUE", "PROBE_UNSET")}}
     (out / "seen.json").write_text(json.dumps(seen))
     return Manifest("probe", out.name, {"seen": "seen.json"})

@@ -4,6 +4,7 @@ server's imports never touch CUDA (a CUDA driver initialised before a fork is un
 the children)."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -41,6 +42,11 @@ def test_a_forked_stage_has_the_parents_environment_and_output(tmp_path, monkeyp
     assert all(s["preloaded"] for s in seen)  # TRL was imported before the stage's own module ran
     assert seen[0]["pid"] != seen[1]["pid"] != os.getpid()  # a process per stage
     assert all(s["threads"] == 1 for s in seen)  # OMP_NUM_THREADS set for the stage is honoured
+    # As `python -m tests.stage_probe request.json` would have them:
+    assert [s["argv"] for s in seen] == [["tests.stage_probe", str(tmp_path / d / "probe" / "request.json")]
+                                         for d in ("0", "1")]
+    assert {s["start_method"] for s in seen} == {multiprocessing.get_start_method()}  # not the server's forkserver
+    assert seen[0]["numpy_draw"] != seen[1]["numpy_draw"]  # numpy seeded afresh, not the server's state
 
 
 def test_a_forked_stage_that_fails_exits_nonzero_with_its_error_recorded(tmp_path):
