@@ -96,15 +96,22 @@ class TopK(NamedTuple):
 RefRows = Tensor | TopK
 
 
+def topk_cross(p: Tensor, ref: TopK) -> tuple[Tensor, Tensor, Tensor]:
+    """Σ_v p_v log r_v with r known on its top K only: p at the top K, the log r of every other
+    token (TopK.rest_logp; 0 where rounding puts all of p in the top K, which leaves the rest no
+    mass and no gradient), and the sum."""
+    p_top = p.gather(-1, ref.ids.long())
+    rest = torch.where(p_top.sum(-1) <= 1, ref.rest_logp(p.size(-1)), 0)
+    return p_top, rest, (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)) * rest
+
+
 def reverse_kl(logp: Tensor, ref: RefRows, p: Tensor | None = None) -> Tensor:
     """KL(p_θ || p_ref) per token, the reference over the whole vocabulary or its top K (see
     TopK.rest_logp); `p`: exp(logp) if already computed."""
     p = logp.exp() if p is None else p
     if isinstance(ref, Tensor):
         return (p * (logp - ref)).sum(-1)  # one sum: −H − Σ p log r would cancel to noise where p ≈ r
-    p_top = p.gather(-1, ref.ids.long())
-    cross = (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)).clamp(min=0) * ref.rest_logp(p.size(-1))
-    return (p * logp).sum(-1) - cross
+    return (p * logp).sum(-1) - topk_cross(p, ref)[2]
 
 
 def gem_weights(logp: Tensor, lp: Tensor, beta: float, h: str) -> Tensor:
@@ -189,13 +196,9 @@ def token_stats_grad(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, gr
             inner = inner.addcmul_(ref, g_kl.unsqueeze(-1), value=-1)
             b = b + g_kl * (p * ref).sum(-1)
         else:  # log r is rest_logp off the top K: the constant goes to b, the top K are scattered
-            ids = ref.ids.long()
-            p_top = p.gather(-1, ids)
-            # where rounding makes the top K hold all of p, reverse_kl's clamp leaves the rest no gradient
-            rest = torch.where(p_top.sum(-1) <= 1, ref.rest_logp(p.size(-1)), 0)
-            cross = (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)) * rest
+            p_top, rest, cross = topk_cross(p, ref)
             b = b - g_kl * (rest - cross)
-            scatters.append((ids, -g_kl.unsqueeze(-1) * p_top * (ref.logp - rest.unsqueeze(-1))))
+            scatters.append((ref.ids.long(), -g_kl.unsqueeze(-1) * p_top * (ref.logp - rest.unsqueeze(-1))))
     grad = p * b.unsqueeze(-1) if inner is None else inner.add_(b.unsqueeze(-1)).mul_(p)
     if "gem" in grads:
         weights = gem_weights(logp, token_logp(logp, y), *needs.gem)
