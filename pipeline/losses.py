@@ -154,12 +154,12 @@ class TokenStats:
 
 STAT_FIELDS = tuple(f.name for f in fields(TokenStats) if f.name != "vocab")
 
-def token_stats(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None = None) -> TokenStats:
-    """The stats of tokens with logits z [n, V] and targets y [n]."""
-    logp = F.log_softmax(z.float(), dim=-1)
+
+def token_stats(logp: Tensor, y: Tensor, needs: Needs, ref: RefRows | None = None) -> TokenStats:
+    """The stats of tokens with log-probs logp [n, V] (float32) and targets y [n]."""
     p = logp.exp()
     lp = token_logp(logp, y)
-    stats = TokenStats(z.size(-1), lp, -(p * logp).sum(-1))
+    stats = TokenStats(logp.size(-1), lp, -(p * logp).sum(-1))
     if needs.topk:
         stats.topk_entropy = topk_entropy(logp.detach(), needs.topk)
     if needs.reference:
@@ -169,8 +169,10 @@ def token_stats(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None = None) 
     return stats
 
 
-def token_stats_grad(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, grads: dict[str, Tensor]) -> Tensor:
-    """d(Σ_t Σ_s grads[s]_t · s_t) / dz [n, V] for the stats s of `token_stats` that have a gradient.
+def token_stats_grad(logp: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, grads: dict[str, Tensor],
+                     h: Tensor) -> Tensor:
+    """d(Σ_t Σ_s grads[s]_t · s_t) / dz [n, V] for the stats s of `token_stats` that have a gradient,
+    where logp = log_softmax(z) and h is the entropy `token_stats` gave.
 
     In closed form, so that the chunked backward walks the chunk's logits a few times instead of
     building and walking autograd's graph of `token_stats`. With p = softmax(z), per token:
@@ -179,8 +181,8 @@ def token_stats_grad(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, gr
       KL(p‖r) = −H − Σ p log r:  p ⊙ (log p + H) − p ⊙ (log r − Σ p log r)
       GEM:       sg(q ⊙ w) − Σ sg(q ⊙ w) · onehot(y)
     so the gradient is p ⊙ (a · log p + b) plus terms at y (and at a cached reference's top K).
+    `ref` is read only where grads["kl"] is not 0.
     """
-    logp = F.log_softmax(z.float(), dim=-1)
     p = logp.exp()
     zero = torch.zeros(len(y), device=p.device)
     g_lp, g_h, g_kl, g_gem = (grads.get(s, zero) for s in ("logp", "entropy", "kl", "gem"))
@@ -189,7 +191,7 @@ def token_stats_grad(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, gr
     scatters = []  # (columns, values) added to the gradient at the end
     if "entropy" in grads or "kl" in grads:
         a = g_kl - g_h
-        b = b + a * -(p * logp).sum(-1)
+        b = b + a * h
         inner = logp * a.unsqueeze(-1)
     if "kl" in grads:
         if isinstance(ref, Tensor):
@@ -209,6 +211,10 @@ def token_stats_grad(z: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, gr
     return grad
 
 
+def chunk_logp(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+
+
 class RefHead(NamedTuple):
     """The reference model's last hidden states at the valid positions [N, H], and its LM head."""
 
@@ -216,9 +222,15 @@ class RefHead(NamedTuple):
     weight: Tensor
     bias: Tensor | None
 
-    def rows(self, start: int, end: int) -> Tensor:
+    def rows(self, start: int, end: int, needed: Tensor | None = None) -> Tensor:
+        """log r of tokens start:end; with the bool mask `needed`, only of those tokens (0 elsewhere)."""
+        hidden = self.hidden[start:end]
         with torch.no_grad():
-            return F.log_softmax(F.linear(self.hidden[start:end], self.weight, self.bias).float(), dim=-1)
+            if needed is None:
+                return chunk_logp(hidden, self.weight, self.bias)
+            logp = hidden.new_zeros(len(hidden), self.weight.size(0), dtype=torch.float32)
+            logp[needed] = chunk_logp(hidden[needed], self.weight, self.bias)
+            return logp
 
 
 def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -239,7 +251,10 @@ class ChunkedTokenStats(torch.autograd.Function):
     the top-K entropy, the KL to a reference head or its cached top K, and GEM's term from the
     same logits, so they get their own function, built the same way: the forward keeps no
     graph, and the backward projects each chunk again and takes the stats' gradient there in
-    closed form (`token_stats_grad`), so at most one chunk's logits exist at a time.
+    closed form (`token_stats_grad`), so at most one chunk's logits exist at a time. Two
+    projections are spared: the last chunk's log-probs (and the reference's) are kept from the
+    forward, and the backward starts with them; and the reference is projected again only at
+    the tokens whose KL has a gradient (EKSFT's S_KL).
     """
 
     @staticmethod
@@ -251,34 +266,46 @@ class ChunkedTokenStats(torch.autograd.Function):
         parts = []
         for start in range(0, max(len(y), 1), chunk):  # one empty chunk when N = 0
             end = start + chunk
-            z = F.linear(hidden[start:end], weight, bias)
-            parts.append(token_stats(z, y[start:end], needs, ref.rows(start, end) if ref is not None else None))
-        ctx.save_for_backward(hidden, weight, bias, y)
-        ctx.needs, ctx.ref, ctx.chunk = needs, ref, chunk
+            logp = ref_logp = None  # the previous chunk's go before this one's are made
+            logp = chunk_logp(hidden[start:end], weight, bias)
+            ref_logp = ref.rows(start, end) if ref is not None else None
+            parts.append(token_stats(logp, y[start:end], needs, ref_logp))
+        ctx.last_chunk = (start, logp, ref_logp)
         out = tuple(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
                     for f in STAT_FIELDS)
+        entropy = out[STAT_FIELDS.index("entropy")]
+        ctx.save_for_backward(hidden, weight, bias, y, entropy)
+        ctx.needs, ctx.ref, ctx.chunk = needs, ref, chunk
         if out[STAT_FIELDS.index("topk_entropy")] is not None:
             ctx.mark_non_differentiable(out[STAT_FIELDS.index("topk_entropy")])
         return out
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden, weight, bias, y = ctx.saved_tensors
+        hidden, weight, bias, y, entropy = ctx.saved_tensors
         needs_grad = ctx.needs_input_grad
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs_grad[2] else None
         device_type, autocast, autocast_dtype = ctx.autocast
-        for start in range(0, len(y), ctx.chunk):
+        kept = ctx.last_chunk  # None in a second backward (retain_graph): then every chunk is projected again
+        ctx.last_chunk = None  # not held through the model's backward
+        for start in reversed(range(0, len(y), ctx.chunk)):
             end = start + ctx.chunk
-            rows = [(f, g[start:end]) for f, g in zip(STAT_FIELDS, grads) if g is not None and f != "topk_entropy"]
+            rows = {f: g[start:end] for f, g in zip(STAT_FIELDS, grads) if g is not None and f != "topk_entropy"}
             if not rows:
                 continue
+            logp = ref = grad_z = None  # the previous chunk's go before this one's are made
+            if kept is not None and kept[0] == start:
+                (_, logp, ref), kept = kept, None
+            else:
+                with torch.autocast(device_type, autocast_dtype, enabled=autocast):
+                    logp = chunk_logp(hidden[start:end], weight, bias)
+                if "kl" in rows:
+                    ref = (ctx.ref.rows(start, end, rows["kl"] != 0) if isinstance(ctx.ref, RefHead)
+                           else ctx.ref.rows(start, end))
             h = hidden[start:end]
-            with torch.autocast(device_type, autocast_dtype, enabled=autocast):
-                z = F.linear(h, weight, bias)
-            ref = ctx.ref.rows(start, end) if ctx.ref is not None else None
-            grad_z = token_stats_grad(z, y[start:end], ctx.needs, ref, dict(rows)).to(h.dtype)
+            grad_z = token_stats_grad(logp, y[start:end], ctx.needs, ref, rows, entropy[start:end]).to(h.dtype)
             if grad_hidden is not None:
                 accumulate_matmul(grad_hidden[start:end], grad_z, weight.to(h.dtype))
             if grad_weight is not None:
@@ -423,7 +450,8 @@ class TokenLoss:
         if ref_logits is not None:
             with torch.no_grad():
                 ref = F.log_softmax(ref_logits[:, :-1][mask].float(), dim=-1)
-        return self.loss(token_stats(z, y, self.needs, self.check_reference(ref)), num_items_in_batch)
+        logp = F.log_softmax(z.float(), dim=-1)
+        return self.loss(token_stats(logp, y, self.needs, self.check_reference(ref)), num_items_in_batch)
 
     def chunked(
         self,

@@ -469,10 +469,10 @@ def test_closed_form_stats_gradient_is_autograds(reference, with_grad, gem):
         top = ref.topk(5 if reference == "top 5" else V, dim=-1)
         ref = TopK(top.indices.int(), top.values)
     needs = Needs(reference=True, gem=gem)
-    stats = token_stats(z, y, needs, ref)
+    stats = token_stats(F.log_softmax(z, dim=-1), y, needs, ref)
     upstream = {name: torch.randn(n, generator=g) for name in with_grad}
     (want,) = torch.autograd.grad([getattr(stats, name) for name in upstream], z, list(upstream.values()))
-    got = token_stats_grad(z.detach(), y, needs, ref, upstream)
+    got = token_stats_grad(F.log_softmax(z.detach(), dim=-1), y, needs, ref, upstream, stats.entropy.detach())
     assert want.abs().sum() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -539,3 +539,44 @@ def test_chunked_topk_reference_equals_full_logits():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_backward_projects_again_only_what_it_lacks(monkeypatch):
+    """The backward reuses the forward's last chunk (policy and reference) and projects the
+    reference again only at the tokens whose KL has a gradient (EKSFT's S_KL)."""
+    import pipeline.losses as losses
+    from pipeline.losses import select_tokens, topk_mask
+
+    hidden, labels, head, ref_hidden, ref_head = make_hidden_batch()
+    projected = []  # (which head, tokens) per projection
+    real = losses.chunk_logp
+
+    def counting(h, weight, bias):
+        projected.append(("policy" if weight is head.weight else "reference", len(h)))
+        return real(h, weight, bias)
+
+    monkeypatch.setattr(losses, "chunk_logp", counting)
+    loss = build_loss("eksft", ratio=0.25).chunked(hidden.clone().requires_grad_(), head, labels,
+                                                   ref_hidden=ref_hidden, ref_lm_head=ref_head, chunk_tokens=4)
+    with torch.no_grad():  # S_KL: the quarter of the tokens with the largest KL
+        z, _, mask = select_tokens(head(hidden), labels)
+        logp, ref = F.log_softmax(z, dim=-1), F.log_softmax(ref_head(ref_hidden)[:, :-1][mask], dim=-1)
+        in_kl = topk_mask((logp.exp() * (logp - ref)).sum(-1), math.floor(0.25 * len(z)))
+    n, last = len(z), 4 * ((len(z) - 1) // 4)  # the last chunk starts at `last`
+    assert projected == [(which, min(4, n - start)) for start in range(0, n, 4) for which in ("policy", "reference")]
+    projected.clear()
+    loss.backward()
+    assert [t for which, t in projected if which == "policy"] == [4] * (last // 4)  # every chunk but the last
+    assert 0 < in_kl[:last].sum() < last
+    assert sum(t for which, t in projected if which == "reference") == in_kl[:last].sum()
+
+
+def test_chunked_backward_twice_with_retain_graph():
+    """A second backward has no kept chunk to reuse: it projects every chunk and gives the same gradient."""
+    hidden, labels, head, ref_hidden, ref_head = make_hidden_batch()
+    h = hidden.clone().requires_grad_()
+    loss = build_loss("eksft").chunked(h, head, labels, ref_hidden=ref_hidden, ref_lm_head=ref_head, chunk_tokens=4)
+    (first,) = torch.autograd.grad(loss, h, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, h)
+    assert first.abs().sum() > 0
+    torch.testing.assert_close(second, first)
