@@ -170,9 +170,9 @@ def token_stats(logp: Tensor, y: Tensor, needs: Needs, ref: RefRows | None = Non
 
 
 def token_stats_grad(logp: Tensor, y: Tensor, needs: Needs, ref: RefRows | None, grads: dict[str, Tensor],
-                     h: Tensor) -> Tensor:
+                     entropy: Tensor) -> Tensor:
     """d(Σ_t Σ_s grads[s]_t · s_t) / dz [n, V] for the stats s of `token_stats` that have a gradient,
-    where logp = log_softmax(z) and h is the entropy `token_stats` gave.
+    where logp = log_softmax(z) and `entropy` is the one `token_stats` gave.
 
     In closed form, so that the chunked backward walks the chunk's logits a few times instead of
     building and walking autograd's graph of `token_stats`. With p = softmax(z), per token:
@@ -191,7 +191,7 @@ def token_stats_grad(logp: Tensor, y: Tensor, needs: Needs, ref: RefRows | None,
     scatters = []  # (columns, values) added to the gradient at the end
     if "entropy" in grads or "kl" in grads:
         a = g_kl - g_h
-        b = b + a * h
+        b = b + a * entropy
         inner = logp * a.unsqueeze(-1)
     if "kl" in grads:
         if isinstance(ref, Tensor):
