@@ -83,7 +83,9 @@ class TopK(NamedTuple):
     ids: Tensor
     logp: Tensor
 
-    def rows(self, start: int, end: int) -> TopK:
+    def rows(self, start: int, end: int, needed: Tensor | None = None) -> TopK:
+        """Tokens start:end; all of them even when fewer are `needed` (see RefHead.rows): reading
+        the cache costs nothing next to projecting a head."""
         return TopK(self.ids[start:end], self.logp[start:end])
 
     def rest_logp(self, vocab: int) -> Tensor:
@@ -105,13 +107,14 @@ def topk_cross(p: Tensor, ref: TopK) -> tuple[Tensor, Tensor, Tensor]:
     return p_top, rest, (p_top * ref.logp).sum(-1) + (1 - p_top.sum(-1)) * rest
 
 
-def reverse_kl(logp: Tensor, ref: RefRows, p: Tensor | None = None) -> Tensor:
+def reverse_kl(logp: Tensor, ref: RefRows, p: Tensor | None = None, entropy: Tensor | None = None) -> Tensor:
     """KL(p_θ || p_ref) per token, the reference over the whole vocabulary or its top K (see
-    TopK.rest_logp); `p`: exp(logp) if already computed."""
+    TopK.rest_logp); `p` = exp(logp) and `entropy` = −Σ p log p if already computed."""
     p = logp.exp() if p is None else p
     if isinstance(ref, Tensor):
         return (p * (logp - ref)).sum(-1)  # one sum: −H − Σ p log r would cancel to noise where p ≈ r
-    return (p * logp).sum(-1) - topk_cross(p, ref)[2]
+    entropy = -(p * logp).sum(-1) if entropy is None else entropy
+    return -entropy - topk_cross(p, ref)[2]
 
 
 def gem_weights(logp: Tensor, lp: Tensor, beta: float, h: str) -> Tensor:
@@ -163,7 +166,7 @@ def token_stats(logp: Tensor, y: Tensor, needs: Needs, ref: RefRows | None = Non
     if needs.topk:
         stats.topk_entropy = topk_entropy(logp.detach(), needs.topk)
     if needs.reference:
-        stats.kl = reverse_kl(logp, ref, p)
+        stats.kl = reverse_kl(logp, ref, p, stats.entropy)
     if needs.gem:
         stats.gem = gem_term(logp, lp, *needs.gem)
     return stats
@@ -296,15 +299,14 @@ class ChunkedTokenStats(torch.autograd.Function):
             if not rows:
                 continue
             logp = ref = grad_z = None  # the previous chunk's go before this one's are made
+            h = hidden[start:end]
             if kept is not None and kept[0] == start:
                 (_, logp, ref), kept = kept, None
             else:
                 with torch.autocast(device_type, autocast_dtype, enabled=autocast):
-                    logp = chunk_logp(hidden[start:end], weight, bias)
+                    logp = chunk_logp(h, weight, bias)
                 if "kl" in rows:
-                    ref = (ctx.ref.rows(start, end, rows["kl"] != 0) if isinstance(ctx.ref, RefHead)
-                           else ctx.ref.rows(start, end))
-            h = hidden[start:end]
+                    ref = ctx.ref.rows(start, end, rows["kl"] != 0)
             grad_z = token_stats_grad(logp, y[start:end], ctx.needs, ref, rows, entropy[start:end]).to(h.dtype)
             if grad_hidden is not None:
                 accumulate_matmul(grad_hidden[start:end], grad_z, weight.to(h.dtype))
