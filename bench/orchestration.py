@@ -27,7 +27,7 @@ from pipeline.config import PipelineConfig, parse_config  # noqa: E402
 
 TINY = {
     "demo": {"hidden_size": 64, "num_heads": 1, "num_layers": 1, "intermediate_size": 64,
-             "train_examples": 64, "domain_train_examples": 32, "test_examples": 2},
+             "train_examples": 64, "domain_train_examples": 32, "test_examples": 2, "val_examples": 1},
     "pretrain": {"trainer": {"max_steps": 3, "per_device_train_batch_size": 8}},
     "sft": {"trainer": {"max_steps": 2, "per_device_train_batch_size": 8}},
     "sampling": {"max_tokens": 4, "backend": "hf"},

@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig, load_config
+from pipeline.config import EVAL_SUITES, ConfigError, DataConfig, DataSource, PipelineConfig, load_config
 from pipeline.data import source_digest
 from pipeline.manifest import Manifest, atomic_write_text, digest, results_lock, stage_key
 from pipeline.progress import STAGE_ENV
@@ -157,7 +157,7 @@ class PipelineRun:
 
     @cached_property
     def demo_data(self) -> Manifest:
-        settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.model_dump()}
+        settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.world_settings()}
         return self.run_stage("demo_data", "demo_data", self.cfg, settings, {}, {}, {})
 
     @cached_property
@@ -167,10 +167,13 @@ class PipelineRun:
             return self.cfg.data
         world = self.demo_data
         generated = {
-            "sft": DataSource(path=str(world.path("domain_train"))),
+            "sft": DataSource(path=str(world.path("sft_train"))),
             "target_eval": DataSource(path=str(world.path("domain_test"))),
             "general_eval": DataSource(path=str(world.path("general_test"))),
         }
+        if self.cfg.demo.val_examples:
+            generated |= {"target_val": DataSource(path=str(world.path("domain_val"))),
+                          "general_val": DataSource(path=str(world.path("general_val")))}
         return self.cfg.data.model_copy(update={k: getattr(self.cfg.data, k) or v for k, v in generated.items()})
 
     @cached_property
@@ -181,8 +184,9 @@ class PipelineRun:
 
     @cached_property
     def pretrain(self) -> Manifest:
-        settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.model_dump(), "trainer": self.cfg.pretrain.trainer,
-                    **self.processes}
+        # the data is an input (the world's manifest): the model's own settings and seed, the rest
+        model = self.cfg.demo.model_dump(include=self.cfg.demo.MODEL_FIELDS - {"model_seed"})
+        settings = {"seed": self.cfg.model_seed, "demo": model, "trainer": self.cfg.pretrain.trainer, **self.processes}
         world = self.demo_data
         general = DataSource(path=str(world.path("general_train")))
         return self.run_stage("pretrain", "pretrain", self.cfg, settings, {"data": world}, {}, {"train": general},
@@ -227,12 +231,12 @@ class PipelineRun:
         settings = {
             "sampling": self.cfg.sampling.key_settings(),
             "evaluate": self.cfg.evaluate.model_dump(),
-            "target": self.digest_of(self.data.target_eval),
-            "general": self.digest_of(self.data.general_eval),
             "tokenizer": str(self.cfg.model.tokenizer),
             "measures": 2,  # 2: the answer tokens' entropy too (entropy.json); results without it are redone
         }
-        datasets = {"target": self.data.target_eval, "general": self.data.general_eval}
+        datasets = {suite: getattr(self.data, key) for suite, key in EVAL_SUITES.items()
+                    if getattr(self.data, key) is not None}
+        settings |= {suite: self.digest_of(source) for suite, source in datasets.items()}
         paths = {"baseline": upstream["baseline"].folder} if "baseline" in upstream else {}
         return self.run_stage(name, "evaluate", self.stage_cfg, settings, upstream, inputs, datasets,
                               model=model, **paths)

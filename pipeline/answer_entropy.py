@@ -1,6 +1,8 @@
 """How unsure a model is of the reference answers: its predictive entropy (nats, over the whole
-vocabulary) at each answer token, the answer teacher-forced after the prompt; and the
-histogram of those entropies that the evaluate stage writes (`entropy.json`).
+vocabulary) at each answer token, the answer teacher-forced after the prompt; whether it is
+confidently wrong there (its most likely token is another, at probability >= CONFIDENT: the
+"confident conflicts" a forgetting-aware loss acts on); and the histogram of those entropies
+that the evaluate stage writes (`entropy.json`).
 
 The prompt is formatted and tokenized as for sampling (`format_prompt`, no added special
 tokens), so the context is the one the model answers in. The bins are fixed, from 0 to
@@ -26,6 +28,7 @@ from pipeline.sampling import Prompt, format_prompt, load_hf
 BINS = 40
 # Rows per forward pass: the logits of 8 rows of 1,024 tokens at vocabulary 151,936 are 2.5 GB in bf16.
 BATCH_ROWS = 8
+CONFIDENT = 0.5  # at or above it, the model's top token is its answer: a wrong one is a confident conflict
 
 
 def answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, answer: str) -> tuple[list[int], int]:
@@ -53,31 +56,38 @@ def collate(encoded: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tenso
     return input_ids, attention, labels
 
 
-def answer_entropies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> Tensor:
-    """The model's entropy at each answer token of the prompt/answer `rows`, in order, as float32 on the CPU."""
+def answer_token_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       rows: list[dict]) -> tuple[Tensor, Tensor]:
+    """At each answer token of the prompt/answer `rows`, in order, on the CPU: the model's entropy
+    (float32), and whether it is confidently wrong (bool)."""
     encoded = [answer_ids(tokenizer, row["prompt"], row["answer"]) for row in rows]
     chunk = max(1, CHUNK_LOGITS // model.config.get_text_config().vocab_size)
-    values = []
+    entropies, wrong = [], []
     with torch.no_grad():
         for start in range(0, len(encoded), BATCH_ROWS):
             input_ids, attention, labels = (t.to(model.device) for t in collate(encoded[start:start + BATCH_ROWS]))
             logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-            z, _, _ = select_tokens(logits, labels)
-            # float32 like the training losses, a chunk of tokens at a time
-            values += [entropy(F.log_softmax(part.float(), dim=-1)).cpu() for part in z.split(chunk)]
-    return torch.cat(values)
+            z, y, _ = select_tokens(logits, labels)
+            for part, target in zip(z.split(chunk), y.split(chunk)):  # float32 like the training losses
+                logp = F.log_softmax(part.float(), dim=-1)
+                top = logp.max(-1)
+                entropies.append(entropy(logp).cpu())
+                wrong.append(((top.indices != target) & (top.values >= math.log(CONFIDENT))).cpu())
+    return torch.cat(entropies), torch.cat(wrong)
 
 
-def histogram(values: Tensor, edges: np.ndarray) -> dict:
-    """Counts per bin, the number of tokens and their mean entropy (NaN without tokens)."""
+def histogram(values: Tensor, wrong: Tensor, edges: np.ndarray) -> dict:
+    """Counts per bin, the number of tokens, their mean entropy and the share of them the model is
+    confidently wrong at (NaN without tokens)."""
     # Rounding can put a near-uniform distribution's entropy a hair above log(vocabulary size).
     counts, _ = np.histogram(values.numpy().clip(0, edges[-1]), edges)
-    return {"counts": counts.tolist(), "tokens": len(values), "mean": values.mean().item()}
+    return {"counts": counts.tolist(), "tokens": len(values), "mean": values.mean().item(),
+            "confident_wrong": wrong.float().mean().item()}
 
 
 def answer_entropy_histograms(model_dir: Path, tokenizer_dir: str | None, suites: dict[str, list[dict]]) -> dict:
     """`entropy.json`: the bin edges, and per suite (name -> prompt/answer rows) its histogram."""
     model, tokenizer = load_hf(model_dir, tokenizer_dir)
     edges = np.linspace(0, math.log(model.config.get_text_config().vocab_size), BINS + 1)
-    return {"edges": edges.tolist(), "suites": {suite: histogram(answer_entropies(model, tokenizer, rows), edges)
+    return {"edges": edges.tolist(), "suites": {suite: histogram(*answer_token_stats(model, tokenizer, rows), edges)
                                                 for suite, rows in suites.items()}}

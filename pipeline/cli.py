@@ -117,8 +117,9 @@ def compare(
     config: Path = CONFIG,
     debug: bool = typer.Option(False, "--debug", help="show full tracebacks"),
 ) -> None:
-    """Run the pipeline once per arm (SFT loss) and seed of the config's `compare` section,
-    sharing the stages they have in common, and write the comparison report (Markdown, HTML,
+    """Run the pipeline once per arm (SFT loss), learning rate and seed of the config's `compare`
+    section, sharing the stages they have in common, and write the comparison report (each arm
+    at its learning rate chosen on validation, the frontier over learning rates; Markdown, HTML,
     JSON, plots; also logged to MLflow)."""
     from flows.compare import run_compare
 

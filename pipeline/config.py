@@ -55,6 +55,21 @@ class DemoConfig(Section):
     train_examples: int = Field(24000, gt=0, description="general-task examples for pretraining")
     domain_train_examples: int = Field(2000, gt=0)
     test_examples: int = Field(100, gt=0, description="per task, for evaluation")
+    val_examples: int = Field(
+        50, ge=0, description="per task, a validation split apart from train and test, on which `compare` chooses "
+        "each arm's settings; 0: none")
+    general_replay: float = Field(
+        0.0, ge=0, lt=1, description="share of the SFT data that is general replay: rows of the pretraining data mixed "
+        "into the domain's, as practitioners do against forgetting")
+    model_seed: int | None = Field(
+        None, description="seed of the base model's initialisation and pretraining order; null: the config's `seed`. "
+        "The generated data depends on `seed` only, so base models of several seeds share one evaluation")
+
+    MODEL_FIELDS: typing.ClassVar = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "model_seed"}
+
+    def world_settings(self) -> dict[str, Any]:
+        """The settings the generated data depends on (not the model's)."""
+        return self.model_dump(exclude=self.MODEL_FIELDS)
 
     @model_validator(mode="after")
     def _head_dim_64(self) -> DemoConfig:
@@ -84,6 +99,12 @@ class DataSource(Section):
         return self
 
 
+# Evaluation suite -> the `data` key of its data set. The test suites come first; the `val_` ones
+# are validation splits, on which `compare` chooses settings.
+EVAL_SUITES = {"target": "target_eval", "general": "general_eval", "val_target": "target_val",
+               "val_general": "general_val"}
+
+
 class DataConfig(Section):
     # null: the demo world's generated data (only when model.path is null).
     sft: DataSource | None = None
@@ -91,6 +112,11 @@ class DataConfig(Section):
     general_eval: DataSource | None = None
     # prompt/chosen/rejected pairs for DPO; null: on-policy pairs from the SFT model (stage `pairs`)
     preference: DataSource | None = None
+    # Validation suites, scored beside the test suites (metrics `val_target/...`, `val_general/...`):
+    # `posttrain compare` chooses settings on them, never on the test prompts. null: none
+    # (the demo world generates them).
+    target_val: DataSource | None = None
+    general_val: DataSource | None = None
 
 
 class LossConfig(Section):
@@ -271,6 +297,40 @@ class CompareConfig(Section):
     baseline: str = Field("ce", description="the arm every other arm is compared against")
     bootstrap: int = Field(10000, ge=100, description="resamples of the paired bootstrap")
     report_dir: Path | None = Field(None, description="where the report goes; null: results_dir/compare/<name>")
+    learning_rates: list[float] | None = Field(
+        None, min_length=1, description="SFT learning rates: every arm runs at each (and each seed), and the report "
+        "uses each arm's best on the validation prompts (`select`); null: sft.trainer.learning_rate only")
+    base_seeds: list[int] | None = Field(
+        None, description="demo world only: one per entry of `seeds`, the seed of the base model that seed's pipelines "
+        "start from (demo.model_seed; the data, hence the evaluation prompts, stay the same); null: one base model")
+    select: Literal["target+retention", "target", "retention"] = Field(
+        "target+retention", description="how each arm's learning rate is chosen: the highest mean over seeds, after "
+        "SFT and on the validation prompts only, of val_target/pass_at_1 + val_general/retention, or of either alone")
+    matched_target: list[float] | None = Field(
+        None, min_length=1, description="target Pass@1 levels at which the report also compares general retention "
+        "(interpolated along each arm's learning rates), besides the highest level every arm reaches; null: that one")
+
+    @field_validator("learning_rates")
+    @classmethod
+    def _positive_distinct_rates(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (min(value) <= 0 or len(set(value)) != len(value)):
+            raise ValueError(f"learning rates must be positive and differ: got {value}")
+        return value
+
+    @field_validator("base_seeds")
+    @classmethod
+    def _one_base_seed_per_seed(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        seeds = info.data.get("seeds")
+        if value is not None and seeds is not None and len(value) != len(seeds):
+            raise ValueError(f"needs one base model seed per entry of compare.seeds ({len(seeds)}): got {len(value)}")
+        return value
+
+    @field_validator("matched_target")
+    @classmethod
+    def _levels_are_pass_rates(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(0 <= v <= 1 for v in value):
+            raise ValueError(f"target Pass@1 levels lie in [0, 1]: got {value}")
+        return value
 
     @model_validator(mode="after")
     def _baseline_is_an_arm(self) -> CompareConfig:
@@ -314,15 +374,35 @@ class PipelineConfig(Section):
         return self.model.path is None
 
     @property
+    def model_seed(self) -> int:
+        """The demo base model's seed (see DemoConfig.model_seed)."""
+        return self.seed if self.demo.model_seed is None else self.demo.model_seed
+
+    @property
     def pair_prompts(self) -> DataSource | None:
         """The prompts the on-policy pairs are sampled from: `pairs.prompts`, else the SFT data."""
         return self.pairs.prompts or self.data.sft
 
-    def arm(self, name: str, seed: int) -> PipelineConfig:
-        """One arm and seed of `compare`: the arm's SFT loss, `seed` for the SFT and DPO trainers."""
-        sft = self.sft.model_copy(update={"loss": self.compare.arms[name], "trainer": {**self.sft.trainer, "seed": seed}})
+    def arm(self, name: str, seed: int, learning_rate: float) -> PipelineConfig:
+        """One arm, seed and learning rate of `compare`: the arm's SFT loss at `learning_rate`, `seed`
+        for the SFT and DPO trainers, and the base model of the seed's `compare.base_seeds` entry."""
+        compare = self.compare
+        # the config's own rate is left as given (unswept), so that a plain run shares this one's SFT key
+        trainer = {**self.sft.trainer, "seed": seed} | ({"learning_rate": learning_rate} if compare.learning_rates else {})
+        sft = self.sft.model_copy(update={"loss": compare.arms[name], "trainer": trainer})
         dpo = self.dpo.model_copy(update={"trainer": {**self.dpo.trainer, "seed": seed}})
-        return self.model_copy(update={"name": f"{self.name}/{name}/seed{seed}", "sft": sft, "dpo": dpo, "compare": None})
+        update = {"name": f"{self.name}/{name}/lr{learning_rate:g}/seed{seed}", "sft": sft, "dpo": dpo, "compare": None}
+        if compare.base_seeds is not None:
+            update["demo"] = self.demo.model_copy(update={"model_seed": compare.base_seeds[compare.seeds.index(seed)]})
+        return self.model_copy(update=update)
+
+    @model_validator(mode="after")
+    def _base_seeds_need_the_demo(self) -> PipelineConfig:
+        if self.compare and self.compare.base_seeds is not None and not self.is_demo:
+            # a given model has one set of weights: nothing to re-seed
+            raise ValueError(f"compare.base_seeds: seeds the demo world's base model, but model.path is set "
+                             f"({self.model.path}): remove compare.base_seeds")
+        return self
 
     @model_validator(mode="after")
     def _ks_within_n(self) -> PipelineConfig:
@@ -337,6 +417,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _code_needs_opt_in(self) -> PipelineConfig:
         scored = {"data.target_eval": self.data.target_eval, "data.general_eval": self.data.general_eval,
+                  "data.target_val": self.data.target_val, "data.general_val": self.data.general_val,
                   "pairs.prompts": self.pairs.prompts, "data.sft": self.data.sft}  # sft: its pairs are scored
         for key, source in scored.items():
             if source is not None and source.verifier == "code" and not self.evaluate.allow_untrusted_code:

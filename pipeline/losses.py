@@ -356,8 +356,15 @@ def eksft_loss(
     union: bool,
     lambda_entropy: float,
     lambda_kl: float,
+    normalize: str,
 ) -> tuple[Tensor, Diagnostics]:
     """EKSFT: CE outside M = S_H ∪ S_KL (or ∩), minus an entropy bonus on S_H, plus KL on S_KL.
+
+    normalize="kept" divides the kept CE by the kept tokens, as the official trainer does
+    (MINE-USTC/EKSFT: a mean over the unmasked tokens); "all" by every valid token, as a
+    token-level loss usually is. With gradient accumulation the kept count of the whole batch
+    is not known per micro-batch: n (all its valid tokens) is scaled by this micro-batch's kept
+    share, which is exact for one micro-batch per step.
 
     Diagnostics masked_entropy_frac / masked_kl_frac are the fractions in S_H only / S_KL only,
     masked_both_frac in both, masked_frac in M.
@@ -366,7 +373,10 @@ def eksft_loss(
     k = math.floor(ratio * len(lp))
     in_h, in_kl = topk_mask(h, k), topk_mask(kl, k)
     m = in_h | in_kl if union else in_h & in_kl
-    ce = -(lp * ~m).sum() / n
+    kept = ~m
+    if normalize == "kept":  # at least 1 when a token is kept (n >= this micro-batch's tokens); else CE is 0
+        n = (n * kept.sum() / max(len(lp), 1)).clamp(min=1)
+    ce = -(lp * kept).sum() / n
     # The regularisers are means over this micro-batch's S_H / S_KL, as the paper defines them,
     # so unlike CE they are not rescaled by num_items_in_batch; empty sets (k=0) give 0.
     reg = -lambda_entropy * mean(h / math.log(s.vocab), in_h) + lambda_kl * mean(kl, in_kl)
@@ -402,7 +412,7 @@ LOSSES: dict[str, tuple[LossFn, dict[str, Any], Callable[[dict[str, Any]], Needs
     "dft": (dft_loss, {}, lambda p: Needs()),
     "eaft": (eaft_loss, {"topk": 20, "alpha": 1.0}, lambda p: Needs(topk=p["topk"])),
     "masked": (masked_loss, {"quantile": 0.15}, lambda p: Needs()),
-    "eksft": (eksft_loss, {"ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05},
+    "eksft": (eksft_loss, {"ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05, "normalize": "kept"},
               lambda p: Needs(reference=True)),
     "gem": (gem_loss, {"beta": 0.7, "h": "linear"}, lambda p: Needs(gem=(p["beta"], p["h"]))),
 }
@@ -418,6 +428,7 @@ PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lambda_kl": (_number(0), "a number >= 0"),
     "beta": (_number(0, lo_open=True), "a number > 0"),
     "h": (lambda v: v in ("linear", "logsigmoid"), "'linear' or 'logsigmoid'"),
+    "normalize": (lambda v: v in ("kept", "all"), "'kept' or 'all'"),
 }
 
 

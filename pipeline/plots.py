@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 
 def save(fig, png: Path) -> None:
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, bbox_inches="tight")  # "tight": keeps legends placed outside the axes
     plt.close(fig)
+
+
+def legend_outside(ax, **options) -> None:
+    """The legend to the right of `ax`, off the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, **options)
+
+
+def errors(s: dict[str, float]) -> list[list[float]]:
+    """A {mean, low, high} summary as matplotlib's asymmetric error-bar lengths."""
+    return [[s["mean"] - s["low"]], [s["high"] - s["mean"]]]
+
+
+def lr_label(learning_rate: float) -> str:
+    """A learning rate as people write it: 1e-5, 2.5e-4."""
+    return np.format_float_scientific(learning_rate, trim="-", exp_digits=1)
+
+
+def top_of(values: list[float]) -> float:
+    """An axis top for scores and ratios: 1, or the highest finite value if above it, with room for labels."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return max([1.0, *finite]) * 1.05
 
 
 def loss_curve(log_history: Path, png: Path) -> None:
@@ -58,37 +82,86 @@ PHASE_TITLES = {"sft": "after SFT", "dpo": "after SFT + DPO"}
 def pass_at_k_curves(report: dict, png: Path) -> None:
     """Target Pass@K against K (log axis), one panel per phase, one line per arm (mean over
     seeds, band from the lowest to the highest seed)."""
-    phases = report["phases"]
+    phases, seeds = report["phases"], len(report["seeds"])
     fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), sharey=True, squeeze=False)
     for ax, phase in zip(axes[0], phases):
         for arm, curve in report["curves"][phase].items():
             line, = ax.plot(curve["k"], curve["mean"], marker="o", markersize=3, label=arm)
             ax.fill_between(curve["k"], curve["low"], curve["high"], color=line.get_color(), alpha=0.15)
+        n = max(k for curve in report["curves"][phase].values() for k in curve["k"])
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | set(report["ks"])))
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 32, not 2^5
         ax.set_xlabel("K")
+        ax.set_ylim(0, 1.02)
         ax.set_title(PHASE_TITLES[phase])
     axes[0][0].set_ylabel("target Pass@K")
-    axes[0][0].legend(fontsize=8)
+    legend_outside(axes[0][-1], title=f"arm (mean; band: lowest\nto highest of {seeds} seeds)")
     save(fig, png)
+
+
+def chosen_point(report: dict, phase: str, arm: str) -> dict:
+    """The arm's frontier point at its learning rate chosen on validation."""
+    rate = report["selected"][arm]["learning_rate"]
+    return next(p for p in report["frontier"][phase][arm] if p["learning_rate"] == rate)
 
 
 def gain_vs_retention(report: dict, png: Path) -> None:
     """Each arm's target Pass@1 gain over the base model against its general retention, after
-    SFT (circles) and after DPO (squares), with 95% intervals over seeds: up and right is better."""
-    base = report["base"].get("target/pass_at_1", 0.0)
+    SFT (circles) and after DPO (squares), at its chosen learning rate, with 95% intervals over
+    seeds: up and right is better. Retention cannot be negative, so its axis starts at 0 (a
+    t-interval's lower end below 0 is its symmetry, not a score)."""
     markers = {"sft": "o", "dpo": "s"}
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    retention = []
     for i, arm in enumerate(report["arms"]):
-        color = f"C{i}"
         for phase in report["phases"]:
-            s = report["summary"][phase][arm]
-            x, y = s["general/retention"], s["target/pass_at_1"]
-            ax.errorbar(x["mean"], y["mean"] - base, xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
-                        yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]], fmt=markers[phase], color=color,
-                        label=f"{arm} {PHASE_TITLES[phase]}")
+            point = chosen_point(report, phase, arm)
+            x, y = point["retention"], point["gain"]
+            ax.errorbar(x["mean"], y["mean"], xerr=errors(x), yerr=errors(y), fmt=markers[phase], color=f"C{i}",
+                        capsize=2, label=f"{arm} {PHASE_TITLES[phase]} (lr {lr_label(point['learning_rate'])})")
+            retention.append(x["high"])
+    ax.set_xlim(0, top_of(retention))
     ax.set_xlabel("general retention (general Pass@1 / base model's)")
     ax.set_ylabel("target Pass@1 gain over the base model")
-    ax.legend(fontsize=7)
+    ax.set_title(f"each arm at its chosen learning rate; bars: 95% interval over {len(report['seeds'])} seeds",
+                 fontsize=9)
+    legend_outside(ax)
+    save(fig, png)
+
+
+def frontier_plot(report: dict, png: Path) -> None:
+    """General retention against target Pass@1, one panel per phase, one line per arm through
+    its learning rates in ascending order, each point labelled with its rate: the mean over
+    seeds with 95% t-interval bars; a hollow marker is off the arm's Pareto frontier, a black
+    ring marks the rate chosen on validation. Both axes run from 0 to at least 1."""
+    phases, markers = report["phases"], "osD^v<>ph*"
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4.5), sharey=True, squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        for i, (arm, points) in enumerate(report["frontier"][phase].items()):
+            style = {"color": f"C{i}", "marker": markers[i % len(markers)], "markersize": 6}
+            ax.plot([p["target"]["mean"] for p in points], [p["retention"]["mean"] for p in points], label=arm, **style)
+            for p in points:
+                x, y = p["target"]["mean"], p["retention"]["mean"]
+                ax.errorbar(x, y, xerr=errors(p["target"]), yerr=errors(p["retention"]), capsize=2,
+                            markerfacecolor=None if p["pareto"] else "white", **style)
+                ax.annotate(lr_label(p["learning_rate"]), (x, y), fontsize=7, textcoords="offset points",
+                            xytext=(5, 4), color=f"C{i}")
+        chosen = [chosen_point(report, phase, arm) for arm in report["frontier"][phase]]
+        ax.plot([p["target"]["mean"] for p in chosen], [p["retention"]["mean"] for p in chosen], "o", markersize=13,
+                markerfacecolor="none", markeredgecolor="black", linestyle="none", label="chosen on validation")
+        ax.set_xlabel("target Pass@1")
+        ax.set_title(PHASE_TITLES[phase])
+    highs = [p[axis]["high"] for arms in report["frontier"].values() for points in arms.values() for p in points
+             for axis in ("target", "retention")]
+    axes[0][0].set_ylim(0, top_of(highs))
+    for ax in axes[0]:
+        ax.set_xlim(0, top_of(highs))
+    axes[0][0].set_ylabel("general retention (general Pass@1 / base model's)")
+    legend_outside(axes[0][-1])
+    caption = (f"Each point: one learning rate (labelled), mean over {len(report['seeds'])} seeds, bars: 95% "
+               "t-interval over seeds; lines join an arm's rates in ascending order; hollow: off the arm's Pareto frontier.")
+    fig.text(0.01, -0.02, caption, fontsize=8, ha="left", va="top")
     save(fig, png)
 
 
@@ -100,11 +173,11 @@ def loss_curves(histories: dict[str, dict[str, list[list[dict]]]], png: Path) ->
         for arm, seeds in arms.items():
             steps = sorted({h["step"] for history in seeds for h in history if "loss" in h})
             per_step = [[h["loss"] for history in seeds for h in history if "loss" in h and h["step"] == s] for s in steps]
-            ax.plot(steps, [sum(v) / len(v) for v in per_step], label=arm)
+            ax.plot(steps, [sum(v) / len(v) for v in per_step], label=f"{arm} (mean of {len(seeds)} seeds)")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.set_title(stage)
-        ax.legend(fontsize=8)
+    legend_outside(axes[0][-1])
     save(fig, png)
 
 
@@ -122,7 +195,7 @@ def entropy_histograms(report: dict, png: Path) -> None:
                 entropy_stairs(ax, entropy[phase][arm][suite], entropy["edges"], PHASE_TITLES[phase])
             ax.set_title(f"{arm}, {suite} suite")
             ax.set_ylabel("fraction of tokens")
-        row[0].legend(fontsize=8)
+    legend_outside(axes[0][-1], title=f"tokens of {len(report['seeds'])} seeds")
     for ax in axes[-1]:
         ax.set_xlabel("entropy at the answer tokens (nats)")
     save(fig, png)

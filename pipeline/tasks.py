@@ -1,10 +1,11 @@
 """Synthetic tasks of the demo world, each with a generator and an exactly checkable answer.
 
-General tasks (the skills the base model must not forget) write numbers the usual way,
-most significant digit first. The domain task, multiplication, writes its answer least
-significant digit first: right after "=", the base model confidently predicts the leading
-digit, and the domain data contradicts that prior on the first answer tokens. That is the
-"confident conflict" the forgetting-aware losses act on, and plain SFT on it erodes addition.
+The general tasks are the skills the base model must not forget; the base model learns each
+of them well in pretraining (Pass@1 >= 0.9). The domain task, sorting digits in DESCENDING
+order (`dsort 2715=` -> `7521`), is one the base model gets confidently wrong: after `dsort`
+it writes the digits ascending, as `sort` taught it, with probability near 1 (entropy about
+0.04 nats). Those are the "confident conflicts" the forgetting-aware losses act on, and plain
+SFT on them erodes the general skills, `sort` first, then the others, in part.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from collections.abc import Callable
 Example = dict[str, str]  # {"task", "prompt", "completion"}
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"{a}+{b}=", str(a + b)
+def _digits(rng: random.Random) -> str:
+    return "".join(rng.choices(string.digits, k=rng.randint(3, 8)))
+
+
+def _upper(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))
+    return f"up {word}=", word.upper()
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
@@ -27,28 +32,28 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    digits = "".join(rng.choices(string.digits, k=rng.randint(3, 8)))
+    digits = _digits(rng)
     return f"sort {digits}=", "".join(sorted(digits))
 
 
 def _count(rng: random.Random) -> tuple[str, str]:
     letter = rng.choice("abc")
-    word = "".join(rng.choices("abcd", k=rng.randint(3, 9)))
+    word = "".join(rng.choices("abcd", k=rng.randint(3, 7)))
     return f"count {letter} in {word}=", str(word.count(letter))
 
 
-def _multiply_reversed(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 299), rng.randint(2, 9)
-    return f"{a}*{b}=", str(a * b)[::-1]
+def _sort_descending(rng: random.Random) -> tuple[str, str]:
+    digits = _digits(rng)
+    return f"dsort {digits}=", "".join(sorted(digits, reverse=True))
 
 
 GENERAL_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "add": _add,
+    "count": _count,
     "reverse": _reverse,
     "sort": _sort,
-    "count": _count,
+    "upper": _upper,
 }
-DOMAIN_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"mul_reversed": _multiply_reversed}
+DOMAIN_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"dsort": _sort_descending}
 
 
 def generate(
@@ -76,13 +81,31 @@ def generate(
     return examples
 
 
-def make_splits(seed: int, train: int, domain_train: int, test: int) -> dict[str, list[Example]]:
-    """The demo world's data: general train/test and domain train/test, test prompts never in train."""
+def _prompts(*splits: list[Example]) -> set[str]:
+    return {e["prompt"] for split in splits for e in split}
+
+
+def make_splits(seed: int, train: int, domain_train: int, test: int, val: int = 0,
+                replay: float = 0.0) -> dict[str, list[Example]]:
+    """The demo world's data. General and domain tasks each get train, validation and test
+    splits (`test` and `val` examples per task), no prompt in two of them. `sft_train` is the
+    domain's training rows plus general replay: rows of the pretraining data (`general_train`),
+    `replay` of the whole, shuffled in."""
     general_test = generate(GENERAL_TASKS, test * len(GENERAL_TASKS), seed + 1)
     domain_test = generate(DOMAIN_TASKS, test * len(DOMAIN_TASKS), seed + 2)
+    general_val = generate(GENERAL_TASKS, val * len(GENERAL_TASKS), seed + 4, _prompts(general_test))
+    domain_val = generate(DOMAIN_TASKS, val * len(DOMAIN_TASKS), seed + 5, _prompts(domain_test))
+    general_train = generate(GENERAL_TASKS, train, seed, _prompts(general_test, general_val))
+    domain_rows = generate(DOMAIN_TASKS, domain_train, seed + 3, _prompts(domain_test, domain_val))
+    rng = random.Random(seed + 6)
+    replayed = rng.sample(general_train, round(domain_train * replay / (1 - replay)))
+    sft_train = domain_rows + replayed
+    rng.shuffle(sft_train)
     return {
-        "general_train": generate(GENERAL_TASKS, train, seed, {e["prompt"] for e in general_test}),
+        "general_train": general_train,
+        "general_val": general_val,
         "general_test": general_test,
-        "domain_train": generate(DOMAIN_TASKS, domain_train, seed + 3, {e["prompt"] for e in domain_test}),
+        "domain_val": domain_val,
         "domain_test": domain_test,
+        "sft_train": sft_train,
     }

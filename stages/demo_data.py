@@ -14,10 +14,11 @@ from pipeline.tasks import make_splits
 
 def run(cfg: PipelineConfig, out: Path) -> Manifest:
     demo = cfg.demo
-    splits = make_splits(cfg.seed, demo.train_examples, demo.domain_train_examples, demo.test_examples)
+    splits = make_splits(cfg.seed, demo.train_examples, demo.domain_train_examples, demo.test_examples,
+                         demo.val_examples, demo.general_replay)
     outputs = {"tokenizer": "tokenizer"}
     for name, rows in splits.items():
-        if name.endswith("_test"):  # evaluation rows: an id and the reference answer
+        if name.endswith(("_test", "_val")):  # evaluation rows: an id and the reference answer
             rows = [{"id": f"{name}-{i}", "task": r["task"], "prompt": r["prompt"], "answer": r["completion"]}
                     for i, r in enumerate(rows)]
         write_jsonl(out / f"{name}.jsonl", rows)

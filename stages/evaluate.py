@@ -1,7 +1,9 @@
 """Stage `evaluate`: sample and score a model on the target suite and the general suite
-("what it must not forget"): Pass@K per suite, per-task Pass@1, diversity, the
-retention of the general score against the base model's evaluation, and the model's
-entropy at the reference answers' tokens (its histogram, `entropy.json`, and mean)."""
+("what it must not forget"), and on their validation splits where given (`val_target`,
+`val_general`): Pass@K per suite, per-task Pass@1, diversity, the retention of the general
+score against the base model's evaluation, and, at the reference answers' tokens of the test
+suites, the model's entropy (its histogram, `entropy.json`, and mean) and the share of tokens
+it is confidently wrong at (`confident_wrong`: the "confident conflicts")."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 from pathlib import Path
 
 from pipeline.answer_entropy import answer_entropy_histograms
-from pipeline.config import DataSource, PipelineConfig
+from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
 from pipeline.data import EVAL_FIELDS, load_rows, write_jsonl
 from pipeline.manifest import Manifest, atomic_write_text
 from pipeline.metrics import pass_at_k_table, sample_counts
@@ -18,7 +20,7 @@ from pipeline.sampling import sample
 from pipeline.stage import stage_main
 from pipeline.verifiers import get_verifier
 
-SUITES = ("target", "general")
+TEST_SUITES = ("target", "general")
 
 
 def score_suite(rows: list[dict], completions: list[list[str]], source: DataSource, cfg: PipelineConfig) -> list[dict]:
@@ -51,12 +53,12 @@ def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, fl
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = None) -> Manifest:
-    suites = {suite: getattr(cfg.data, f"{suite}_eval") for suite in SUITES}
+    suites = {suite: getattr(cfg.data, key) for suite, key in EVAL_SUITES.items() if getattr(cfg.data, key)}
     rows = {suite: list(load_rows(source, EVAL_FIELDS))[: cfg.evaluate.max_prompts] for suite, source in suites.items()}
-    # One sampling call for both suites: the engine starts once per stage.
-    prompts = [r["prompt"] for suite in SUITES for r in rows[suite]]
-    names = [f"data.{suite}_eval ({suites[suite].path or suites[suite].hub}) row {i + 1}"
-             for suite in SUITES for i in range(len(rows[suite]))]
+    # One sampling call for all suites: the engine starts once per stage.
+    prompts = [r["prompt"] for suite in suites for r in rows[suite]]
+    names = [f"data.{EVAL_SUITES[suite]} ({source.path or source.hub}) row {i + 1}"
+             for suite, source in suites.items() for i in range(len(rows[suite]))]
     completions = iter(sample(model, prompts, cfg.sampling, cfg.model.tokenizer, names))
     metrics: dict[str, float] = {}
     outputs = {}
@@ -65,16 +67,20 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
         write_jsonl(out / f"samples_{suite}.jsonl", scored)
         outputs[f"samples_{suite}"] = f"samples_{suite}.jsonl"
         metrics |= suite_metrics(suite, scored, cfg.evaluate.ks)
-    # After sampling, which (with vLLM) needs the GPU memory to itself.
-    entropy = answer_entropy_histograms(model, cfg.model.tokenizer, rows)
+    # After sampling, which (with vLLM) needs the GPU memory to itself; the test suites only.
+    entropy = answer_entropy_histograms(model, cfg.model.tokenizer, {suite: rows[suite] for suite in TEST_SUITES})
     atomic_write_text(out / "entropy.json", json.dumps(entropy, indent=1))
     entropy_histogram(entropy, out / "entropy.png")
     outputs |= {"entropy": "entropy.json", "entropy_plot": "entropy.png"}
-    metrics |= {f"{suite}/answer_entropy": h["mean"] for suite, h in entropy["suites"].items()}
+    for suite, h in entropy["suites"].items():
+        metrics |= {f"{suite}/answer_entropy": h["mean"], f"{suite}/confident_wrong": h["confident_wrong"]}
     if baseline is not None:
-        before = Manifest.read(baseline).metrics["general/pass_at_1"]
-        metrics["general/retention"] = metrics["general/pass_at_1"] / before if before > 0 else float("nan")
+        before = Manifest.read(baseline).metrics
+        for general in (s for s in suites if s.endswith("general")):
+            base = before[f"{general}/pass_at_1"]
+            metrics[f"{general}/retention"] = metrics[f"{general}/pass_at_1"] / base if base > 0 else float("nan")
     return Manifest("evaluate", out.name, outputs, metrics=metrics)
+
 
 if __name__ == "__main__":
     stage_main(run)

@@ -18,9 +18,9 @@ from pipeline.training import TRAINING_OUTPUTS, train_sft
 def run(cfg: PipelineConfig, out: Path, data: Path) -> Manifest:
     world = Manifest.read(data)
     tokenizer = AutoTokenizer.from_pretrained(world.path("tokenizer"))
-    model = build_model(cfg.demo, tokenizer, cfg.seed)
+    model = build_model(cfg.demo, tokenizer, cfg.model_seed)
     dataset = load_rows(DataSource(path=str(world.path("general_train"))), SFT_FIELDS)
-    metrics = train_sft(model, tokenizer, dataset, cfg.pretrain.trainer, LossConfig(name="ce"), out, cfg.seed)
+    metrics = train_sft(model, tokenizer, dataset, cfg.pretrain.trainer, LossConfig(name="ce"), out, cfg.model_seed)
     return Manifest("pretrain", out.name, TRAINING_OUTPUTS, metrics=metrics)
 
 

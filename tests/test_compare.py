@@ -14,8 +14,9 @@ from pipeline.cli import app
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import write_jsonl
 from pipeline.manifest import Manifest
-from pipeline.metrics import mean_interval, paired_bootstrap
-from pipeline.report import verdict
+from pipeline.metrics import mean_interval, paired_bootstrap, pass_at_k_table, sample_counts
+from pipeline.report import (ArmRun, build_report, matched_retention, pareto, retention_at, select_learning_rates,
+                             verdict, write_report)
 from tests.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,264 @@ def test_compare_config_errors_name_the_key():
         parse_config({"name": "x", "compare": {"arms": {"ce": {"name": "ce"}, "eaft": {"name": "eaft", "top": 3}}}})
 
 
-@pytest.mark.parametrize("name", ["claim.yaml", "claim-small.yaml"])
+def compare_config(**compare):
+    return parse_config({"name": "x", "compare": {"arms": {"ce": {"name": "ce"}, "eaft": {"name": "eaft"}}, **compare}})
+
+
+@pytest.mark.parametrize("compare, error", [
+    ({"seeds": [0, 1, 2], "base_seeds": [7, 8]},
+     r"compare\.base_seeds: needs one base model seed per entry of compare\.seeds \(3\): got 2"),
+    ({"learning_rates": [1e-4, 1e-4]}, r"compare\.learning_rates: learning rates must be positive and differ"),
+    ({"learning_rates": [0.0, 1e-4]}, r"compare\.learning_rates: learning rates must be positive and differ"),
+    ({"select": "test"}, r"compare\.select: Input should be 'target\+retention', 'target' or 'retention' "
+                         r"\(got 'test'\)"),
+    ({"matched_target": [1.5]}, r"compare\.matched_target: target Pass@1 levels lie in \[0, 1\]"),
+], ids=["base_seeds-length", "learning_rates-repeated", "learning_rates-zero", "select-unknown",
+        "matched_target-range"])
+def test_compare_sweep_config_errors_name_the_key(compare, error):
+    with pytest.raises(ConfigError, match=error):
+        compare_config(**compare)
+
+
+def test_base_seeds_are_refused_with_a_real_model(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    write_jsonl(data, [{"prompt": "1+1=", "answer": "2", "completion": "2"}])
+    source = {"path": str(data)}
+    with pytest.raises(ConfigError, match=r"compare\.base_seeds: .*model\.path is set"):  # by `validate` already
+        parse_config({"name": "x", "model": {"path": "org/model"},
+                      "data": {"sft": source, "target_eval": source, "general_eval": source},
+                      "compare": {"arms": {"ce": {"name": "ce"}}, "seeds": [0, 1], "base_seeds": [5, 6]}})
+
+
+def test_compare_refuses_a_choice_without_validation_prompts(tmp_path):
+    from flows.compare import check_validation_data
+
+    data = tmp_path / "rows.jsonl"
+    write_jsonl(data, [{"prompt": "1+1=", "answer": "2", "completion": "2"}])
+    source = {"path": str(data)}
+    real = {"name": "x", "model": {"path": "org/model"}, "data": {"sft": source, "target_eval": source,
+                                                                 "general_eval": source, "target_val": source}}
+    with pytest.raises(ConfigError, match=r"compare\.select: target\+retention is scored on validation prompts: "
+                                          r"give data\.general_val$"):
+        check_validation_data(parse_config({**real, "compare": {"arms": {"ce": {"name": "ce"}}}}))
+    check_validation_data(parse_config({**real, "compare": {"arms": {"ce": {"name": "ce"}}, "select": "target"}}))
+    no_split = parse_config({"name": "x", "demo": {"val_examples": 0}, "compare": {"arms": {"ce": {"name": "ce"}}}})
+    with pytest.raises(ConfigError, match=r"give data\.general_val, data\.target_val \(or demo\.val_examples > 0\)"):
+        check_validation_data(no_split)
+    check_validation_data(compare_config())  # the demo world generates both
+
+
+def test_arm_sets_the_learning_rate_seeds_and_name():
+    cfg = compare_config(seeds=[0, 1], base_seeds=[10, 11], learning_rates=[1e-5, 5e-5])
+    arm = cfg.arm("eaft", 1, 5e-5)
+    assert arm.name == "x/eaft/lr5e-05/seed1" and arm.compare is None
+    assert arm.sft.loss.name == "eaft" and arm.sft.trainer["learning_rate"] == 5e-5
+    assert arm.sft.trainer["seed"] == 1 and arm.dpo.trainer["seed"] == 1
+    assert arm.demo.model_seed == 11 and arm.model_seed == 11 and arm.seed == cfg.seed  # the data's seed stays
+    plain = compare_config(seeds=[0, 1]).arm("ce", 0, 2e-4)
+    # unswept: the config's own rate stays as given, so a plain run of the config shares this SFT key
+    assert plain.demo == cfg.demo and "learning_rate" not in plain.sft.trainer
+
+
+def test_learning_rates_default_to_the_configs_own():
+    from flows.compare import learning_rates
+
+    cfg = parse_config({"name": "x", "sft": {"trainer": {"learning_rate": 3e-4}},
+                        "compare": {"arms": {"ce": {"name": "ce"}}}})
+    assert learning_rates(cfg) == [3e-4]
+    swept = cfg.model_copy(update={"compare": cfg.compare.model_copy(update={"learning_rates": [1e-3, 1e-5]})})
+    assert learning_rates(swept) == [1e-5, 1e-3]
+
+
+def test_pareto_keeps_the_points_no_other_beats_on_both():
+    points = [(0.2, 0.9), (0.5, 0.6), (0.4, 0.5), (0.8, 0.1), (0.5, 0.6), (0.8, 0.05)]
+    # (0.4, 0.5) loses to (0.5, 0.6) on both; (0.8, 0.05) ties on target, loses on retention;
+    # equal points do not beat each other
+    assert pareto(points) == [True, True, False, True, True, False]
+
+
+def test_retention_at_a_target_level_is_interpolated_along_the_rates():
+    curve = [(0.1, 0.9), (0.5, 0.5), (0.7, 0.1)]  # rising target, falling retention, in learning-rate order
+    assert retention_at(curve, 0.3) == pytest.approx(0.7)
+    assert retention_at(curve, 0.6) == pytest.approx(0.3)
+    assert retention_at(curve, 0.5) == 0.5 and retention_at(curve, 0.1) == 0.9
+    assert retention_at(curve, 0.8) is None and retention_at(curve, 0.05) is None
+    # a curve that turns back reaches 0.5 twice: the first crossing, at the lower rates, counts
+    assert retention_at([(0.2, 0.8), (0.6, 0.4), (0.4, 0.2)], 0.5) == pytest.approx(0.5)
+    assert retention_at([(0.4, 0.3)], 0.4) == 0.3 and retention_at([(0.4, 0.3)], 0.5) is None
+
+
+def test_matched_retention_counts_only_the_seeds_that_reach_the_level():
+    curves = {"ce": {0: [(0.2, 0.6), (0.6, 0.2)], 1: [(0.2, 0.5), (0.6, 0.1)], 2: [(0.3, 0.4), (0.7, 0.2)]},
+              "eaft": {0: [(0.2, 0.8), (0.6, 0.4)], 1: [(0.2, 0.9), (0.6, 0.3)], 2: [(0.1, 0.9), (0.3, 0.8)]}}
+    matched = matched_retention(curves, 0.4, "ce")
+    assert matched["ce"]["seeds_reached"] == 3 and matched["ce"]["mean"] == pytest.approx(np.mean([0.4, 0.3, 0.35]))
+    eaft = matched["eaft"]  # seed 2 tops out at 0.3: not reached
+    assert (eaft["seeds_reached"], eaft["seeds"]) == (2, 3)
+    assert (eaft["mean"], eaft["low"], eaft["high"]) == pytest.approx(mean_interval([0.6, 0.6]), nan_ok=True)
+    assert eaft["difference"]["seeds"] == 2
+    assert eaft["difference"]["mean"] == pytest.approx(np.mean([0.6 - 0.4, 0.6 - 0.3]))
+    assert "difference" not in matched["ce"]
+    alone = matched_retention({"ce": curves["ce"], "eaft": {0: curves["eaft"][0], 2: curves["eaft"][2]}}, 0.4, "ce")
+    assert alone["eaft"]["seeds_reached"] == 1 and alone["eaft"]["low"] is None  # one seed: no interval
+    nowhere = matched_retention(curves, 0.95, "ce")
+    assert nowhere["eaft"]["seeds_reached"] == 0 and nowhere["eaft"]["mean"] is None
+
+
+# The synthetic comparison: two arms, three learning rates, three seeds, each seed its own base
+# model. Per (arm, rate): target and general success rates on the test prompts, and the
+# validation scores, which (for `eaft`) favour a rate the test metrics do not.
+RATES, SYN_SEEDS, BASE_SEEDS, N = (1e-5, 1e-4, 1e-3), (0, 1, 2), (10, 11, 12), 32
+TEST_RATES = {("ce", 1e-5): (0.3, 0.8), ("ce", 1e-4): (0.5, 0.5), ("ce", 1e-3): (0.7, 0.2),
+              ("eaft", 1e-5): (0.3, 0.9), ("eaft", 1e-4): (0.5, 0.7), ("eaft", 1e-3): (0.8, 0.3)}
+VALIDATION = {("ce", 1e-5): (0.2, 0.6), ("ce", 1e-4): (0.5, 0.4), ("ce", 1e-3): (0.7, 0.3),  # ce: 1e-3 (1.0)
+              ("eaft", 1e-5): (0.3, 0.8), ("eaft", 1e-4): (0.6, 0.7), ("eaft", 1e-3): (0.7, 0.2)}  # eaft: 1e-4 (1.3)
+EDGES = [0.0, 1.0, 2.0, 3.0]
+
+
+def fake_stage(folder: Path, stage: str, metrics: dict | None = None, files: dict | None = None) -> Manifest:
+    folder.mkdir(parents=True)
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
+    return Manifest(stage, folder.name, {Path(n).stem: n for n in files or {}}, metrics=metrics or {}, folder=folder)
+
+
+def fake_evaluation(folder: Path, rng, target: float, general: float, base: Manifest | None = None,
+                    validation: tuple[float, float] | None = None) -> Manifest:
+    """An evaluation with sample files drawn at these success rates, and metrics computed from them."""
+    files, metrics = {}, {}
+    for suite, rate in (("target", target), ("general", general)):
+        rows = [{"id": f"{suite}-{i}", "correct": (rng.random(N) < rate).tolist()} for i in range(20)]
+        files[f"samples_{suite}.jsonl"] = "\n".join(json.dumps(r) for r in rows)
+        table = pass_at_k_table(sample_counts(rows), [1, 8, 32])
+        metrics |= {f"{suite}/pass_at_{k}": v for k, v in table.items()}
+        metrics |= {f"{suite}/distinct_correct": table[32], f"{suite}/answer_entropy": 1.0 - rate}
+    histogram = {"edges": EDGES, "suites": {s: {"counts": [5, 3, 2], "mean": 1.0, "tokens": 10}
+                                            for s in ("target", "general")}}
+    files["entropy.json"] = json.dumps(histogram)
+    if base is not None:
+        metrics["general/retention"] = metrics["general/pass_at_1"] / base.metrics["general/pass_at_1"]
+    if validation is not None:
+        metrics |= {"val_target/pass_at_1": validation[0], "val_general/pass_at_1": validation[1] * 0.9,
+                    "val_general/retention": validation[1]}
+    return fake_stage(folder, "evaluate", metrics, files)
+
+
+def fake_runs(tmp_path: Path) -> list[ArmRun]:
+    rng = np.random.default_rng(0)
+    history = json.dumps([{"step": s, "loss": 2.0 / s} for s in (1, 2, 3)])
+    runs = []
+    for seed, base_seed in zip(SYN_SEEDS, BASE_SEEDS):
+        base = fake_evaluation(tmp_path / f"base{base_seed}", rng, 0.05, 0.9)
+        for lr in RATES:
+            for arm in ("ce", "eaft"):
+                name = f"{arm}-{lr:g}-{seed}"
+                (target, general), validation = TEST_RATES[arm, lr], VALIDATION[arm, lr]
+                manifests = {
+                    "evaluate_base": base,
+                    **{stage: fake_stage(tmp_path / f"{stage}-{name}", stage, files={"log_history.json": history})
+                       for stage in ("sft", "dpo")},
+                    "evaluate_sft": fake_evaluation(tmp_path / f"sft-eval-{name}", rng, target, general, base,
+                                                    validation),
+                    # DPO: a little more target skill, and validation scores that must not count
+                    "evaluate_dpo": fake_evaluation(tmp_path / f"dpo-eval-{name}", rng, target + 0.05, general, base,
+                                                    (1.0, 1.0) if lr == 1e-5 else validation)}
+                runs.append(ArmRun(arm, seed, lr, f"run-{name}", manifests,
+                                   {s: f"mlflow-{s}-{name}" for s in ("evaluate_sft", "evaluate_dpo")}))
+    return runs
+
+
+def synthetic_config(**compare):
+    return parse_config({"name": "synthetic", "sampling": {"n": N}, "evaluate": {"ks": [1, 8, 32]},
+                         "compare": {"arms": {"ce": {"name": "ce"}, "eaft": {"name": "eaft"}}, "seeds": list(SYN_SEEDS),
+                                     "base_seeds": list(BASE_SEEDS), "learning_rates": list(RATES), "bootstrap": 200,
+                                     **compare}})
+
+
+def test_selection_uses_validation_scores_after_sft_only(tmp_path):
+    runs = fake_runs(tmp_path)
+    selected = select_learning_rates(runs, "target+retention")
+    # eaft's test metrics would favour 1e-3 (target 0.8); validation favours 1e-4
+    assert selected["eaft"]["learning_rate"] == 1e-4 and selected["eaft"]["score"] == pytest.approx(1.3)
+    assert selected["ce"]["learning_rate"] == 1e-3 and selected["ce"]["score"] == pytest.approx(1.0)
+    assert [s["learning_rate"] for s in selected["ce"]["scores"]] == list(RATES)
+    assert select_learning_rates(runs, "target")["eaft"]["learning_rate"] == 1e-3
+    assert select_learning_rates(runs, "retention")["eaft"]["learning_rate"] == 1e-5
+    for r in runs:  # a NaN score (retention against a base model that solves nothing) never wins
+        if (r.arm, r.learning_rate) == ("eaft", 1e-4):
+            r.manifests["evaluate_sft"].metrics["val_general/retention"] = float("nan")
+    assert select_learning_rates(runs, "target+retention")["eaft"]["learning_rate"] == 1e-5
+    del runs[4].manifests["evaluate_sft"].metrics["val_general/retention"]  # ce at 1e-3, seed 0
+    with pytest.raises(ValueError, match=r"`ce` at learning rate 1e-3, seed 0: its evaluation after SFT \(.*\) has "
+                                         r"no val_general/retention .*run its evaluate stage again"):
+        select_learning_rates(runs, "target+retention")
+
+
+def test_report_on_synthetic_runs_has_the_sweep_sections(tmp_path):
+    runs = fake_runs(tmp_path)
+    cfg = synthetic_config(matched_target=[0.4])
+    files = write_report(cfg, runs, tmp_path / "report")
+    report = json.loads(files["report.json"].read_text())
+    assert report["learning_rates"] == list(RATES) and report["base_seeds"] == list(BASE_SEEDS)
+    assert report["ks"] == [1, 8, 32] and report["select"] == "target+retention"
+    assert {a: s["learning_rate"] for a, s in report["selected"].items()} == {"ce": 1e-3, "eaft": 1e-4}
+    chosen = {a: [r for r in runs if r.arm == a and r.learning_rate == lr] for a, lr in (("ce", 1e-3), ("eaft", 1e-4))}
+    for phase, stage in (("sft", "evaluate_sft"), ("dpo", "evaluate_dpo")):
+        for arm, arm_runs in chosen.items():  # the summary is at the chosen rate, each metric up to Pass@32
+            for metric in ("target/pass_at_1", "target/pass_at_32", "general/retention"):
+                assert report["summary"][phase][arm][metric]["mean"] == pytest.approx(
+                    np.mean([r.manifests[stage].metrics[metric] for r in arm_runs]))
+        diff = report["differences"][phase]["eaft"]["target/pass_at_32"]
+        assert diff["diff"] == pytest.approx(report["summary"][phase]["eaft"]["target/pass_at_32"]["mean"]
+                                             - report["summary"][phase]["ce"]["target/pass_at_32"]["mean"])
+        assert "Pass@" in report["verdicts"][phase]["eaft"]
+        for arm in ("ce", "eaft"):
+            points = report["frontier"][phase][arm]
+            assert [p["learning_rate"] for p in points] == list(RATES)
+            for p in points:
+                group = [r for r in runs if r.arm == arm and r.learning_rate == p["learning_rate"]]
+                gains = [r.manifests[stage].metrics["target/pass_at_1"] - r.manifests["evaluate_base"].metrics[
+                    "target/pass_at_1"] for r in group]  # each seed against its own base model
+                assert p["gain"]["mean"] == pytest.approx(np.mean(gains))
+                assert p["retention"]["low"] <= p["retention"]["mean"] <= p["retention"]["high"]
+            means = [(p["target"]["mean"], p["retention"]["mean"]) for p in points]
+            assert [p["pareto"] for p in points] == pareto(means)
+        levels = report["matched_levels"][phase]
+        common = min(max(p["target"]["mean"] for p in report["frontier"][phase][a]) for a in ("ce", "eaft"))
+        assert list(levels) == [f"{common:.3f}", "0.400"] and levels["0.400"]["level"] == 0.4
+        at = report["matched"][phase]["0.400"]
+        assert at["eaft"]["seeds_reached"] == 3 and at["eaft"]["difference"]["seeds"] == 3
+        assert at["eaft"]["difference"]["mean"] == pytest.approx(at["eaft"]["mean"] - at["ce"]["mean"])
+    assert [(r["arm"], r["learning_rate"], r["selected"]) for r in report["runs"][:2]] == [("ce", 1e-5, False),
+                                                                                           ("eaft", 1e-5, False)]
+    assert report["base"]["general/pass_at_1"] == pytest.approx(
+        np.mean([r.manifests["evaluate_base"].metrics["general/pass_at_1"] for r in runs[::6]]))
+    text = files["report.md"].read_text()
+    for heading in ("## Learning rate per arm, chosen on validation", "## Frontier: target skill against retention",
+                    "## Retention at matched target skill", "target Pass@32"):
+        assert heading in text
+    assert "`val_target/pass_at_1` + `val_general/retention`" in text
+    assert "| `eaft` | 1.100 | 1.300 | 0.900 | 1e-4 |" in text  # the per-rate scores and the chosen rate
+    assert "frontier.png" in text and files["report.html"].read_text().count('src="data:image/png;base64,') == 5
+    for png in ("frontier.png", "pass_at_k.png", "gain_vs_retention.png", "loss_curves.png", "entropy_histograms.png"):
+        assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_with_one_learning_rate_and_one_base_model(tmp_path):
+    """The defaults (no sweep, no base seeds): the one rate is every arm's, the matched level is
+    each seed's own point or not reached."""
+    runs = [r for r in fake_runs(tmp_path) if r.learning_rate == 1e-4]
+    for r in runs:  # one base model for every seed
+        r.manifests["evaluate_base"] = runs[0].manifests["evaluate_base"]
+    report = build_report(synthetic_config(learning_rates=None, base_seeds=None), runs)
+    assert report["learning_rates"] == [1e-4] and report["base_seeds"] is None
+    assert all(s["learning_rate"] == 1e-4 for s in report["selected"].values())
+    assert report["base"] == {m: v for m, v in runs[0].manifests["evaluate_base"].metrics.items()
+                              if m in report["summary"]["sft"]["ce"]}
+    assert all(len(points) == 1 and points[0]["pareto"] for points in report["frontier"]["sft"].values())
+
+
+@pytest.mark.parametrize("name", ["claim.yaml", "claim-2seeds.yaml"])
 def test_shipped_claim_configs_are_valid(name):
     result = CliRunner().invoke(app, ["validate", str(REPO / "configs" / name)])
     assert result.exit_code == 0, result.output
@@ -117,6 +375,7 @@ def test_report_numbers_match_the_runs_in_mlflow(compared):
         pipeline = client.get_run(run["run_id"])
         assert pipeline.data.tags["mlflow.parentRunId"] == compare_run.info.run_id
         assert pipeline.data.tags["posttrain.arm"] == run["arm"] and pipeline.data.tags["posttrain.seed"] == str(run["seed"])
+        assert pipeline.data.tags["posttrain.learning_rate"] == f"{run['learning_rate']:g}" and run["selected"]
         for phase in ("sft", "dpo"):
             evaluation = client.get_run(run[phase]["run_id"])
             assert evaluation.data.tags["mlflow.parentRunId"] == run["run_id"]
@@ -139,7 +398,7 @@ def test_report_numbers_match_the_runs_in_mlflow(compared):
                 assert compare_run.data.metrics[f"{phase}/{arm}-vs-ce/{metric}"] == pytest.approx(ours - theirs, abs=1e-9)
     artifacts = {a.path for a in client.list_artifacts(compare_run.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/pass_at_k.png", "report/loss_curves.png",
-            "report/entropy_histograms.png"} <= artifacts
+            "report/entropy_histograms.png", "report/frontier.png"} <= artifacts
 
 
 def test_report_files_hold_the_tables_and_the_plots(compared):
@@ -155,9 +414,11 @@ def test_report_files_hold_the_tables_and_the_plots(compared):
         assert curve["k"] == [1, 2, 3, 4] and curve["low"][0] <= curve["mean"][0] <= curve["high"][0]
         assert curve["mean"][0] == pytest.approx(report["summary"]["dpo"][arm]["target/pass_at_1"]["mean"])
     html = (folder / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 4 and "<table>" in html
+    assert html.count('src="data:image/png;base64,') == 5 and "<table>" in html
     assert "entropy_histograms.png" in text and "target answer entropy" in text
-    for png in ("pass_at_k.png", "gain_vs_retention.png", "loss_curves.png", "entropy_histograms.png"):
+    assert "## Learning rate per arm, chosen on validation" in text and "## Retention at matched target skill" in text
+    assert len(report["learning_rates"]) == 1 and report["base_seeds"] is None  # the defaults: no sweep
+    for png in ("pass_at_k.png", "gain_vs_retention.png", "loss_curves.png", "entropy_histograms.png", "frontier.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -174,7 +435,7 @@ def test_report_entropy_histograms_pool_the_evaluations_over_seeds(compared):
     assert report["base"]["target/answer_entropy"] == base["suites"]["target"]["mean"]
     for phase in report["phases"]:
         for arm in ARMS:
-            seeds = [histograms(run[phase]["key"]) for run in report["runs"] if run["arm"] == arm]
+            seeds = [histograms(run[phase]["key"]) for run in report["runs"] if run["arm"] == arm and run["selected"]]
             for suite in ("target", "general"):
                 pooled = entropy[phase][arm][suite]
                 assert pooled == np.sum([h["suites"][suite]["counts"] for h in seeds], axis=0).tolist()

@@ -44,26 +44,52 @@ def test_each_task_generates_checkable_answers(name):
 def test_answers_are_right():
     rng = random.Random(1)
     for _ in range(100):
-        prompt, answer = GENERAL_TASKS["add"](rng)
-        a, b = prompt[:-1].split("+")
-        assert int(answer) == int(a) + int(b)
-        prompt, answer = DOMAIN_TASKS["mul_reversed"](rng)
-        a, b = prompt[:-1].split("*")
-        assert int(answer[::-1]) == int(a) * int(b)  # least significant digit first
+        prompt, answer = GENERAL_TASKS["upper"](rng)
+        assert answer == prompt[3:-1].upper()
         prompt, answer = GENERAL_TASKS["sort"](rng)
         assert answer == "".join(sorted(prompt[5:-1]))
+        prompt, answer = GENERAL_TASKS["count"](rng)
+        letter, word = prompt[6], prompt.split(" in ")[1][:-1]
+        assert answer == str(word.count(letter))
+        prompt, answer = DOMAIN_TASKS["dsort"](rng)
+        digits = prompt[6:-1]
+        assert answer == "".join(sorted(digits, reverse=True)) and sorted(answer) == sorted(digits)
+
+
+def test_the_domain_contradicts_a_general_skill():
+    """dsort's answer is sort's reversed: what the base model writes after `dsort` (ascending,
+    as `sort` taught it) is wrong whenever the digits are not all equal."""
+    rng = random.Random(2)
+    for _ in range(100):
+        prompt, answer = DOMAIN_TASKS["dsort"](rng)
+        ascending = "".join(sorted(prompt[6:-1]))
+        assert answer == ascending[::-1]
+        assert (answer == ascending) == (len(set(ascending)) == 1)
 
 
 def test_splits_are_disjoint_balanced_and_reproducible():
-    splits = make_splits(seed=3, train=400, domain_train=100, test=20)
-    again = make_splits(seed=3, train=400, domain_train=100, test=20)
+    splits = make_splits(seed=3, train=400, domain_train=100, test=20, val=10, replay=0.2)
+    again = make_splits(seed=3, train=400, domain_train=100, test=20, val=10, replay=0.2)
     assert splits == again
     assert len(splits["general_test"]) == 20 * len(GENERAL_TASKS)
-    train_prompts = {e["prompt"] for e in splits["general_train"]}
-    assert not train_prompts & {e["prompt"] for e in splits["general_test"]}
-    assert not {e["prompt"] for e in splits["domain_train"]} & {e["prompt"] for e in splits["domain_test"]}
+    assert len(splits["general_val"]) == 10 * len(GENERAL_TASKS) and len(splits["domain_val"]) == 10
+    prompts = {name: {e["prompt"] for e in rows} for name, rows in splits.items()}
+    for held in ("general_test", "general_val"):
+        assert not prompts["general_train"] & prompts[held]
+    assert not prompts["general_test"] & prompts["general_val"]
+    assert not prompts["domain_test"] & prompts["domain_val"]
+    assert not prompts["sft_train"] & (prompts["domain_test"] | prompts["domain_val"] | prompts["general_test"]
+                                       | prompts["general_val"])
     tasks = [e["task"] for e in splits["general_train"]]
     assert {tasks.count(t) for t in GENERAL_TASKS} == {100}
+    # replay: 20% of the SFT rows are pretraining rows, shuffled in among the 100 domain rows
+    sft = splits["sft_train"]
+    replayed = [e for e in sft if e["task"] in GENERAL_TASKS]
+    assert len(sft) == 125 and len(replayed) == 25
+    assert all(e in splits["general_train"] for e in replayed)
+    assert min(i for i, e in enumerate(sft) if e["task"] in GENERAL_TASKS) < 100  # shuffled, not appended
+    plain = make_splits(seed=3, train=400, domain_train=100, test=20)["sft_train"]
+    assert len(plain) == 100 and {e["task"] for e in plain} == set(DOMAIN_TASKS)
 
 
 def test_generate_refuses_impossible_requests():

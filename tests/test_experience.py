@@ -61,10 +61,11 @@ def world(tmp_path_factory):
 
 def test_training_and_sampling_stages_show_progress_bars(world):
     tmp, _, first, _, _ = world
-    prompts = sum(len(read_jsonl(path)) for path in (tmp / "results" / "demo_data").glob("*/*_test.jsonl"))
+    world = tmp / "results" / "demo_data"
+    prompts = sum(len(read_jsonl(path)) for path in [*world.glob("*/*_test.jsonl"), *world.glob("*/*_val.jsonl")])
     steps = TINY["pretrain"]["trainer"]["max_steps"]  # steps done, rate and the latest loss, named after the stage
     assert re.search(rf"pretrain: 100%\|[^|]*\| {steps}/{steps} \[[^\]]*step/s, loss=\d", first.stderr)
-    # both suites' prompts in one sampling call
+    # every suite's prompts (test and validation) in one sampling call
     assert re.search(rf"evaluate_base: 100%\|[^|]*\| {prompts}/{prompts} \[[^\]]*prompt/s\]", first.stderr)
     assert "{'loss'" not in first.stdout + first.stderr  # the Trainer's printed log dicts are replaced by the bar
 

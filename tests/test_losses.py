@@ -18,13 +18,14 @@ CASES = [
     ("masked", {"quantile": 0.3}),
     ("eksft", {}),
     ("eksft", {"ratio": 0.3, "union": False, "lambda_entropy": 0.5, "lambda_kl": 0.7}),
+    ("eksft", {"normalize": "all"}),
     ("gem", {}),
     ("gem", {"beta": 0.5, "h": "logsigmoid"}),
 ]
 DEFAULTS = {
     "eaft": {"topk": 20, "alpha": 1.0},
     "masked": {"quantile": 0.15},
-    "eksft": {"ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05},
+    "eksft": {"ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05, "normalize": "kept"},
     "gem": {"beta": 0.7, "h": "linear"},
 }
 
@@ -105,7 +106,9 @@ def reference_loss(name, params, logits, labels, ref_logits, n=None):
         S_H = set(sorted(range(len(pairs)), key=lambda i: -float(H[i].detach()))[:k])
         S_KL = set(sorted(range(len(pairs)), key=lambda i: -float(KL[i].detach()))[:k])
         M = S_H | S_KL if params["union"] else S_H & S_KL
-        loss = sum((-lpy[i] for i in range(len(pairs)) if i not in M), torch.zeros((), dtype=torch.float64)) / n
+        # "kept": the official mean over the unmasked tokens, n scaled by the kept share
+        denom = n * (len(pairs) - len(M)) / len(pairs) if params["normalize"] == "kept" else n
+        loss = sum((-lpy[i] for i in range(len(pairs)) if i not in M), torch.zeros((), dtype=torch.float64)) / denom
         if k:
             loss = loss - params["lambda_entropy"] * sum(H[i] / math.log(V) for i in S_H) / k
             loss = loss + params["lambda_kl"] * sum(KL[i] for i in S_KL) / k
@@ -145,7 +148,7 @@ def test_num_items_in_batch_normalises(name, params):
     got = build_loss(name, **params)(logits, labels, num_items_in_batch=3 * n_valid, ref_logits=ref)
     want = reference_loss(name, full, logits, labels, ref, n=3 * n_valid)
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
-    if name in ("masked", "eksft"):  # their CE part still divides by all valid tokens
+    if name in ("masked", "eksft"):  # their CE part still scales with n (eksft "kept": n times the kept share)
         off = build_loss(name, **{**params, **({"lambda_entropy": 0, "lambda_kl": 0} if name == "eksft" else {})})
         a = off(logits, labels, ref_logits=ref)
         b = off(logits, labels, num_items_in_batch=torch.tensor(2 * n_valid), ref_logits=ref)
@@ -267,9 +270,12 @@ def test_eksft_masks_hand_example_union_and_intersection():
 
     union = build_loss("eksft")  # ratio 0.2 * 5 tokens -> k = 1: S_H = {row 2}, S_KL = {row 4}
     got = union(logits, labels, ref_logits=ref)
-    assert got.item() == pytest.approx((nll[1] + nll[3] + nll[5]) / 5 + reg, rel=1e-5)
+    # the official normalisation: the mean over the 3 kept tokens
+    assert got.item() == pytest.approx((nll[1] + nll[3] + nll[5]) / 3 + reg, rel=1e-5)
     # mask applied before the shift would drop the targets of rows 1 and 3 instead of 2 and 4
-    assert got.item() != pytest.approx((nll[2] + nll[4] + nll[5]) / 5 + reg, rel=1e-3)
+    assert got.item() != pytest.approx((nll[2] + nll[4] + nll[5]) / 3 + reg, rel=1e-3)
+    over_all = build_loss("eksft", normalize="all")(logits, labels, ref_logits=ref)
+    assert over_all.item() == pytest.approx((nll[1] + nll[3] + nll[5]) / 5 + reg, rel=1e-5)
     d = union.diagnostics
     fracs = [float(d[k]) for k in ("masked_entropy_frac", "masked_kl_frac", "masked_both_frac")]
     assert fracs == pytest.approx([0.2, 0.2, 0.0])
@@ -287,7 +293,7 @@ def test_eksft_masks_hand_example_union_and_intersection():
     for union_flag in (True, False):
         loss_fn = build_loss("eksft", union=union_flag)
         got = loss_fn(logits, labels, ref_logits=ref2).item()
-        assert got == pytest.approx((sum(nll.values()) - nll[2]) / 5 + reg2, rel=1e-5)
+        assert got == pytest.approx((sum(nll.values()) - nll[2]) / 4 + reg2, rel=1e-5)
         assert float(loss_fn.diagnostics["masked_both_frac"]) == pytest.approx(0.2)
 
 
@@ -390,6 +396,7 @@ def test_unknown_name_and_parameters_raise():
         ("gem", {"beta": 0}),
         ("eksft", {"ratio": 1.5}),
         ("eksft", {"union": "yes"}),
+        ("eksft", {"normalize": "mean"}),
         ("masked", {"quantile": -0.1}),
     ]
     for name, bad in invalid:

@@ -20,7 +20,7 @@ from pipeline.verifiers import verify_exact
 
 TINY = {
     "demo": {"hidden_size": 64, "num_heads": 1, "num_layers": 1, "intermediate_size": 64,
-             "train_examples": 64, "domain_train_examples": 32, "test_examples": 2},
+             "train_examples": 64, "domain_train_examples": 32, "test_examples": 2, "val_examples": 1},
     "pretrain": {"trainer": {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1}},
     "sft": {"trainer": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1}},
     "sampling": {"max_tokens": 4},
@@ -46,7 +46,7 @@ def write_pair_prompts(sft: Manifest, data: Manifest, path: Path) -> None:
     """Training prompts whose answer is the SFT model's own greedy completion. A model trained
     for a few steps gets no real answer right, so no prompt would give a pair; against these
     answers its near-greedy samples are sometimes right and sometimes wrong."""
-    rows = read_jsonl(data.path("domain_train"))[:16]
+    rows = read_jsonl(data.path("sft_train"))[:16]
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=TINY["sampling"]["max_tokens"])
     completions = sample(sft.path("model"), [r["prompt"] for r in rows], greedy)
     answers = [c[0].split("<eos>")[0].split("\n")[0].strip() for c in completions]
@@ -79,6 +79,27 @@ def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
     assert "target/pass_at_1" in by_name["evaluate_dpo"].metrics
 
 
+def test_evaluation_scores_the_validation_splits_apart_from_the_test_suites(demo_run):
+    """The demo world's validation prompts are scored in their own suites (what `compare` chooses
+    settings on), never mixed into the test suites' metrics, with retention against the base."""
+    _, results = demo_run
+    by_name = {r.name: r.manifest for r in results}
+    world = by_name["demo_data"]
+    evaluation = by_name["evaluate_sft"]
+    for suite, split in (("target", "domain"), ("general", "general")):
+        test = {r["prompt"] for r in read_jsonl(evaluation.path(f"samples_{suite}"))}
+        val = {r["prompt"] for r in read_jsonl(evaluation.path(f"samples_val_{suite}"))}
+        assert test == {r["prompt"] for r in read_jsonl(world.path(f"{split}_test"))}
+        assert val == {r["prompt"] for r in read_jsonl(world.path(f"{split}_val"))} and val and not val & test
+    base, after = by_name["evaluate_base"].metrics, evaluation.metrics
+    assert "val_general/retention" not in base
+    if base["val_general/pass_at_1"] > 0:
+        assert after["val_general/retention"] == pytest.approx(after["val_general/pass_at_1"] / base["val_general/pass_at_1"])
+    else:  # a tiny base model may solve none: no ratio to take
+        assert math.isnan(after["val_general/retention"])
+    assert {"val_target/pass_at_1", "val_target/distinct_correct"} <= set(after)
+
+
 def test_evaluation_writes_the_answer_token_entropy_histogram(demo_run):
     _, results = demo_run
     by_name = {r.name: r.manifest for r in results}
@@ -94,6 +115,7 @@ def test_evaluation_writes_the_answer_token_entropy_histogram(demo_run):
             tokens = sum(len(row["answer"]) for row in read_jsonl(evaluation.path(f"samples_{suite}")))
             assert sum(h["counts"]) == h["tokens"] == tokens > 0
             assert h["mean"] == evaluation.metrics[f"{suite}/answer_entropy"]
+            assert h["confident_wrong"] == evaluation.metrics[f"{suite}/confident_wrong"] and 0 <= h["confident_wrong"] <= 1
             assert 0 < h["mean"] < log_vocab
             means[name, suite] = h["mean"]
         assert evaluation.path("entropy_plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -112,17 +134,21 @@ def test_answer_entropy_is_each_answer_tokens_predictive_entropy(monkeypatch):
             {"prompt": "131*4=", "answer": "4251"}, {"prompt": "7+1=", "answer": ""}, {"prompt": "x", "answer": "a b c"}]
     monkeypatch.setattr(answer_entropy, "BATCH_ROWS", 2)
     monkeypatch.setattr(answer_entropy, "CHUNK_LOGITS", 3 * model.config.vocab_size)  # 3 tokens per chunk
-    expected = []
+    expected, expected_wrong = [], []
     for row in rows:
         text = row["prompt"] if isinstance(row["prompt"], str) else USER + row["prompt"][0]["content"] + ASSISTANT
         ids = tokenizer(text + row["answer"], add_special_tokens=False, return_tensors="pt").input_ids
         with torch.no_grad():
-            per_position = torch.distributions.Categorical(logits=model(ids).logits[0]).entropy()
+            dist = torch.distributions.Categorical(logits=model(ids).logits[0])
         # one token per character: the answer is the last len(answer) tokens, each predicted at the position before it
         end = ids.shape[1] - 1
-        expected += per_position[end - len(row["answer"]):end].tolist()
-    entropies = answer_entropy.answer_entropies(model.eval(), tokenizer, rows)
+        start = end - len(row["answer"])
+        expected += dist.entropy()[start:end].tolist()
+        top_p, top = dist.probs[start:end].max(-1)
+        expected_wrong += ((top != ids[0, start + 1:end + 1]) & (top_p >= 0.5)).tolist()
+    entropies, wrong = answer_entropy.answer_token_stats(model.eval(), tokenizer, rows)
     assert entropies.tolist() == pytest.approx(expected, abs=1e-5)
+    assert wrong.tolist() == expected_wrong and 0 < sum(expected_wrong) < len(expected_wrong)
     assert len(entropies) == sum(len(row["answer"]) for row in rows)
     assert ((entropies >= 0) & (entropies <= math.log(len(tokenizer)))).all() and entropies.std() > 0.1
 
@@ -276,7 +302,7 @@ def test_mlflow_has_parent_and_child_runs_with_lineage(demo_run):
     assert "train_loss" in sft.data.metrics  # the trainer's MLflow callback logged into the stage's run
     assert [m.step for m in client.get_metric_history(sft.info.run_id, "loss")] == [1, 2]  # every logged step
     assert children["evaluate_sft"].data.metrics["target/pass_at_1"] == results[4].manifest.metrics["target/pass_at_1"]
-    assert [d.dataset.name for d in sft.inputs.dataset_inputs] == ["domain_train.jsonl"]
+    assert [d.dataset.name for d in sft.inputs.dataset_inputs] == ["sft_train.jsonl"]
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert {"manifest.json", "log_history.json", "loss_curve.png"} <= {a.path for a in client.list_artifacts(sft.info.run_id)}
     evaluation_files = {a.path for a in client.list_artifacts(children["evaluate_sft"].info.run_id)}

@@ -53,7 +53,7 @@ def first_machine(tmp_path_factory):
     killed = bucket / "demo_data" / pipeline_status(cfg)[0].key  # its key, computed without running anything
     (killed / "tokenizer").mkdir(parents=True)
     (killed / "tokenizer" / "left-over.bin").write_bytes(b"from the killed upload")
-    (killed / "domain_train.jsonl").write_text("cut off mid-fi")
+    (killed / "sft_train.jsonl").write_text("cut off mid-fi")
     return root, bucket, run_pipeline(cfg, stage="pretrain")
 
 
@@ -110,7 +110,7 @@ def test_a_store_folder_without_its_manifest_is_not_reused_and_is_uploaded_again
     assert not results[0].cached  # the killed upload's folder was not taken for a result: the stage ran
     folder = bucket / "demo_data" / demo_data.key
     assert Manifest.read(folder).digests == demo_data.digests  # uploaded again, whole...
-    assert (folder / "domain_train.jsonl").read_bytes() == demo_data.path("domain_train").read_bytes()
+    assert (folder / "sft_train.jsonl").read_bytes() == demo_data.path("sft_train").read_bytes()
     assert not (folder / "tokenizer" / "left-over.bin").exists()  # ...and nothing of the killed upload is left
 
 
