@@ -47,7 +47,7 @@ def check_validation_data(cfg: PipelineConfig) -> None:
 def run_tags(cfg: PipelineConfig, arm: str, seed: int, learning_rate: float) -> dict[str, str]:
     tags = {"posttrain.arm": arm, "posttrain.seed": str(seed), "posttrain.learning_rate": f"{learning_rate:g}"}
     if cfg.compare.base_seeds is not None:
-        tags["posttrain.base_seed"] = str(cfg.compare.base_seeds[cfg.compare.seeds.index(seed)])
+        tags["posttrain.base_seed"] = str(cfg.compare.base_seed(seed))
     return tags
 
 
@@ -58,7 +58,8 @@ def run_compare(cfg: PipelineConfig) -> Path:
     if cfg.compare is None:
         raise ConfigError("the config has no `compare` section (arms and seeds); see configs/claim.yaml")
     # Every pipeline's config first: one that cannot run is refused before any work starts.
-    check_validation_data(cfg)
+    if len(learning_rates(cfg)) > 1:  # with one rate there is nothing to choose
+        check_validation_data(cfg)
     plan = [(arm, seed, lr, cfg.arm(arm, seed, lr))
             for seed in cfg.compare.seeds for lr in learning_rates(cfg) for arm in cfg.compare.arms]
     with results_lock(cfg.results_dir):

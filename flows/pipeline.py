@@ -217,6 +217,7 @@ class PipelineRun:
         # The chunked and full-logits paths give the same loss and gradients (to float tolerance),
         # and the reference settings matter only when the reference is cached.
         sft = self.cfg.sft.model_dump(exclude={"chunked_loss", "reference", "reference_topk"})
+        sft["loss"] = self.cfg.sft.loss.resolved()  # a loss's changed default changes the key
         if self.cfg.sft.cached_reference():
             sft["reference_topk"] = self.cfg.sft.reference_topk
         settings = {"seed": self.cfg.seed, "sft": sft, "data": self.digest_of(self.data.sft),
@@ -263,6 +264,8 @@ class PipelineRun:
     def pairs(self) -> Manifest:
         settings = {"seed": self.cfg.seed, "pairs_per_prompt": self.cfg.pairs.pairs_per_prompt,
                     "verifier": self.stage_cfg.pair_prompts.verifier}
+        if self.cfg.pairs.reference_chosen:  # absent when off, so that results made before it keep their keys
+            settings["reference_chosen"] = True
         return self.run_stage("pairs", "pairs", self.stage_cfg, settings, {"samples": self.sample}, {}, {},
                               samples=self.sample.folder)
 

@@ -63,13 +63,25 @@ class DemoConfig(Section):
         "into the domain's, as practitioners do against forgetting")
     model_seed: int | None = Field(
         None, description="seed of the base model's initialisation and pretraining order; null: the config's `seed`. "
-        "The generated data depends on `seed` only, so base models of several seeds share one evaluation")
+        "The generated data depends on `seed` only, so base models of several seeds are evaluated on the same "
+        "prompts")
 
     MODEL_FIELDS: typing.ClassVar = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "model_seed"}
 
     def world_settings(self) -> dict[str, Any]:
         """The settings the generated data depends on (not the model's)."""
         return self.model_dump(exclude=self.MODEL_FIELDS)
+
+    @field_validator("general_replay")
+    @classmethod
+    def _replay_within_the_pretraining_data(cls, value: float, info: ValidationInfo) -> float:
+        # replay rows are drawn from the pretraining rows, without repeats
+        train, domain = info.data.get("train_examples"), info.data.get("domain_train_examples")
+        wanted = round(domain * value / (1 - value)) if train and domain and value < 1 else 0
+        if wanted > train:
+            raise ValueError(f"general_replay {value} wants {wanted} replay rows, more than the {train} pretraining "
+                             f"rows (train_examples): at most {train / (train + domain):.3f}")
+        return value
 
     @model_validator(mode="after")
     def _head_dim_64(self) -> DemoConfig:
@@ -129,10 +141,15 @@ class LossConfig(Section):
 
     @model_validator(mode="after")
     def _known_loss(self) -> LossConfig:
-        from pipeline.losses import build_loss
-
-        build_loss(self.name, **self.params)  # raises ValueError naming the allowed values
+        self.resolved()  # raises ValueError naming the allowed values
         return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The name and every parameter, defaults filled in: for stage keys, so that a changed
+        default is a changed key, not a silently reused result."""
+        from pipeline.losses import loss_params
+
+        return {"name": self.name, **loss_params(self.name, **self.params)}
 
 
 class LoraConfig(Section):
@@ -175,6 +192,10 @@ class PairsConfig(Section):
     n: int = Field(8, gt=1, description="completions sampled per prompt")
     temperature: float | None = Field(1.0, gt=0, description="null: sampling.temperature")
     pairs_per_prompt: int = Field(1, gt=0, description="at most; each completion is used in one pair at most")
+    reference_chosen: bool = Field(
+        False, description="a prompt whose samples are all wrong is paired with its reference answer as the chosen "
+        "side (off-policy), so that a model that has barely learnt the task still gets pairs; for data whose answer "
+        "is a whole completion (prompt/completion rows, exact-answer tasks)")
 
     def sampling(self, base: SamplingConfig) -> SamplingConfig:
         """The sampling settings for pairs: `base` (the config's `sampling`) with this n and temperature."""
@@ -325,6 +346,10 @@ class CompareConfig(Section):
             raise ValueError(f"needs one base model seed per entry of compare.seeds ({len(seeds)}): got {len(value)}")
         return value
 
+    def base_seed(self, seed: int) -> int | None:
+        """The base model seed `seed`'s pipelines start from (None: the config's one base model)."""
+        return None if self.base_seeds is None else self.base_seeds[self.seeds.index(seed)]
+
     @field_validator("matched_target")
     @classmethod
     def _levels_are_pass_rates(cls, value: list[float] | None) -> list[float] | None:
@@ -387,13 +412,12 @@ class PipelineConfig(Section):
         """One arm, seed and learning rate of `compare`: the arm's SFT loss at `learning_rate`, `seed`
         for the SFT and DPO trainers, and the base model of the seed's `compare.base_seeds` entry."""
         compare = self.compare
-        # the config's own rate is left as given (unswept), so that a plain run shares this one's SFT key
-        trainer = {**self.sft.trainer, "seed": seed} | ({"learning_rate": learning_rate} if compare.learning_rates else {})
+        trainer = {**self.sft.trainer, "seed": seed, "learning_rate": learning_rate}
         sft = self.sft.model_copy(update={"loss": compare.arms[name], "trainer": trainer})
         dpo = self.dpo.model_copy(update={"trainer": {**self.dpo.trainer, "seed": seed}})
         update = {"name": f"{self.name}/{name}/lr{learning_rate:g}/seed{seed}", "sft": sft, "dpo": dpo, "compare": None}
         if compare.base_seeds is not None:
-            update["demo"] = self.demo.model_copy(update={"model_seed": compare.base_seeds[compare.seeds.index(seed)]})
+            update["demo"] = self.demo.model_copy(update={"model_seed": compare.base_seed(seed)})
         return self.model_copy(update=update)
 
     @model_validator(mode="after")
@@ -416,9 +440,8 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _code_needs_opt_in(self) -> PipelineConfig:
-        scored = {"data.target_eval": self.data.target_eval, "data.general_eval": self.data.general_eval,
-                  "data.target_val": self.data.target_val, "data.general_val": self.data.general_val,
-                  "pairs.prompts": self.pairs.prompts, "data.sft": self.data.sft}  # sft: its pairs are scored
+        scored = {f"data.{key}": getattr(self.data, key) for key in EVAL_SUITES.values()}
+        scored |= {"pairs.prompts": self.pairs.prompts, "data.sft": self.data.sft}  # sft: its pairs are scored
         for key, source in scored.items():
             if source is not None and source.verifier == "code" and not self.evaluate.allow_untrusted_code:
                 raise ValueError(

@@ -362,9 +362,9 @@ def eksft_loss(
 
     normalize="kept" divides the kept CE by the kept tokens, as the official trainer does
     (MINE-USTC/EKSFT: a mean over the unmasked tokens); "all" by every valid token, as a
-    token-level loss usually is. With gradient accumulation the kept count of the whole batch
-    is not known per micro-batch: n (all its valid tokens) is scaled by this micro-batch's kept
-    share, which is exact for one micro-batch per step.
+    token-level loss usually is. With gradient accumulation or several processes the kept count
+    of the whole batch is not known per micro-batch: n (all its valid tokens) is scaled by this
+    micro-batch's kept share, which is exact for one micro-batch on one process.
 
     Diagnostics masked_entropy_frac / masked_kl_frac are the fractions in S_H only / S_KL only,
     masked_both_frac in both, masked_frac in M.
@@ -506,10 +506,11 @@ class TokenLoss:
         return loss
 
 
-def build_loss(name: str, **params: Any) -> TokenLoss:
+def loss_params(name: str, **params: Any) -> dict[str, Any]:
+    """The loss's parameters, checked, with its defaults filled in (what it runs with)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {sorted(LOSSES)}")
-    fn, defaults, needs = LOSSES[name]
+    defaults = LOSSES[name][1]
     unknown = set(params) - set(defaults)
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for loss {name!r}; allowed: {sorted(defaults)}")
@@ -518,5 +519,11 @@ def build_loss(name: str, **params: Any) -> TokenLoss:
         check, allowed = PARAM_CHECKS[key]
         if not check(value):
             raise ValueError(f"loss {name!r}: {key}={value!r} is invalid; allowed: {allowed}")
+    return params
+
+
+def build_loss(name: str, **params: Any) -> TokenLoss:
+    params = loss_params(name, **params)
+    fn, _, needs = LOSSES[name]
     own = inspect.signature(fn).parameters  # GEM's beta and h shape only its per-token term
     return TokenLoss(name, partial(fn, **{k: v for k, v in params.items() if k in own}), needs(params))

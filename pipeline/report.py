@@ -133,10 +133,13 @@ def validation_score(run: ArmRun, select: str) -> float:
 def select_learning_rates(runs: list[ArmRun], select: str) -> dict[str, dict]:
     """Per arm, each learning rate's validation score (mean over seeds) and the best rate; a
     NaN score (the retention of a base model that solves nothing) never wins, a tie goes to
-    the lower rate."""
+    the lower rate. An arm with one rate has nothing to choose: no score, no validation needed."""
     selected = {}
     for arm in dict.fromkeys(r.arm for r in runs):
         rates = sorted({r.learning_rate for r in runs if r.arm == arm})
+        if len(rates) == 1:
+            selected[arm] = {"learning_rate": rates[0], "score": None, "scores": []}
+            continue
         scores = {lr: float(np.mean([validation_score(r, select) for r in runs
                                      if r.arm == arm and r.learning_rate == lr])) for lr in rates}
         best = max(rates, key=lambda lr: -np.inf if np.isnan(scores[lr]) else scores[lr])
@@ -147,8 +150,9 @@ def select_learning_rates(runs: list[ArmRun], select: str) -> dict[str, dict]:
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
     """Whether each (target, retention) point is on the Pareto frontier: no other point is at
-    least as good on both and better on one."""
-    return [not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points) for x, y in points]
+    least as good on both and better on one. A point with a NaN (no retention to take) is not."""
+    return [not (np.isnan(x) or np.isnan(y)) and not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points)
+            for x, y in points]
 
 
 def frontier(runs: list[ArmRun], stage: str, bases: dict[int, Manifest]) -> list[dict]:
@@ -176,15 +180,18 @@ def seed_curves(runs: list[ArmRun], stage: str) -> dict[int, list[tuple[float, f
 
 def retention_at(curve: list[tuple[float, float]], level: float) -> float | None:
     """The retention where a (target, retention) curve, in learning-rate order, first reaches
-    target `level`: linear between the two points it falls between; None if it never does.
-    (First in rate order: a curve that turns back reaches a level twice, and the lower rate
-    is the one that gets there with the least training.)"""
+    target `level`: linear between the two points it falls between; None if it never does, or
+    where the retention there is NaN. (First in rate order: a curve that turns back reaches a
+    level twice, and the lower rate is the one that gets there with the least training.)"""
     for i, (target, retention) in enumerate(curve):
+        value = None
         if i and (curve[i - 1][0] - level) * (target - level) < 0:
             (t0, r0) = curve[i - 1]
-            return r0 + (level - t0) / (target - t0) * (retention - r0)
-        if target == level:
-            return retention
+            value = r0 + (level - t0) / (target - t0) * (retention - r0)
+        elif target == level:
+            value = retention
+        if value is not None:
+            return None if np.isnan(value) else value
     return None
 
 
@@ -244,7 +251,7 @@ def build_report(cfg: PipelineConfig, runs: list[ArmRun]) -> dict:
     selected = select_learning_rates(runs, compare.select)
     chosen = chosen_runs(runs, selected)
     by_seed = {r.seed: r.manifests["evaluate_base"] for r in runs}
-    bases = list({b.key: b for b in by_seed.values()}.values())  # one, unless each seed has its own base model
+    bases = list(by_seed.values())  # one per seed, so that a base model shared by seeds weighs as often
     report: dict = {
         "name": cfg.name, "arms": {a: loss.model_dump() for a, loss in compare.arms.items()},
         "seeds": compare.seeds, "base_seeds": compare.base_seeds, "baseline": compare.baseline, "ks": ks,
@@ -299,6 +306,8 @@ def reached(s: dict, signed: bool = False) -> str:
 
 def selection_lines(report: dict) -> list[str]:
     rates = report["learning_rates"]
+    if len(rates) == 1:
+        return ["", f"Every arm runs at one SFT learning rate, {lr_label(rates[0])}: nothing to choose."]
     rule = " + ".join(f"`{m}`" for m in SELECT[report["select"]])
     lines = ["", "## Learning rate per arm, chosen on validation", "",
              f"Each arm runs at SFT learning rates {', '.join(map(lr_label, rates))}. Its rate is the one with the "

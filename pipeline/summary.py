@@ -113,7 +113,8 @@ def runs_table(rows: list[PipelineRunRow], link) -> Table:
 
     for row in rows:
         info, tags = row.run.info, row.run.data.tags
-        arm = ", ".join(f"{k.split('.')[-1]} {tags[k]}" for k in ("posttrain.arm", "posttrain.seed") if k in tags)
+        arm = ", ".join(f"{k.split('.')[-1]} {tags[k]}" for k in ("posttrain.arm", "posttrain.learning_rate", "posttrain.seed",
+                                                                "posttrain.base_seed") if k in tags)
         seconds = (info.end_time - info.start_time) / 1000 if info.end_time else None
         table.add_row(time.strftime("%Y-%m-%d %H:%M", time.localtime(info.start_time / 1000)),
                       escape(f"{info.run_name} ({arm})" if arm else info.run_name), info.status.lower(),

@@ -88,7 +88,8 @@ def _prompts(*splits: list[Example]) -> set[str]:
 def make_splits(seed: int, train: int, domain_train: int, test: int, val: int = 0,
                 replay: float = 0.0) -> dict[str, list[Example]]:
     """The demo world's data. General and domain tasks each get train, validation and test
-    splits (`test` and `val` examples per task), no prompt in two of them. `sft_train` is the
+    splits (`test` and `val` examples per task; no validation split for `val` 0), no prompt in
+    two of them. `sft_train` is the
     domain's training rows plus general replay: rows of the pretraining data (`general_train`),
     `replay` of the whole, shuffled in."""
     general_test = generate(GENERAL_TASKS, test * len(GENERAL_TASKS), seed + 1)
@@ -101,11 +102,6 @@ def make_splits(seed: int, train: int, domain_train: int, test: int, val: int = 
     replayed = rng.sample(general_train, round(domain_train * replay / (1 - replay)))
     sft_train = domain_rows + replayed
     rng.shuffle(sft_train)
-    return {
-        "general_train": general_train,
-        "general_val": general_val,
-        "general_test": general_test,
-        "domain_val": domain_val,
-        "domain_test": domain_test,
-        "sft_train": sft_train,
-    }
+    splits = {"general_train": general_train, "general_val": general_val, "general_test": general_test,
+              "domain_val": domain_val, "domain_test": domain_test, "sft_train": sft_train}
+    return {name: rows for name, rows in splits.items() if rows or not name.endswith("_val")}

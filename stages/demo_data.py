@@ -1,4 +1,6 @@
-"""Stage `demo_data`: the demo world's tokenizer and generated train/test splits."""
+"""Stage `demo_data`: the demo world's tokenizer and generated data: train, validation and test
+splits of the general and the domain tasks, and the SFT data (the domain's train split with
+general replay)."""
 
 from __future__ import annotations
 

@@ -20,12 +20,12 @@ def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
     rows = read_jsonl(samples / "samples.jsonl", [{"prompt", "answer", "completions"}])
     for row in rows:
         row["correct"] = [verify(c, row["answer"]) for c in row["completions"]]
-    pairs, stats = build_pairs(rows, cfg.pairs.pairs_per_prompt, cfg.seed)
+    pairs, stats = build_pairs(rows, cfg.pairs.pairs_per_prompt, cfg.seed, cfg.pairs.reference_chosen)
     if not pairs:
         raise ValueError(
             f"no preference pairs: of {stats.prompts} prompts, {stats.prompts_all_correct} had only correct and "
             f"{stats.prompts_all_wrong} only wrong completions; sample more (pairs.n) or at a higher "
-            "pairs.temperature, or give data.preference"
+            "pairs.temperature, set pairs.reference_chosen, or give data.preference"
         )
     write_jsonl(out / "pairs.jsonl", pairs)
     metrics = stats.as_metrics() | {"pairs/train_pass_at_1": pass_at_k_table(sample_counts(rows), [1])[1]}

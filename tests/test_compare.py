@@ -122,8 +122,7 @@ def test_arm_sets_the_learning_rate_seeds_and_name():
     assert arm.sft.trainer["seed"] == 1 and arm.dpo.trainer["seed"] == 1
     assert arm.demo.model_seed == 11 and arm.model_seed == 11 and arm.seed == cfg.seed  # the data's seed stays
     plain = compare_config(seeds=[0, 1]).arm("ce", 0, 2e-4)
-    # unswept: the config's own rate stays as given, so a plain run of the config shares this SFT key
-    assert plain.demo == cfg.demo and "learning_rate" not in plain.sft.trainer
+    assert plain.demo == cfg.demo and plain.sft.trainer["learning_rate"] == 2e-4
 
 
 def test_learning_rates_default_to_the_configs_own():
@@ -141,6 +140,8 @@ def test_pareto_keeps_the_points_no_other_beats_on_both():
     # (0.4, 0.5) loses to (0.5, 0.6) on both; (0.8, 0.05) ties on target, loses on retention;
     # equal points do not beat each other
     assert pareto(points) == [True, True, False, True, True, False]
+    nan = float("nan")  # no retention to take (a base model that solves nothing): never on the frontier
+    assert pareto([(0.9, nan), (0.2, 0.5)]) == [False, True]
 
 
 def test_retention_at_a_target_level_is_interpolated_along_the_rates():
@@ -152,6 +153,7 @@ def test_retention_at_a_target_level_is_interpolated_along_the_rates():
     # a curve that turns back reaches 0.5 twice: the first crossing, at the lower rates, counts
     assert retention_at([(0.2, 0.8), (0.6, 0.4), (0.4, 0.2)], 0.5) == pytest.approx(0.5)
     assert retention_at([(0.4, 0.3)], 0.4) == 0.3 and retention_at([(0.4, 0.3)], 0.5) is None
+    assert retention_at([(0.2, 0.8), (0.6, float("nan"))], 0.4) is None  # a NaN retention is not a reading
 
 
 def test_matched_retention_counts_only_the_seeds_that_reach_the_level():
@@ -250,14 +252,19 @@ def test_selection_uses_validation_scores_after_sft_only(tmp_path):
     assert [s["learning_rate"] for s in selected["ce"]["scores"]] == list(RATES)
     assert select_learning_rates(runs, "target")["eaft"]["learning_rate"] == 1e-3
     assert select_learning_rates(runs, "retention")["eaft"]["learning_rate"] == 1e-5
-    for r in runs:  # a NaN score (retention against a base model that solves nothing) never wins
-        if (r.arm, r.learning_rate) == ("eaft", 1e-4):
+    for r in runs:  # a NaN score (retention against a base model that solves nothing) never wins, even first
+        if (r.arm, r.learning_rate) == ("eaft", 1e-5):
             r.manifests["evaluate_sft"].metrics["val_general/retention"] = float("nan")
-    assert select_learning_rates(runs, "target+retention")["eaft"]["learning_rate"] == 1e-5
+    assert select_learning_rates(runs, "target+retention")["eaft"]["learning_rate"] == 1e-4
     del runs[4].manifests["evaluate_sft"].metrics["val_general/retention"]  # ce at 1e-3, seed 0
     with pytest.raises(ValueError, match=r"`ce` at learning rate 1e-3, seed 0: its evaluation after SFT \(.*\) has "
                                          r"no val_general/retention .*run its evaluate stage again"):
         select_learning_rates(runs, "target+retention")
+    one_rate = [r for r in runs if r.learning_rate == 1e-4]
+    for r in one_rate:  # one rate: nothing to choose, so no validation metrics needed
+        r.manifests["evaluate_sft"].metrics.pop("val_general/retention", None)
+    assert select_learning_rates(one_rate, "target+retention")["ce"] == {"learning_rate": 1e-4, "score": None,
+                                                                          "scores": []}
 
 
 def test_report_on_synthetic_runs_has_the_sweep_sections(tmp_path):
@@ -319,8 +326,8 @@ def test_report_with_one_learning_rate_and_one_base_model(tmp_path):
     report = build_report(synthetic_config(learning_rates=None, base_seeds=None), runs)
     assert report["learning_rates"] == [1e-4] and report["base_seeds"] is None
     assert all(s["learning_rate"] == 1e-4 for s in report["selected"].values())
-    assert report["base"] == {m: v for m, v in runs[0].manifests["evaluate_base"].metrics.items()
-                              if m in report["summary"]["sft"]["ce"]}
+    assert report["base"] == pytest.approx({m: v for m, v in runs[0].manifests["evaluate_base"].metrics.items()
+                                            if m in report["summary"]["sft"]["ce"]})
     assert all(len(points) == 1 and points[0]["pareto"] for points in report["frontier"]["sft"].values())
 
 

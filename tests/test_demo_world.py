@@ -56,17 +56,6 @@ def test_answers_are_right():
         assert answer == "".join(sorted(digits, reverse=True)) and sorted(answer) == sorted(digits)
 
 
-def test_the_domain_contradicts_a_general_skill():
-    """dsort's answer is sort's reversed: what the base model writes after `dsort` (ascending,
-    as `sort` taught it) is wrong whenever the digits are not all equal."""
-    rng = random.Random(2)
-    for _ in range(100):
-        prompt, answer = DOMAIN_TASKS["dsort"](rng)
-        ascending = "".join(sorted(prompt[6:-1]))
-        assert answer == ascending[::-1]
-        assert (answer == ascending) == (len(set(ascending)) == 1)
-
-
 def test_splits_are_disjoint_balanced_and_reproducible():
     splits = make_splits(seed=3, train=400, domain_train=100, test=20, val=10, replay=0.2)
     again = make_splits(seed=3, train=400, domain_train=100, test=20, val=10, replay=0.2)
@@ -88,11 +77,21 @@ def test_splits_are_disjoint_balanced_and_reproducible():
     assert len(sft) == 125 and len(replayed) == 25
     assert all(e in splits["general_train"] for e in replayed)
     assert min(i for i, e in enumerate(sft) if e["task"] in GENERAL_TASKS) < 100  # shuffled, not appended
-    plain = make_splits(seed=3, train=400, domain_train=100, test=20)["sft_train"]
-    assert len(plain) == 100 and {e["task"] for e in plain} == set(DOMAIN_TASKS)
+    plain = make_splits(seed=3, train=400, domain_train=100, test=20)
+    assert len(plain["sft_train"]) == 100 and {e["task"] for e in plain["sft_train"]} == set(DOMAIN_TASKS)
+    assert "general_val" not in plain and "domain_val" not in plain  # val=0: no validation split
 
 
 def test_generate_refuses_impossible_requests():
     tiny = {"one": lambda rng: ("same=", "1")}
     with pytest.raises(ValueError, match="too few exist"):
         generate(tiny, 5, seed=0)
+
+
+def test_replay_beyond_the_pretraining_data_is_refused_naming_the_key():
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"demo\.general_replay: general_replay 0\.95 wants 38000 replay rows, "
+                                          r"more than the 24000 pretraining rows \(train_examples\): at most 0\.923"):
+        parse_config({"name": "x", "demo": {"general_replay": 0.95}})
+    parse_config({"name": "x", "demo": {"general_replay": 0.9}})  # 18,000 rows: enough exist

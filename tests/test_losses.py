@@ -587,3 +587,24 @@ def test_chunked_backward_twice_with_retain_graph():
     (second,) = torch.autograd.grad(loss, h)
     assert first.abs().sum() > 0
     torch.testing.assert_close(second, first)
+
+
+def test_eksft_with_every_token_masked_gives_a_finite_loss_of_its_regularisers():
+    logits, labels, ref = make_batch()
+    for normalize in ("kept", "all"):
+        loss_fn = build_loss("eksft", ratio=1.0, lambda_entropy=0.0, lambda_kl=0.0, normalize=normalize)
+        logits_grad = logits.clone().requires_grad_(True)
+        loss = loss_fn(logits_grad, labels, ref_logits=ref)
+        loss.backward()
+        assert loss.item() == 0 and float(loss_fn.diagnostics["masked_frac"]) == 1.0
+        assert torch.isfinite(logits_grad.grad).all() and logits_grad.grad.abs().sum() == 0
+
+
+def test_a_losss_stage_key_settings_fill_in_its_defaults():
+    """So that a changed default (EKSFT's `normalize`) is a new SFT key, never a reused result."""
+    from pipeline.config import LossConfig
+
+    assert LossConfig(name="eksft").resolved() == LossConfig(name="eksft", normalize="kept", ratio=0.2).resolved() \
+        == {"name": "eksft", "ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05, "normalize": "kept"}
+    assert LossConfig(name="eksft").resolved() != LossConfig(name="eksft", normalize="all").resolved()
+    assert LossConfig(name="ce").resolved() == {"name": "ce"}

@@ -65,3 +65,15 @@ def test_training_rows_become_prompts_with_answers():
     assert prompt_and_answer({"messages": messages}) == {"prompt": messages[:1], "answer": "r"}
     chat = prompt_and_answer({"prompt": messages[:1], "completion": messages[1:]})
     assert chat["answer"] == "r"
+
+
+def test_reference_chosen_pairs_the_reference_answer_where_every_sample_is_wrong():
+    samples = [row(["5", "7", "5"], [False, False, False], answer="6"),  # all wrong: the reference is chosen
+               row(["6", "5"], [True, False], answer="6"),  # on-policy pair as usual
+               row(["6", "6"], [True, True], answer="6")]  # all right: nothing to prefer
+    pairs, stats = build_pairs(samples, 2, 0, reference_chosen=True)
+    assert [(p["chosen"], p["rejected"]) for p in pairs[:2]] in ([("6", "5"), ("6", "7")], [("6", "7"), ("6", "5")])
+    assert (pairs[2]["chosen"], pairs[2]["rejected"]) == ("6", "5") and len(pairs) == 3
+    assert stats.reference_chosen == 2 and stats.prompts_paired == 2 and stats.prompts_all_wrong == 1
+    without, plain = build_pairs(samples, 2, 0)
+    assert len(without) == 1 and plain.reference_chosen == 0

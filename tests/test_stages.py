@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from flows.pipeline import pipeline_stages, run_pipeline
+from flows.pipeline import pipeline_stages, pipeline_status, run_pipeline
 from pipeline import answer_entropy
 from pipeline.config import DemoConfig, SamplingConfig, parse_config
 from pipeline.data import read_jsonl, write_jsonl
@@ -120,6 +120,23 @@ def test_evaluation_writes_the_answer_token_entropy_histogram(demo_run):
             means[name, suite] = h["mean"]
         assert evaluation.path("entropy_plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert means["evaluate_base", "target"] != means["evaluate_sft", "target"]  # each evaluation measures its own model
+
+
+def test_the_base_model_seed_changes_the_model_not_the_data(demo_run):
+    tmp_path, _ = demo_run
+    keys = lambda **demo: {s.name: s.key for s in pipeline_status(tiny_config(tmp_path, demo=demo))}  # noqa: E731
+    plain, reseeded, same = keys(), keys(model_seed=5), keys(model_seed=0)  # the config's seed is 0
+    assert reseeded["demo_data"] == plain["demo_data"] and reseeded["pretrain"] != plain["pretrain"]
+    assert same["pretrain"] == plain["pretrain"]  # the config's own seed, named: the same base model
+    assert keys(general_replay=0.25)["demo_data"] != plain["demo_data"]
+
+
+def test_a_world_without_validation_splits_evaluates_the_test_suites_only(tmp_path):
+    results = run_pipeline(tiny_config(tmp_path, demo={"val_examples": 0}), stage="evaluate_base")
+    world, evaluation = results[0].manifest, results[-1].manifest
+    assert not any(name.endswith("_val") for name in world.outputs)
+    assert set(evaluation.outputs) >= {"samples_target", "samples_general"}
+    assert not any("val" in name for name in [*evaluation.outputs, *evaluation.metrics])
 
 
 def test_answer_entropy_is_each_answer_tokens_predictive_entropy(monkeypatch):
