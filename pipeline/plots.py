@@ -25,11 +25,6 @@ def legend_outside(ax, **options) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8, **options)
 
 
-def errors(s: dict[str, float]) -> list[list[float]]:
-    """A {mean, low, high} summary as matplotlib's asymmetric error-bar lengths."""
-    return [[s["mean"] - s["low"]], [s["high"] - s["mean"]]]
-
-
 def lr_label(learning_rate: float) -> str:
     """A learning rate as people write it: 1e-5, 2.5e-4."""
     return np.format_float_scientific(learning_rate, trim="-", exp_digits=1)
@@ -108,43 +103,47 @@ def chosen_point(report: dict, phase: str, arm: str) -> dict:
 
 def gain_vs_retention(report: dict, png: Path) -> None:
     """Each arm's target Pass@1 gain over the base model against its general retention, after
-    SFT (circles) and after DPO (squares), at its chosen learning rate, with 95% intervals over
-    seeds: up and right is better. Retention cannot be negative, so its axis starts at 0 (a
-    t-interval's lower end below 0 is its symmetry, not a score)."""
+    SFT (circles) and after DPO (squares), at its chosen learning rate: the mean over seeds, and
+    each seed's own point small and faint (with a few seeds a t-interval spans more than the
+    axis): up and right is better. Retention cannot be negative, so its axis starts at 0."""
     markers = {"sft": "o", "dpo": "s"}
     fig, ax = plt.subplots(figsize=(5.5, 4))
     retention = []
     for i, arm in enumerate(report["arms"]):
         for phase in report["phases"]:
             point = chosen_point(report, phase, arm)
-            x, y = point["retention"], point["gain"]
-            ax.errorbar(x["mean"], y["mean"], xerr=errors(x), yerr=errors(y), fmt=markers[phase], color=f"C{i}",
-                        capsize=2, label=f"{arm} {PHASE_TITLES[phase]} (lr {lr_label(point['learning_rate'])})")
-            retention.append(x["high"])
+            ax.plot(point["retention"]["mean"], point["gain"]["mean"], markers[phase], color=f"C{i}",
+                    label=f"{arm} {PHASE_TITLES[phase]} (lr {lr_label(point['learning_rate'])})")
+            _, retentions, gains = zip(*point["per_seed"])
+            ax.plot(retentions, gains, markers[phase], color=f"C{i}", markersize=3, alpha=0.35)
+            retention += retentions
     ax.set_xlim(0, top_of(retention))
     ax.set_xlabel("general retention (general Pass@1 / base model's)")
     ax.set_ylabel("target Pass@1 gain over the base model")
-    ax.set_title(f"each arm at its chosen learning rate; bars: 95% interval over {len(report['seeds'])} seeds",
-                 fontsize=9)
+    ax.set_title(f"each arm at its chosen learning rate: mean and each of {len(report['seeds'])} seeds", fontsize=9)
     legend_outside(ax)
     save(fig, png)
 
 
 def frontier_plot(report: dict, png: Path) -> None:
     """General retention against target Pass@1, one panel per phase, one line per arm through
-    its learning rates in ascending order, each point labelled with its rate: the mean over
-    seeds with 95% t-interval bars; a hollow marker is off the arm's Pareto frontier, a black
+    its learning rates in ascending order, each point the mean over seeds, labelled with its
+    rate, and each seed's own point small and faint beside it (with a few seeds a t-interval
+    spans more than the whole axis); a hollow marker is off the arm's Pareto frontier, a black
     ring marks the rate chosen on validation. Both axes run from 0 to at least 1."""
     phases, markers = report["phases"], "osD^v<>ph*"
     fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4.5), sharey=True, squeeze=False)
     for ax, phase in zip(axes[0], phases):
         for i, (arm, points) in enumerate(report["frontier"][phase].items()):
-            style = {"color": f"C{i}", "marker": markers[i % len(markers)], "markersize": 6}
-            ax.plot([p["target"]["mean"] for p in points], [p["retention"]["mean"] for p in points], label=arm, **style)
+            style = {"color": f"C{i}", "marker": markers[i % len(markers)]}
+            ax.plot([p["target"]["mean"] for p in points], [p["retention"]["mean"] for p in points], label=arm,
+                    markersize=6, **style)
             for p in points:
                 x, y = p["target"]["mean"], p["retention"]["mean"]
-                ax.errorbar(x, y, xerr=errors(p["target"]), yerr=errors(p["retention"]), capsize=2,
-                            markerfacecolor=None if p["pareto"] else "white", **style)
+                if not p["pareto"]:
+                    ax.plot(x, y, markersize=6, markerfacecolor="white", linestyle="none", **style)
+                targets, retentions, _ = zip(*p["per_seed"])
+                ax.plot(targets, retentions, markersize=3, alpha=0.35, linestyle="none", **style)
                 ax.annotate(lr_label(p["learning_rate"]), (x, y), fontsize=7, textcoords="offset points",
                             xytext=(5, 4), color=f"C{i}")
         chosen = [chosen_point(report, phase, arm) for arm in report["frontier"][phase]]
@@ -152,15 +151,15 @@ def frontier_plot(report: dict, png: Path) -> None:
                 markerfacecolor="none", markeredgecolor="black", linestyle="none", label="chosen on validation")
         ax.set_xlabel("target Pass@1")
         ax.set_title(PHASE_TITLES[phase])
-    highs = [p[axis]["high"] for arms in report["frontier"].values() for points in arms.values() for p in points
-             for axis in ("target", "retention")]
-    axes[0][0].set_ylim(0, top_of(highs))
+    values = [v for arms in report["frontier"].values() for points in arms.values() for p in points
+              for v in sum((seed[:2] for seed in p["per_seed"]), [])]
+    axes[0][0].set_ylim(0, top_of(values))
     for ax in axes[0]:
-        ax.set_xlim(0, top_of(highs))
+        ax.set_xlim(0, top_of(values))
     axes[0][0].set_ylabel("general retention (general Pass@1 / base model's)")
     legend_outside(axes[0][-1])
-    caption = (f"Each point: one learning rate (labelled), mean over {len(report['seeds'])} seeds, bars: 95% "
-               "t-interval over seeds; lines join an arm's rates in ascending order; hollow: off the arm's Pareto frontier.")
+    caption = (f"Each large point: one learning rate (labelled), the mean over {len(report['seeds'])} seeds; small faint "
+               "points: each seed. Lines join an arm's rates in ascending order; hollow: off the arm's Pareto frontier.")
     fig.text(0.01, -0.02, caption, fontsize=8, ha="left", va="top")
     save(fig, png)
 

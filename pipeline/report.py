@@ -163,10 +163,11 @@ def frontier(runs: list[ArmRun], stage: str, bases: dict[int, Manifest]) -> list
     for lr in sorted({r.learning_rate for r in runs}):
         group = [r for r in runs if r.learning_rate == lr]
         target = [r.manifests[stage].metrics["target/pass_at_1"] for r in group]
+        retention = [r.manifests[stage].metrics["general/retention"] for r in group]
+        gain = [t - bases[r.seed].metrics["target/pass_at_1"] for t, r in zip(target, group)]
         points.append({
-            "learning_rate": lr, "seeds": [r.seed for r in group], "target": stats(target),
-            "gain": stats([t - bases[r.seed].metrics["target/pass_at_1"] for t, r in zip(target, group)]),
-            "retention": stats([r.manifests[stage].metrics["general/retention"] for r in group])})
+            "learning_rate": lr, "seeds": [r.seed for r in group], "target": stats(target), "gain": stats(gain),
+            "retention": stats(retention), "per_seed": [list(v) for v in zip(target, retention, gain)]})
     on_frontier = pareto([(p["target"]["mean"], p["retention"]["mean"]) for p in points])
     return [{**p, "pareto": flag} for p, flag in zip(points, on_frontier)]
 
@@ -195,14 +196,32 @@ def retention_at(curve: list[tuple[float, float]], level: float) -> float | None
     return None
 
 
-def matched_levels(points: dict[str, list[dict]], configured: list[float] | None) -> dict[str, dict]:
-    """The target Pass@1 levels to match, by their name in the report: the highest that every
-    arm reaches (each arm's highest mean over seeds, at any rate; the lowest of those), then
-    `compare.matched_target`'s."""
-    common = min(max(p["target"]["mean"] for p in arm_points) for arm_points in points.values())
-    levels = {f"{common:.3f}": {"level": common, "source": "the highest every arm reaches"}}
+def matched_levels(points: dict[str, list[dict]], configured: list[float] | None, baseline: str) -> dict[str, dict]:
+    """The target Pass@1 levels to match, by their name in the report, each with the arms compared
+    there. A level must lie within each of those arms' spans of target Pass@1 over their rates
+    (means over seeds): the middle of the span all arms share, if they share one; for each other
+    arm, the middle of the span it shares with the baseline (arms whose targets never meet have
+    no level); then `compare.matched_target`'s, for every arm."""
+    spans = {arm: (min(p["target"]["mean"] for p in ps), max(p["target"]["mean"] for p in ps))
+             for arm, ps in points.items()}
+
+    def middle(arms: list[str]) -> float | None:
+        low, high = max(spans[a][0] for a in arms), min(spans[a][1] for a in arms)
+        return (low + high) / 2 if low <= high else None
+
+    levels: dict[str, dict] = {}
+
+    def add(level: float, source: str, arms: list[str]) -> None:
+        entry = levels.setdefault(f"{level:.3f}", {"level": level, "source": source, "arms": []})
+        entry["arms"] += [a for a in arms if a not in entry["arms"]]
+
+    if (common := middle(list(points))) is not None:
+        add(common, "the middle of the span every arm reaches", list(points))
+    for arm in points:
+        if arm != baseline and (level := middle([baseline, arm])) is not None:
+            add(level, f"the middle of the span `{arm}` and `{baseline}` both reach", [baseline, arm])
     for level in configured or []:
-        levels.setdefault(f"{level:.3f}", {"level": level, "source": "compare.matched_target"})
+        add(level, "compare.matched_target", list(points))
     return levels
 
 
@@ -278,11 +297,12 @@ def build_report(cfg: PipelineConfig, runs: list[ArmRun]) -> dict:
         report["verdicts"][phase] = {a: verdict(d, ks) for a, d in report["differences"][phase].items()}
         every_rate = {a: [r for r in runs if r.arm == a] for a in compare.arms}
         report["frontier"][phase] = {a: frontier(arm_runs, stage, by_seed) for a, arm_runs in every_rate.items()}
-        levels = matched_levels(report["frontier"][phase], compare.matched_target)
+        levels = matched_levels(report["frontier"][phase], compare.matched_target, compare.baseline)
         curves = {a: seed_curves(arm_runs, stage) for a, arm_runs in every_rate.items()}
         report["matched_levels"][phase] = levels
-        report["matched"][phase] = {name: matched_retention(curves, level["level"], compare.baseline)
-                                    for name, level in levels.items()}
+        report["matched"][phase] = {
+            name: matched_retention({a: curves[a] for a in level["arms"]}, level["level"], compare.baseline)
+            for name, level in levels.items()}
     return report
 
 
@@ -346,7 +366,19 @@ def matched_lines(report: dict) -> list[str]:
              "General retention where each arm's target Pass@1 reaches the same level: per seed, along the arm's "
              "learning rates in ascending order, linear between the two rates the level falls between (the first "
              "such pair); then the mean ± 95% t-interval over the seeds that reach the level, and the difference "
-             f"from `{baseline}` paired by seed, over the seeds where both reach it."]
+             f"from `{baseline}` paired by seed, over the seeds where both reach it. A level lies within the span "
+             "of target Pass@1 (means over seeds) of every arm compared there: the middle of the span all arms "
+             f"reach, and of the span each arm and `{baseline}` both reach."]
+    unmatched = []
+    for phase in report["phases"]:
+        spans = {a: (min(p["target"]["mean"] for p in ps), max(p["target"]["mean"] for p in ps))
+                 for a, ps in report["frontier"][phase].items()}
+        for arm in spans:
+            if arm != baseline and not any(arm in level["arms"] for level in report["matched_levels"][phase].values()):
+                unmatched.append(f"- {PHASE_TITLES[phase]}: `{arm}` (target Pass@1 {spans[arm][0]:.3f} to "
+                             f"{spans[arm][1]:.3f} over its rates) and `{baseline}` ({spans[baseline][0]:.3f} to "
+                             f"{spans[baseline][1]:.3f}) reach no common level: no matched comparison.")
+    lines += [""] + unmatched if unmatched else []
     if len(report["learning_rates"]) == 1:
         lines.append("With one learning rate each seed's curve is a single point: it reaches only its own level.")
     lines += ["", f"| phase | target Pass@1 level | arm | general retention | seeds reaching it | difference from "

@@ -15,7 +15,7 @@ from pipeline.config import ConfigError, parse_config
 from pipeline.data import write_jsonl
 from pipeline.manifest import Manifest
 from pipeline.metrics import mean_interval, paired_bootstrap, pass_at_k_table, sample_counts
-from pipeline.report import (ArmRun, build_report, matched_retention, pareto, retention_at, select_learning_rates,
+from pipeline.report import (ArmRun, build_report, matched_levels, matched_retention, pareto, retention_at, select_learning_rates,
                              verdict, write_report)
 from tests.test_stages import TINY
 
@@ -154,6 +154,17 @@ def test_retention_at_a_target_level_is_interpolated_along_the_rates():
     assert retention_at([(0.2, 0.8), (0.6, 0.4), (0.4, 0.2)], 0.5) == pytest.approx(0.5)
     assert retention_at([(0.4, 0.3)], 0.4) == 0.3 and retention_at([(0.4, 0.3)], 0.5) is None
     assert retention_at([(0.2, 0.8), (0.6, float("nan"))], 0.4) is None  # a NaN retention is not a reading
+
+
+def test_matched_levels_lie_where_the_arms_target_spans_meet():
+    point = lambda t: {"target": {"mean": t}}  # noqa: E731
+    points = {"ce": [point(0.3), point(0.9)], "eaft": [point(0.2), point(0.7)], "eksft": [point(0.05), point(0.1)]}
+    levels = matched_levels(points, [0.5], "ce")
+    # all three share no span (eksft tops out at 0.1); eaft and ce share 0.3-0.7, eksft and ce nothing
+    assert levels == {"0.500": {"level": pytest.approx(0.5), "source": "the middle of the span `eaft` and `ce` both reach",
+                                "arms": ["ce", "eaft", "eksft"]}}
+    two = matched_levels({"ce": points["ce"], "eaft": points["eaft"]}, None, "ce")
+    assert list(two) == ["0.500"] and two["0.500"]["source"] == "the middle of the span every arm reaches"
 
 
 def test_matched_retention_counts_only_the_seeds_that_reach_the_level():
@@ -297,8 +308,11 @@ def test_report_on_synthetic_runs_has_the_sweep_sections(tmp_path):
             means = [(p["target"]["mean"], p["retention"]["mean"]) for p in points]
             assert [p["pareto"] for p in points] == pareto(means)
         levels = report["matched_levels"][phase]
-        common = min(max(p["target"]["mean"] for p in report["frontier"][phase][a]) for a in ("ce", "eaft"))
-        assert list(levels) == [f"{common:.3f}", "0.400"] and levels["0.400"]["level"] == 0.4
+        spans = [[p["target"]["mean"] for p in report["frontier"][phase][a]] for a in ("ce", "eaft")]
+        low, high = max(min(t) for t in spans), min(max(t) for t in spans)
+        common = (low + high) / 2  # the middle of the span both arms reach
+        assert low < high and list(levels) == [f"{common:.3f}", "0.400"] and levels["0.400"]["level"] == 0.4
+        assert levels[f"{common:.3f}"]["arms"] == ["ce", "eaft"]
         at = report["matched"][phase]["0.400"]
         assert at["eaft"]["seeds_reached"] == 3 and at["eaft"]["difference"]["seeds"] == 3
         assert at["eaft"]["difference"]["mean"] == pytest.approx(at["eaft"]["mean"] - at["ce"]["mean"])
@@ -423,7 +437,7 @@ def test_report_files_hold_the_tables_and_the_plots(compared):
     html = (folder / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 5 and "<table>" in html
     assert "entropy_histograms.png" in text and "target answer entropy" in text
-    assert "## Learning rate per arm, chosen on validation" in text and "## Retention at matched target skill" in text
+    assert "Every arm runs at one SFT learning rate" in text and "## Retention at matched target skill" in text
     assert len(report["learning_rates"]) == 1 and report["base_seeds"] is None  # the defaults: no sweep
     for png in ("pass_at_k.png", "gain_vs_retention.png", "loss_curves.png", "entropy_histograms.png", "frontier.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -438,8 +452,9 @@ def test_report_entropy_histograms_pool_the_evaluations_over_seeds(compared):
     base = histograms(base_key)
     entropy = report["entropy"]
     assert entropy["edges"] == base["edges"]
-    assert entropy["base"] == {suite: h["counts"] for suite, h in base["suites"].items()}
-    assert report["base"]["target/answer_entropy"] == base["suites"]["target"]["mean"]
+    # pooled over the seeds like each arm's: here every seed starts from the one base model
+    assert entropy["base"] == {suite: [len(SEEDS) * c for c in h["counts"]] for suite, h in base["suites"].items()}
+    assert report["base"]["target/answer_entropy"] == pytest.approx(base["suites"]["target"]["mean"])
     for phase in report["phases"]:
         for arm in ARMS:
             seeds = [histograms(run[phase]["key"]) for run in report["runs"] if run["arm"] == arm and run["selected"]]

@@ -130,7 +130,7 @@ def test_the_readme_tour_config_is_valid(tmp_path, monkeypatch):
     for name in ("train.jsonl", "test.jsonl", "general.jsonl"):
         (tmp_path / name).write_text('{"prompt": "1+1=", "completion": "2", "answer": "2"}\n')
     cfg = load_config(write(tmp_path, block))
-    assert cfg.sft.loss.name == "eaft" and cfg.sft.trainer["max_steps"] == 1000 and cfg.dpo.trainer["beta"] == 0.1
+    assert cfg.sft.loss.name == "eaft" and cfg.sft.trainer["max_steps"] == 300 and cfg.dpo.trainer["beta"] == 0.1
 
 
 def test_shipped_accelerate_configs_are_accelerate_configs(tmp_path):
