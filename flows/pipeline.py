@@ -184,7 +184,7 @@ class PipelineRun:
 
     @cached_property
     def pretrain(self) -> Manifest:
-        # the data is an input (the world's manifest): the model's own settings and seed, the rest
+        # the world's manifest is an input; of `demo`, only the model's own settings and its seed
         model = self.cfg.demo.model_dump(include=self.cfg.demo.MODEL_FIELDS - {"model_seed"})
         settings = {"seed": self.cfg.model_seed, "demo": model, "trainer": self.cfg.pretrain.trainer, **self.processes}
         world = self.demo_data

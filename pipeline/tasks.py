@@ -3,9 +3,10 @@
 The general tasks are the skills the base model must not forget; the base model learns each
 of them well in pretraining (Pass@1 >= 0.9). The domain task, sorting digits in DESCENDING
 order (`dsort 2715=` -> `7521`), is one the base model gets confidently wrong: after `dsort`
-it writes the digits ascending, as `sort` taught it, with probability near 1 (entropy about
-0.04 nats). Those are the "confident conflicts" the forgetting-aware losses act on, and plain
-SFT on them erodes the general skills, `sort` first, then the others, in part.
+it writes the digits ascending, as `sort` taught it (on the demo's base model, at 87% of the
+answer tokens its most likely token is another, at probability >= 0.5: `target/confident_wrong`).
+Those are the "confident conflicts" the forgetting-aware losses act on, and plain SFT on them
+erodes the general skills, `sort` first, then the others, in part.
 """
 
 from __future__ import annotations
