@@ -400,7 +400,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Comparison `{report['name']}`",
         "",
-        f"Arms (the SFT loss; everything else identical): "
+        "Arms (the SFT loss; everything else identical): "
         + ", ".join(f"`{a}` ({', '.join(f'{k}={v}' for k, v in loss.items())})" for a, loss in report["arms"].items())
         + f". Seeds: {', '.join(map(str, seeds))} (the SFT and DPO trainers' seed).{bases} Each arm is shown at its "
         "learning rate chosen on the validation prompts (below). Values are the mean over seeds "
