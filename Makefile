@@ -13,7 +13,7 @@ TEST_WORKERS ?= 2
 # apt needs root: sudo only for a user who is not.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser sandbox demo test bench clean
 setup: $(VENV)/.installed-$(ACCEL)
 
 $(VENV)/.installed-$(ACCEL): pyproject.toml constraints-cpu.txt
@@ -41,11 +41,17 @@ browser: /usr/bin/chromedriver
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
 
+# bubblewrap isolates the `code` verifier's programs (pipeline/sandbox.py); installed only when missing.
+sandbox: /usr/bin/bwrap
+/usr/bin/bwrap:
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap
+
 ifeq ($(BROWSER_TESTS),1)
-test: setup browser
+test: setup browser sandbox
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 else
-test: setup
+test: setup sandbox
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not browser"
 endif
 

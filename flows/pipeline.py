@@ -83,7 +83,7 @@ class PipelineRun:
 
     def digest_of(self, source: DataSource) -> str:
         """A data source's digest, computed once per run (a user's data set can be large)."""
-        name = source.path or f"{source.hub}:{source.split}"
+        name = source.name if source.file else f"{source.hub}:{source.split}"
         if name not in self.digests:
             self.digests[name] = source_digest(source)
         return self.digests[name]

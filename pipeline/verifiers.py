@@ -1,14 +1,20 @@
 """Verifiers: decide whether a completion is correct. Each has the shape
-``verify(completion: str, answer: str | dict) -> bool``; ``get_verifier`` returns one by name."""
+``verify(completion: str, answer: str | dict) -> bool`` (for `code`, the answer is the problem:
+prompt, test, entry_point); ``get_verifier`` returns one by name."""
 
 from __future__ import annotations
 
 import functools
+import json
 import re
+import secrets
 from collections.abc import Callable
 from fractions import Fraction
+from pathlib import Path
 
-from pipeline.sandbox import run_untrusted
+from pipeline.sandbox import SandboxUnavailable, run_untrusted, sandbox_problem
+
+HARNESS = Path(__file__).with_name("code_harness.py")
 
 Verifier = Callable[[str, "str | dict"], bool]
 
@@ -93,30 +99,32 @@ def _clean(answer: str) -> str:
     return answer.strip().rstrip(".").replace("$", "").strip().lower()
 
 
-def verify_code(
-    completion: str, answer: dict, *, allow_untrusted_code: bool = False, timeout_s: float = 5.0
-) -> bool:
-    """Run the completion's code followed by ``answer["tests"]`` in the sandbox; correct if it exits 0.
-    With an ``entry_point`` and HumanEval-style tests (``def check(candidate)``), ``check`` is called."""
-    _require_opt_in(allow_untrusted_code)
-    if not completion:
-        return False
-    program = f"{extract_code(completion)}\n\n{answer['tests']}\n"
-    if answer.get("entry_point") and "def check(" in answer["tests"]:
-        program += f"\ncheck({answer['entry_point']})\n"
-    return run_untrusted(program, timeout_s=timeout_s).passed
+def verify_code(completion: str, problem: dict, *, timeout_s: float = 10.0, isolation: str = "bubblewrap") -> bool:
+    """HumanEval-style: the program (``code_program``) and then ``problem["test"]``, which defines
+    ``check(candidate)``, run in the sandbox; correct only if the harness reports, after ``check``
+    returned, that every test passed (pipeline/code_harness.py says how that resists cheating)."""
+    nonce = secrets.token_hex(16)
+    payload = {"nonce": nonce, "program": code_program(completion, problem), "test": problem["test"],
+               "entry_point": problem["entry_point"]}
+    result = run_untrusted(HARNESS.read_text(), stdin=json.dumps(payload).encode(), timeout_s=timeout_s,
+                           unsafe=isolation == "none")
+    verdicts = [line.removeprefix(nonce + " ") for line in result.stdout.splitlines() if line.startswith(nonce)]
+    return verdicts == ["passed"] and result.killed_reason is None
+
+
+def code_program(completion: str, problem: dict) -> str:
+    """The solution the tests run against. A text prompt (its imports, helpers and the function's
+    signature) comes first; then the completion's code: its first fenced block (a chat model's
+    answer, which may define the whole function again), else the completion itself (a base model
+    continuing the prompt, as in HumanEval). After a chat prompt, the completion's code alone."""
+    blocks = _FENCE.findall(completion)
+    code = next((c for lang, c in blocks if lang), blocks[0][1]) if blocks else completion
+    if not isinstance(problem["prompt"], str):
+        return code
+    return f"{problem['prompt']}\n{code}" if blocks else problem["prompt"] + completion
 
 
 _FENCE = re.compile(r"```(python|py)?[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-
-
-def extract_code(completion: str) -> str:
-    """The first ```python fenced block (else the first fenced block, else the whole completion)."""
-    blocks = _FENCE.findall(completion)
-    python_blocks = [code for lang, code in blocks if lang]
-    if python_blocks or blocks:
-        return (python_blocks or [code for _, code in blocks])[0]
-    return completion
 
 
 def _require_opt_in(allow_untrusted_code: bool) -> None:
@@ -131,11 +139,16 @@ def _require_opt_in(allow_untrusted_code: bool) -> None:
 VERIFIERS: dict[str, Callable[..., bool]] = {"exact": verify_exact, "math": verify_math, "code": verify_code}
 
 
-def get_verifier(name: str, *, allow_untrusted_code: bool = False) -> Verifier:
-    """The verifier called ``name``; for "code" the opt-in is checked now, so a run fails before sampling."""
+def get_verifier(name: str, *, allow_untrusted_code: bool = False, code_isolation: str = "bubblewrap",
+                 code_timeout_s: float = 10.0) -> Verifier:
+    """The verifier called ``name``. For "code" the opt-in and the sandbox are checked now, so a
+    run fails before it samples."""
     if name not in VERIFIERS:
         raise ValueError(f"Unknown verifier {name!r}; allowed: {sorted(VERIFIERS)}")
     if name == "code":
         _require_opt_in(allow_untrusted_code)
-        return functools.partial(verify_code, allow_untrusted_code=True)
+        if code_isolation == "bubblewrap" and (problem := sandbox_problem()):
+            raise SandboxUnavailable(f"{problem}; or, knowing that model-written code then runs unisolated, "
+                                     "set evaluate.code_isolation: none")
+        return functools.partial(verify_code, timeout_s=code_timeout_s, isolation=code_isolation)
     return VERIFIERS[name]

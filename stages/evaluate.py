@@ -8,11 +8,13 @@ it is confidently wrong at (`confident_wrong`: the "confident conflicts")."""
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.answer_entropy import answer_entropy_histograms
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
-from pipeline.data import EVAL_FIELDS, load_rows, write_jsonl
+from pipeline.data import EVAL_FIELDS, load_rows, reference, scored_fields, write_jsonl
 from pipeline.manifest import Manifest, atomic_write_text
 from pipeline.metrics import pass_at_k_table, sample_counts
 from pipeline.plots import entropy_histogram
@@ -25,20 +27,21 @@ TEST_SUITES = ("target", "general")
 
 def score_suite(rows: list[dict], completions: list[list[str]], source: DataSource, cfg: PipelineConfig) -> list[dict]:
     """One result row per prompt: the completions, which are correct, and the sampling settings."""
-    verify = get_verifier(source.verifier, allow_untrusted_code=cfg.evaluate.allow_untrusted_code)
-    scored = []
-    for i, (row, samples) in enumerate(zip(rows, completions, strict=True)):
-        correct = [verify(c, row["answer"]) for c in samples]
-        scored.append({
-            "id": row.get("id", str(i)),
-            "task": row.get("task"),
-            "prompt": row["prompt"],
-            "answer": row["answer"],
-            "completions": samples,
-            "correct": correct,
-            "sampling": cfg.sampling.model_dump(),
-        })
-    return scored
+    verify = get_verifier(source.verifier, **cfg.evaluate.verifier_options())
+    answers = [reference(row) for row in rows]
+    # Threads: a code verdict is a sandboxed process that the thread only waits on.
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        correct = iter(pool.map(verify, [c for samples in completions for c in samples],
+                                [a for a, samples in zip(answers, completions, strict=True) for _ in samples]))
+    return [{
+        "id": row.get("id", str(i)),
+        "task": row.get("task"),
+        "prompt": row["prompt"],
+        "answer": answer,
+        "completions": samples,
+        "correct": [next(correct) for _ in samples],
+        "sampling": cfg.sampling.model_dump(),
+    } for i, (row, answer, samples) in enumerate(zip(rows, answers, completions, strict=True))]
 
 
 def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, float]:
@@ -54,10 +57,11 @@ def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, fl
 
 def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = None) -> Manifest:
     suites = {suite: getattr(cfg.data, key) for suite, key in EVAL_SUITES.items() if getattr(cfg.data, key)}
-    rows = {suite: list(load_rows(source, EVAL_FIELDS))[: cfg.evaluate.max_prompts] for suite, source in suites.items()}
+    rows = {suite: list(load_rows(source, scored_fields(source, EVAL_FIELDS)))[: cfg.evaluate.max_prompts]
+            for suite, source in suites.items()}
     # One sampling call for all suites: the engine starts once per stage.
     prompts = [r["prompt"] for suite in suites for r in rows[suite]]
-    names = [f"data.{EVAL_SUITES[suite]} ({source.path or source.hub}) row {i + 1}"
+    names = [f"data.{EVAL_SUITES[suite]} ({source.name}) row {i + 1}"
              for suite, source in suites.items() for i in range(len(rows[suite]))]
     completions = iter(sample(model, prompts, cfg.sampling, cfg.model.tokenizer, names))
     metrics: dict[str, float] = {}
@@ -68,7 +72,11 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
         outputs[f"samples_{suite}"] = f"samples_{suite}.jsonl"
         metrics |= suite_metrics(suite, scored, cfg.evaluate.ks)
     # After sampling, which (with vLLM) needs the GPU memory to itself; the test suites only.
-    entropy = answer_entropy_histograms(model, cfg.model.tokenizer, {suite: rows[suite] for suite in TEST_SUITES})
+    # A code problem's reference answer is its canonical solution, where the suite ships one.
+    references = {suite: [{"prompt": r["prompt"], "answer": r.get("answer", r.get("canonical_solution"))}
+                          for r in rows[suite]] for suite in TEST_SUITES if suite in rows}
+    references = {suite: refs for suite, refs in references.items() if all(isinstance(r["answer"], str) for r in refs)}
+    entropy = answer_entropy_histograms(model, cfg.model.tokenizer, references)
     atomic_write_text(out / "entropy.json", json.dumps(entropy, indent=1))
     entropy_histogram(entropy, out / "entropy.png")
     outputs |= {"entropy": "entropy.json", "entropy_plot": "entropy.png"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.data import read_jsonl, write_jsonl
+from pipeline.data import read_jsonl, reference, write_jsonl
 from pipeline.manifest import Manifest
 from pipeline.metrics import pass_at_k_table, sample_counts
 from pipeline.preferences import build_pairs
@@ -16,10 +16,11 @@ from pipeline.verifiers import get_verifier
 
 
 def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
-    verify = get_verifier(cfg.pair_prompts.verifier, allow_untrusted_code=cfg.evaluate.allow_untrusted_code)
-    rows = read_jsonl(samples / "samples.jsonl", [{"prompt", "answer", "completions"}])
+    verify = get_verifier(cfg.pair_prompts.verifier, **cfg.evaluate.verifier_options())
+    rows = read_jsonl(samples / "samples.jsonl", [{"prompt", "answer", "completions"},
+                                                  {"prompt", "test", "entry_point", "completions"}])
     for row in rows:
-        row["correct"] = [verify(c, row["answer"]) for c in row["completions"]]
+        row["correct"] = [verify(c, reference(row)) for c in row["completions"]]
     pairs, stats = build_pairs(rows, cfg.pairs.pairs_per_prompt, cfg.seed, cfg.pairs.reference_chosen)
     if not pairs:
         raise ValueError(

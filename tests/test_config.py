@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import config as config_module
 from pipeline.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,10 +21,24 @@ def test_shipped_configs_are_valid():
     assert cfg.pretrain.trainer["per_device_train_batch_size"] > 0
 
 
-def test_real_model_example_needs_its_files(tmp_path):
-    # The GPU example names files that exist only on a GPU box: the error must say which key.
+@pytest.mark.parametrize("example", ["qwen3-gsm8k.yaml", "qwen3-humaneval.yaml"])
+def test_real_model_examples_need_their_files(example):
+    # The GPU examples name files that exist only on a GPU box: the error must say which key.
     with pytest.raises(ConfigError, match=r"data\.sft.*file not found"):
-        load_config(REPO / "configs" / "qwen3-gsm8k.yaml")
+        load_config(REPO / "configs" / example)
+
+
+@pytest.mark.parametrize("example", ["qwen3-gsm8k.yaml", "qwen3-humaneval.yaml"])
+def test_real_model_examples_are_valid_where_their_files_are(example, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = (REPO / "configs" / example).read_text().replace("/models/Qwen3-4B-Base", "Qwen/Qwen3-4B-Base")
+    for line in text.splitlines():
+        if line.strip().startswith("path: data/"):
+            (tmp_path / line.split()[1]).parent.mkdir(exist_ok=True)
+            (tmp_path / line.split()[1]).write_text("")
+    (tmp_path / "configs").symlink_to(REPO / "configs")  # the accelerate config
+    cfg = load_config(write(tmp_path, text))
+    assert not cfg.is_demo and cfg.sampling.n == 32
 
 
 def test_misspelt_key_names_path_line_and_suggestion(tmp_path):
@@ -114,13 +129,37 @@ def test_round_trip_through_json_keeps_everything(tmp_path):
     assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["name"] == again.name
 
 
-def test_code_verifier_needs_explicit_opt_in(tmp_path):
-    (tmp_path / "code.jsonl").write_text('{"prompt": "def f", "answer": "assert f() == 1"}\n')
+def test_code_verifier_needs_explicit_opt_in_and_a_sandbox(tmp_path, monkeypatch):
+    (tmp_path / "code.jsonl").write_text('{"prompt": "def f():", "test": "def check(c): pass", "entry_point": "f"}\n')
     text = f"name: x\ndata:\n  target_eval:\n    path: {tmp_path / 'code.jsonl'}\n    verifier: code\n"
     with pytest.raises(ConfigError, match=r"data\.target_eval\.verifier is 'code'.*allow_untrusted_code: true"):
         load_config(write(tmp_path, text))
     cfg = load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n"))
-    assert cfg.evaluate.allow_untrusted_code
+    assert cfg.evaluate.allow_untrusted_code and cfg.evaluate.code_isolation == "bubblewrap"
+    monkeypatch.setattr(config_module, "sandbox_problem", lambda: "bubblewrap (bwrap) is not installed: install it")
+    with pytest.raises(ConfigError, match=r"data\.target_eval\.verifier is 'code'.*bwrap\) is not installed"):
+        load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n"))
+    unsafe = load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n  code_isolation: none\n"))
+    assert unsafe.evaluate.code_isolation == "none"
+
+
+def test_humaneval_is_a_shipped_suite_of_code_problems(tmp_path):
+    text = "name: x\ndata:\n  general_eval:\n    suite: humaneval\n"
+    with pytest.raises(ConfigError, match=r"data\.general_eval.*suite humaneval holds code problems: set verifier: code"):
+        load_config(write(tmp_path, text))
+    cfg = load_config(write(tmp_path, text + "    verifier: code\nevaluate:\n  allow_untrusted_code: true\n"))
+    assert cfg.data.general_eval.file.name == "HumanEval.jsonl.gz" and cfg.data.general_eval.file.is_file()
+    with pytest.raises(ConfigError, match="exactly one of 'path'.*'hub'.*'suite'"):
+        load_config(write(tmp_path, text.replace("suite: humaneval", "suite: humaneval\n    hub: openai_humaneval")))
+
+
+def test_reference_chosen_pairs_need_a_reference_answer(tmp_path):
+    (tmp_path / "code.jsonl").write_text('{"prompt": "def f():", "completion": " return 1", "test": "def check(c): '
+                                         'pass", "entry_point": "f"}\n')
+    text = (f"name: x\ndata:\n  sft:\n    path: {tmp_path / 'code.jsonl'}\n    verifier: code\n"
+            "evaluate:\n  allow_untrusted_code: true\npairs:\n  reference_chosen: true\n")
+    with pytest.raises(ConfigError, match="pairs.reference_chosen.*code problems.*set pairs.reference_chosen: false"):
+        load_config(write(tmp_path, text))
 
 
 def test_the_readme_tour_config_is_valid(tmp_path, monkeypatch):

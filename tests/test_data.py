@@ -1,10 +1,12 @@
+import gzip
 import json
 import os
 
 import pytest
 
 from pipeline.config import DataSource
-from pipeline.data import EVAL_FIELDS, PREFERENCE_FIELDS, SFT_FIELDS, DataError, load_rows, read_jsonl, write_jsonl
+from pipeline.data import (EVAL_FIELDS, PREFERENCE_FIELDS, SFT_FIELDS, DataError, load_rows, prompt_and_answer, read_jsonl,
+                           reference, scored_fields, write_jsonl)
 
 
 def test_write_then_load_as_dataset(tmp_path):
@@ -63,3 +65,20 @@ def test_an_evaluation_answer_must_be_a_string(tmp_path):
                                        {"prompt": "2+2=", "answer": [{"role": "assistant", "content": "4"}]}])
     with pytest.raises(DataError, match=r"e\.jsonl:2: field 'answer' must be a string: the reference"):
         read_jsonl(tmp_path / "e.jsonl", EVAL_FIELDS)
+
+
+def test_code_problems_are_humaneval_rows_and_their_own_reference(tmp_path):
+    problem = {"prompt": "def f():\n", "test": "def check(candidate):\n    assert candidate() == 1\n",
+               "entry_point": "f", "task_id": "t/0"}
+    with gzip.open(tmp_path / "code.jsonl.gz", "wt") as f:
+        f.write(json.dumps(problem) + "\n")
+    source = DataSource(path=str(tmp_path / "code.jsonl.gz"), verifier="code")
+    rows = list(load_rows(source, scored_fields(source, EVAL_FIELDS)))
+    assert reference(rows[0]) == {k: problem[k] for k in ("prompt", "test", "entry_point")}
+    assert reference({"prompt": "1+1=", "answer": "2"}) == "2"
+    # SFT rows with tests: the completion is not the reference, the tests are
+    assert prompt_and_answer(problem | {"completion": "    return 1\n"}) == problem
+    write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    wrong = DataSource(path=str(tmp_path / "qa.jsonl"), verifier="code")
+    with pytest.raises(DataError, match=r"qa\.jsonl:1: missing fields: expected entry_point/prompt/test, got answer"):
+        load_rows(wrong, scored_fields(wrong, EVAL_FIELDS))

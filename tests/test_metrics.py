@@ -5,7 +5,7 @@ import math
 import pytest
 
 from pipeline.metrics import pass_at_k, pass_at_k_table
-from pipeline.verifiers import VERIFIERS, extract_final_answer, get_verifier, verify_code, verify_exact, verify_math
+from pipeline.verifiers import VERIFIERS, extract_final_answer, get_verifier, verify_exact, verify_math
 
 
 # --- pass@k -------------------------------------------------------------------------------------
@@ -113,7 +113,5 @@ def test_registry():
 
 
 def test_code_verifier_is_off_by_default():
-    with pytest.raises(PermissionError, match="evaluate.allow_untrusted_code"):
-        verify_code("def f(x): return x", {"tests": "assert f(1) == 1"})
     with pytest.raises(PermissionError, match="evaluate.allow_untrusted_code"):
         get_verifier("code")

@@ -1,198 +1,328 @@
-"""Each test runs a real attack in the sandbox and checks, from outside, that it was contained.
+"""Each test runs a real attack through the sandbox (bubblewrap) and checks, from outside, the
+verdict and that nothing was reached or outlived the run. docs/robustness.md's sandbox table
+lists each attack with its test."""
 
-Attacks that only an OS measure can stop are skipped (with the reason) where this machine does not
-provide that measure, e.g. when the tests do not run as root; see SandboxResult.isolation."""
-
+import json
 import os
+import random
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from pipeline.sandbox import run_untrusted
-from pipeline.verifiers import get_verifier
+from pipeline import sandbox
+from pipeline.config import DataSource
+from pipeline.data import CODE_FIELDS, read_jsonl, reference
+from pipeline.sandbox import SandboxUnavailable, run_untrusted
+from pipeline.verifiers import code_program, get_verifier
 
-SLACK_S = 2.0
+SLACK_S = 3.0
+REPO = Path(__file__).resolve().parents[1]
+DOUBLE = {"prompt": "", "test": "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(5) == 10\n",
+          "entry_point": "double"}
+verify = get_verifier("code", allow_untrusted_code=True)
+EXIT_CHEATS = [
+    "import sys\nsys.exit(0)",  # at top level, before any test ran
+    "import os\ndef double(x):\n    os._exit(0)",
+    "def double(x):\n    raise SystemExit(0)",
+    "import atexit, os\natexit.register(lambda: os._exit(0))\ndef double(x):\n    return x",
+    "import sys, os\nsys.excepthook = lambda *a: os._exit(0)\ndef double(x):\n    return x",
+    # run everything again with the asserts stripped
+    "import os, sys\nif sys.flags.optimize == 0:\n    os.execv(sys.executable, [sys.executable, '-O', *sys.argv])\n"
+    "def double(x):\n    return x",
+    "import os\nos.execv('/bin/true', ['true'])",
+]
+COMPARISON_CHEATS = [
+    ("class Anything:\n    def __eq__(self, other):\n        return True\n"
+     "def double(x):\n    return Anything()", DOUBLE),
+    ("class Int(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+     "def double(x):\n    return [Int(0)]", DOUBLE | {"test": "def check(candidate):\n    assert candidate(2) == [4]\n"}),
+    ("import builtins\nbuiltins.abs = lambda x: 0\ndef double(x):\n    return 0.0",
+     DOUBLE | {"test": "def check(candidate):\n    assert abs(candidate(2) - 4.0) < 1e-6\n"}),
+    ("import math\nmath.isclose = lambda *a, **k: True\ndef double(x):\n    return 0.0",
+     DOUBLE | {"test": "import math\ndef check(candidate):\n    assert math.isclose(candidate(2), 4.0)\n"}),
+    # read the expected answers back from the program's own file, argv or stdin
+    ("import re, sys\ntext = ''\nfor path in (sys.argv[0], '/proc/self/cmdline', '/dev/stdin', '/proc/self/fd/0'):\n"
+     "    try:\n        text += open(path, errors='replace').read()\n    except OSError:\n        pass\n"
+     "found = dict(re.findall(r'candidate\\((\\d+)\\) == (\\d+)', text))\n"
+     "def double(x):\n    return int(found.get(str(x), -1))", DOUBLE),
+]
 
 
-@pytest.fixture(scope="module")
-def isolation() -> dict[str, bool]:
-    return run_untrusted("pass").isolation
+def solution(code: str, problem: dict = DOUBLE) -> bool:
+    """The verdict on a chat model's answer holding ``code``."""
+    return verify(f"Here you go:\n```python\n{code}\n```\n", problem)
 
 
-@pytest.fixture
-def needs(isolation):
-    def check(*measures: str) -> None:
-        missing = [m for m in measures if not isolation[m]]
-        if missing:
-            pytest.skip(f"sandbox isolation unavailable on this machine: {missing}")
-
-    return check
-
-
-def processes_of(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real uid is ``uid``."""
-    pids = []
+def live_cmdlines() -> list[str]:
+    lines = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                status = (entry / "status").read_text()
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
             except OSError:
                 continue  # exited while we looked
-            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
-                pids.append(int(entry.name))
-    return pids
+    return lines
 
 
-def test_correct_solution_passes_and_wrong_fails():
-    verify = get_verifier("code", allow_untrusted_code=True)
-    tests = {"tests": "assert add(1, 2) == 3\nassert add(-1, 1) == 0"}
-    assert verify("Sure:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.", tests)
-    assert not verify("```python\ndef add(a, b):\n    return a - b\n```", tests)
-    assert not verify("def add(a, b) return", tests)  # syntax error
-    humaneval = {"tests": "def check(candidate):\n    assert candidate(2) == 4\n", "entry_point": "double"}
-    assert verify("def double(x):\n    return 2 * x\n", humaneval)
-    assert not verify("def double(x):\n    return x\n", humaneval)
+# --- the verdict ------------------------------------------------------------------------------
 
+def test_correct_solution_passes_and_wrong_ones_fail():
+    assert solution("def double(x):\n    return 2 * x")
+    assert not solution("def double(x):\n    return x + 2")  # right at 2, wrong at 5
+    assert not solution("def double(x) return")  # syntax error
+    assert not verify("", DOUBLE)
+    # A base model continues the prompt (HumanEval's convention): the prompt holds the signature.
+    problem = DOUBLE | {"prompt": "def double(x):\n    \"\"\"Twice x.\"\"\"\n"}
+    assert verify("    return x * 2\n", problem)
+    assert not verify("    return x\n", problem)
+    assert code_program("    return x * 2\n", problem) == problem["prompt"] + "    return x * 2\n"
+
+
+@pytest.mark.parametrize("cheat", EXIT_CHEATS)
+def test_exiting_or_execing_before_the_tests_return_is_not_a_pass(cheat):
+    assert not solution(cheat)
+
+
+@pytest.mark.parametrize("cheat, problem", COMPARISON_CHEATS)
+def test_cheating_the_comparison_is_not_a_pass(cheat, problem):
+    assert not solution(cheat, problem)
+
+
+def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
+    rows = read_jsonl(DataSource(suite="humaneval", verifier="code").file, CODE_FIELDS)
+    assert len(rows) == 164
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        canonical = list(pool.map(lambda r: verify(r["canonical_solution"], reference(r)), rows))
+        broken = list(pool.map(lambda r: verify("    return None\n", reference(r)), rows))  # runs, answers nothing
+    assert [r["task_id"] for r, ok in zip(rows, canonical) if not ok] == []
+    assert [r["task_id"] for r, ok in zip(rows, broken) if ok] == []
+
+
+# --- containment ------------------------------------------------------------------------------
 
 def test_infinite_loop_times_out():
     start = time.monotonic()
     result = run_untrusted("while True:\n    pass\n", timeout_s=1.0)
-    assert result.timed_out and result.killed_reason == "timeout" and not result.passed
+    assert result.timed_out and result.killed_reason == "timeout"
     assert time.monotonic() - start < 1.0 + SLACK_S
 
 
 def test_memory_bomb_fails_and_parent_is_fine():
     result = run_untrusted("chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))\n", memory_mb=256)
-    assert not result.passed and not result.timed_out
-    assert "MemoryError" in result.stderr
+    assert result.returncode != 0 and not result.timed_out and "MemoryError" in result.stderr
     assert run_untrusted("print('still fine')").stdout == "still fine\n"
 
 
-def test_fork_bomb_is_contained_and_leaves_nothing(needs):
-    needs("user")  # without a uid of its own, RLIMIT_NPROC counts the caller's processes too
+def test_children_share_one_memory_budget():
+    code = ("import os\nkids = []\nfor _ in range(8):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        try:\n            block = bytearray(400 * 2**20)\n            print('ALLOCATED', flush=True)\n"
+            "        except MemoryError:\n            print('refused', flush=True)\n        os._exit(0)\n"
+            "    kids.append(pid)\nfor pid in kids:\n    os.waitpid(pid, 0)\n")
+    result = run_untrusted(code, memory_mb=512, max_processes=9, timeout_s=20)  # the parent and its 8
+    assert result.stdout.count("refused") == 8 and "ALLOCATED" not in result.stdout
+
+
+def test_fork_bomb_is_capped_and_nothing_outlives_the_run():
+    marker = f"bomb-{uuid.uuid4().hex}"
     bomb = (
-        "import os, time\n"
+        "import os, time, subprocess\n"
+        f"subprocess.Popen(['sleep', '600', '{marker}'], start_new_session=True)  # a detached survivor\n"
         "forks = 0\n"
         "for _ in range(500):\n"
         "    try:\n"
         "        if os.fork() == 0:\n"
-        "            os.setsid()  # try to escape the process group that gets killed\n"
+        "            os.setsid()  # leave the process group that gets killed\n"
         "            forks = 0  # count only this process's own children\n"
         "        else:\n"
         "            forks += 1\n"
         "    except OSError:\n"
         "        pass\n"
         "print('forks', forks, flush=True)\n"
-        "time.sleep(60)\n"
+        "time.sleep(600)\n"
     )
     start = time.monotonic()
-    result = run_untrusted(bomb, timeout_s=2.0, max_processes=16)
-    assert result.timed_out and time.monotonic() - start < 2.0 + SLACK_S
+    result = run_untrusted(bomb, timeout_s=3.0, max_processes=16)
+    assert result.timed_out and time.monotonic() - start < 3.0 + SLACK_S
     assert 0 < sum(int(line.split()[1]) for line in result.stdout.splitlines()) < 16  # capped by RLIMIT_NPROC
-    assert processes_of(result.sandbox_uid) == []
+    time.sleep(0.5)  # the kernel tears the pid namespace down asynchronously
+    assert not [line for line in live_cmdlines() if marker in line]
 
 
-def test_cannot_write_outside_its_directory(needs):
-    needs("filesystem")
-    token = uuid.uuid4().hex
-    targets = [f"/tmp/outside-{token}", os.path.join(os.getcwd(), f"outside-{token}"), f"/dev/shm/outside-{token}"]
+def test_ipc_objects_do_not_outlive_the_run():
+    keys = [random.randrange(1 << 20, 1 << 30) for _ in range(3)]
     code = (
-        f"import os\nfor path in {targets!r} + ['../../outside-{token}']:\n"
-        "    try:\n        open(path, 'w').write('x')\n        print('WROTE', path)\n"
-        "    except OSError as e:\n        print('blocked', path, e)\n"
-        "open('inside.txt', 'w').write('ok')\nprint(open('inside.txt').read())\n"
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nIPC_CREAT = 0o1000\n"
+        f"shm = [libc.shmget({keys[0]} + i, ctypes.c_size_t(256 << 20), IPC_CREAT | 0o666) for i in range(4)]\n"
+        f"msg = libc.msgget({keys[1]}, IPC_CREAT | 0o666)\n"
+        f"sem = libc.semget({keys[2]}, 1, IPC_CREAT | 0o666)\n"
+        "print('created', min(shm) >= 0 and msg >= 0 and sem >= 0)\n"
+    )
+    result = run_untrusted(code)
+    assert result.stdout == "created True\n"
+    host = {kind: Path(f"/proc/sysvipc/{kind}").read_text().split("\n")[1:] for kind in ("shm", "msg", "sem")}
+    host_keys = {int(line.split()[0]) for lines in host.values() for line in lines if line.strip()}
+    assert not host_keys & {keys[0], keys[0] + 1, keys[0] + 2, keys[0] + 3, keys[1], keys[2]}
+
+
+def test_host_sockets_fifos_and_network_are_out_of_reach(tmp_path):
+    shared = Path(tempfile.mkdtemp(prefix="sandbox-ipc-"))
+    shared.chmod(0o777)
+    fifo, path = shared / "fifo", shared / "socket"
+    os.mkfifo(fifo, 0o666)
+    abstract = f"\0posttrain-test-{uuid.uuid4().hex}"
+    servers = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX), socket.socket()]
+    try:
+        servers[0].bind(str(path))
+        path.chmod(0o777)
+        servers[1].bind(abstract)
+        servers[2].bind(("127.0.0.1", 0))
+        for server in servers:
+            server.listen()
+            server.settimeout(0.3)
+        code = (
+            "import os, socket\n"
+            f"for family, where in [(socket.AF_UNIX, {str(path)!r}), (socket.AF_UNIX, {abstract!r}),\n"
+            f"                      (socket.AF_INET, ('127.0.0.1', {servers[2].getsockname()[1]}))]:\n"
+            "    try:\n"
+            "        s = socket.socket(family)\n        s.settimeout(2)\n        s.connect(where)\n"
+            "        s.sendall(b'leak')\n        print('CONNECTED', where)\n"
+            "    except OSError as e:\n        print('blocked', type(e).__name__)\n"
+            "try:\n"
+            f"    fd = os.open({str(fifo)!r}, os.O_WRONLY | os.O_NONBLOCK)\n    os.write(fd, b'leak')\n"
+            "    print('WROTE fifo')\n"
+            "except OSError as e:\n    print('blocked', type(e).__name__)\n"
+        )
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that a writer would not fail for want of one
+        result = run_untrusted(code)
+        assert result.stdout.count("blocked") == 4 and "CONNECTED" not in result.stdout, result.stdout
+        assert os.read(reader, 100) == b""
+        os.close(reader)
+        for server in servers:
+            with pytest.raises(TimeoutError):
+                server.accept()
+    finally:
+        for server in servers:
+            server.close()
+        fifo.unlink()
+        path.unlink(missing_ok=True)
+        shared.rmdir()
+
+
+def test_host_processes_results_and_files_are_out_of_sight(tmp_path):
+    secret = f"SECRET-{uuid.uuid4().hex}"
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "domain_test.jsonl").write_text(secret)
+    (results / "mlflow.db").write_text(secret)
+    tmp_path.chmod(0o755)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--api-key={secret}"])
+    try:
+        code = (
+            "import os\nfound = []\n"
+            "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+            "    try:\n        found.append(open(f'/proc/{pid}/cmdline').read())\n    except OSError:\n        pass\n"
+            f"for path in [{str(results / 'domain_test.jsonl')!r}, {str(results / 'mlflow.db')!r}, '/root', '/home',"
+            f" {os.getcwd()!r}]:\n"
+            "    try:\n        found.append(open(path).read())\n    except OSError as e:\n"
+            "        print('hidden', type(e).__name__)\n"
+            "print(' '.join(found))\nprint('processes', len([p for p in os.listdir('/proc') if p.isdigit()]))\n"
+        )
+        result = run_untrusted(code)
+        assert secret not in result.stdout and result.stdout.count("hidden") == 5
+        assert int(result.stdout.split("processes")[1]) <= 3  # bwrap's pid 1, the program, nothing of the host's
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_cannot_write_outside_its_private_tmp():
+    token = uuid.uuid4().hex
+    targets = [f"/tmp/outside-{token}", f"/usr/outside-{token}", os.path.join(os.getcwd(), f"outside-{token}")]
+    code = (
+        f"for path in {targets!r}:\n"
+        "    try:\n        open(path, 'w').write('x')\n        print('wrote', path)\n"
+        "    except OSError as e:\n        print('blocked', type(e).__name__)\n"
     )
     try:
         result = run_untrusted(code)
-        assert "WROTE" not in result.stdout and result.stdout.count("blocked") == 4
-        assert result.stdout.endswith("ok\n")  # its own directory is writable
-        assert not any(os.path.exists(p) for p in [*targets, f"/tmp/outside-{token}"])
+        # its own /tmp is writable (and private); the rest is read-only or not there
+        assert result.stdout.splitlines()[0] == f"wrote /tmp/outside-{token}" and result.stdout.count("blocked") == 2
+        assert not any(os.path.exists(p) for p in targets)
     finally:
         for path in targets:
             Path(path).unlink(missing_ok=True)
 
 
-def test_cannot_read_a_private_file(needs, tmp_path):
-    needs("user")
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    secret = private / "secret.txt"
-    secret.write_text(f"SECRET-{uuid.uuid4().hex}")
-    result = run_untrusted(f"print(open({str(secret)!r}).read())")
-    assert not result.passed and "PermissionError" in result.stderr
-    assert secret.read_text() not in result.stdout
-
-
-def test_cannot_connect_to_the_host(needs):
-    needs("network")
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        server.settimeout(0.5)
-        port = server.getsockname()[1]
-        code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'leak')\nprint('CONNECTED')"
-        result = run_untrusted(code)
-        assert not result.passed and "CONNECTED" not in result.stdout
-        with pytest.raises(TimeoutError):
-            server.accept()
-
-
-def test_shell_runs_but_is_contained(needs):
-    needs("user", "filesystem")
-    token = uuid.uuid4().hex
-    victim = f"/tmp/outside-{token}"
-    code = (
-        "import os, subprocess\n"
-        f"os.system('id -u; touch {victim}; kill -9 {os.getpid()}')\n"
-        f"subprocess.run(['sh', '-c', 'echo x > {victim}'])\n"
-    )
-    try:
-        result = run_untrusted(code)
-        assert str(result.sandbox_uid) in result.stdout  # the shell really ran, as the sandbox uid
-        assert not os.path.exists(victim)
-    finally:
-        Path(victim).unlink(missing_ok=True)
-    os.kill(os.getpid(), 0)  # and we are alive
+def test_cannot_signal_the_parent():
+    code = f"import os, signal\ntry:\n    os.kill({os.getpid()}, signal.SIGKILL)\nexcept OSError as e:\n    print(type(e).__name__)\n"
+    assert run_untrusted(code).stdout == "ProcessLookupError\n"  # outside its pid namespace: not there
 
 
 def test_huge_output_is_truncated_and_killed():
     start = time.monotonic()
     result = run_untrusted("while True:\n    print('x' * 1000)\n", max_output_bytes=10_000, timeout_s=5.0)
-    assert result.killed_reason == "output_limit" and not result.passed
-    assert 0 < len(result.stdout) <= 10_000
-    assert time.monotonic() - start < 2.0
+    assert result.killed_reason == "output_limit" and 0 < len(result.stdout) <= 10_000
+    assert time.monotonic() - start < SLACK_S
 
 
-def test_cannot_kill_the_parent(needs):
-    needs("user")
-    code = (
-        "import os, signal\n"
-        f"for pid in (os.getppid(), {os.getpid()}):\n"
-        "    try:\n        os.kill(pid, signal.SIGKILL)\n        print('KILLED', pid)\n"
-        "    except PermissionError:\n        print('denied', pid)\n"
-    )
-    result = run_untrusted(code)
-    assert result.stdout.count("denied") == 2 and "KILLED" not in result.stdout
-    os.kill(os.getpid(), 0)
+# --- without bubblewrap -----------------------------------------------------------------------
 
-
-def test_cannot_delete_files_outside(needs):
-    needs("filesystem")
-    shared = Path(tempfile.mkdtemp(prefix="sandbox-victim-"))
+def test_without_bubblewrap_it_refuses_unless_told_unsafe(monkeypatch):
+    monkeypatch.setattr(sandbox, "BWRAP", "no-such-bwrap")
+    sandbox.sandbox_problem.cache_clear()
     try:
-        shared.chmod(0o777)  # world-writable and not sticky: only the read-only mount protects it
-        victim = shared / "victim.txt"
-        victim.write_text("keep me")
-        victim.chmod(0o666)
-        code = f"import os, shutil\nos.remove({str(victim)!r})\nshutil.rmtree({str(shared)!r})\n"
-        result = run_untrusted(code)
-        assert not result.passed and "Read-only file system" in result.stderr
-        assert victim.read_text() == "keep me"
+        with pytest.raises(SandboxUnavailable, match=r"apt install bubblewrap.*code_isolation: none"):
+            run_untrusted("print(1)")
+        with pytest.raises(SandboxUnavailable, match="apt install bubblewrap"):
+            get_verifier("code", allow_untrusted_code=True)
+        result = run_untrusted("print(1)", unsafe=True)
+        assert result.stdout == "1\n" and not result.isolated
+        assert get_verifier("code", allow_untrusted_code=True, code_isolation="none")(
+            "def double(x):\n    return 2 * x\n", DOUBLE)
     finally:
-        victim.unlink(missing_ok=True)
-        shared.rmdir()
+        sandbox.sandbox_problem.cache_clear()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the suite already runs unprivileged: every test here is that case")
+def test_an_unprivileged_user_gets_the_same_isolation():
+    """As root the sandbox switches to a fresh uid itself; here the caller is unprivileged. It runs
+    the system's Python on a copy of the sandbox's modules (standard library only) where that user
+    can read them: the checkout may be under /root."""
+    home = Path(tempfile.mkdtemp(prefix="sandbox-unprivileged-"))
+    (home / "pipeline").mkdir()
+    for module in ("__init__", "sandbox", "verifiers", "code_harness"):
+        (home / "pipeline" / f"{module}.py").write_text((REPO / "pipeline" / f"{module}.py").read_text())
+    for path in [home, *home.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (home / "cheats.json").write_text(json.dumps([[c, DOUBLE] for c in EXIT_CHEATS] + COMPARISON_CHEATS))
+    script = home / "unprivileged.py"
+    script.write_text(
+        f"import json, sys\nsys.path.insert(0, {str(home)!r})\n"
+        "from pipeline.sandbox import run_untrusted\nfrom pipeline.verifiers import get_verifier\n"
+        "verify = get_verifier('code', allow_untrusted_code=True)\n"
+        f"cheats = json.load(open({str(home / 'cheats.json')!r}))\n"
+        "bomb = 'import os\\nn = 0\\nfor _ in range(100):\\n    try:\\n        if os.fork() == 0:\\n            "
+        "import time; time.sleep(5); os._exit(0)\\n        n += 1\\n    except OSError:\\n        break\\nprint(n)'\n"
+        "print(json.dumps({'pass': verify('def double(x):\\n    return 2 * x\\n', cheats[0][1]),\n"
+        "                  'cheats': [verify(f'```python\\n{c}\\n```', p) for c, p in cheats],\n"
+        "                  'forks': run_untrusted(bomb, max_processes=8).stdout.strip(),\n"
+        "                  'procs': run_untrusted('import os; print(sum(p.isdigit() for p in os.listdir(\"/proc\")))')"
+        ".stdout.strip()}))\n"
+    )
+    script.chmod(0o644)
+    uid = random.randrange(1_900_000_000, 1_990_000_000)
+    result = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-I",
+                             str(script)], capture_output=True, text=True, timeout=60, cwd="/")
+    shutil.rmtree(home)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["pass"] and seen["cheats"] == [False] * (len(EXIT_CHEATS) + len(COMPARISON_CHEATS))
+    assert 0 < int(seen["forks"]) < 8 and int(seen["procs"]) <= 3

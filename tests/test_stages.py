@@ -275,6 +275,24 @@ def test_sft_trains_with_each_loss_and_logs_its_diagnostics(demo_run, loss, diag
     assert not torch.equal(base.lm_head.weight, tuned.lm_head.weight)  # it trained
 
 
+def test_a_code_suite_is_scored_in_the_sandbox_end_to_end(demo_run, tmp_path):
+    """Code problems (HumanEval's rows) through `run`: each completion runs against its problem's
+    tests in the sandbox. One token after a prompt that ends in a comment cannot change the program,
+    so the function the prompt wrote decides: the right one passes, the wrong one fails."""
+    demo_tmp, _ = demo_run
+    test = "def check(candidate):\n    assert candidate() == 1\n"
+    write_jsonl(tmp_path / "code.jsonl", [
+        {"prompt": "def f():\n    return 1\n#", "test": test, "entry_point": "f", "task": "right"},
+        {"prompt": "def f():\n    return 2\n#", "test": test, "entry_point": "f", "task": "wrong"}])
+    cfg = tiny_config(demo_tmp, data={"target_eval": {"path": str(tmp_path / "code.jsonl"), "verifier": "code"}},
+                      evaluate={"allow_untrusted_code": True}, sampling={"max_tokens": 1, "n": 2, "temperature": 1.0})
+    evaluation = run_pipeline(cfg, stage="evaluate_base")[-1].manifest
+    assert evaluation.metrics["target/right/pass_at_1"] == 1.0 and evaluation.metrics["target/wrong/pass_at_1"] == 0.0
+    scored = read_jsonl(evaluation.path("samples_target"))
+    assert scored[0]["answer"] == {"prompt": "def f():\n    return 1\n#", "test": test, "entry_point": "f"}
+    assert [len(r["completions"]) for r in scored] == [2, 2]
+
+
 def test_sft_with_lora_saves_a_merged_model(demo_run):
     tmp_path, _ = demo_run
     results = run_pipeline(tiny_config(tmp_path, sft={"lora": {"r": 4, "lora_alpha": 8}}), stage="sft")
