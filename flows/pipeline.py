@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import EVAL_SUITES, ConfigError, DataConfig, DataSource, PipelineConfig, load_config
 from pipeline.data import source_digest
-from pipeline.manifest import Manifest, atomic_write_text, digest, results_lock, stage_key
+from pipeline.manifest import MANIFEST, DamagedResult, Manifest, atomic_write_text, digest, results_lock, stage_key
 from pipeline.progress import STAGE_ENV
 from pipeline.stage import StageError, run_in_process, start_fork_server
 from pipeline.storage import open_store
@@ -63,7 +63,9 @@ class StageResult:
 @dataclass
 class StageStatus:
     name: str
-    status: str  # done: a result under the current key; stale: only under an older key; missing
+    # done: a result under the current key; changed: its files are not what its manifest recorded;
+    # damaged: its manifest cannot be read; stale: a result only under an older key; missing
+    status: str
     key: str
     manifest: Manifest | None  # the result under the current key, if done
 
@@ -92,12 +94,32 @@ class PipelineRun:
         """Where the key of the stage's latest result is kept, to tell stale from missing."""
         return self.cfg.results_dir / "latest" / name
 
-    def check_stage(self, name: str, key: str, manifest: Manifest | None) -> Manifest:
+    def check_stage(self, name: str, key: str, out: Path) -> Manifest:
         latest = self.latest(name).read_text() if self.latest(name).is_file() else None
-        status = "done" if manifest else "stale" if latest and latest != key else "missing"
-        self.statuses[name] = StageStatus(name, status, key, manifest)
-        if manifest is None:
+        try:
+            manifest = Manifest.find(out)
+            status = "changed" if manifest and manifest.changed() else "done" if manifest else \
+                "stale" if latest and latest != key else "missing"
+        except DamagedResult:
+            manifest, status = None, "damaged"
+        self.statuses[name] = StageStatus(name, status, key, manifest if status == "done" else None)
+        if status != "done":
             raise NotBuilt(name)
+        return manifest
+
+    def reusable(self, name: str, out: Path) -> Manifest | None:
+        """The result under the stage's key, if it may be reused: not forced, and its files still
+        what its manifest recorded (else it runs again, saying what changed)."""
+        if name in self.force:
+            return None
+        try:
+            manifest = Manifest.find(out)
+        except DamagedResult as error:
+            raise DamagedResult(f"[{name}] {error}: run again with --force {name} to make it anew") from None
+        if manifest is not None and (changed := manifest.changed(full=self.cfg.verify_reuse == "full")):
+            print(f"[{name}] {', '.join(str(manifest.path(c)) for c in changed)} changed since the stage made it "
+                  "(not the digest its manifest recorded): running the stage again", flush=True)
+            return None
         return manifest
 
     def run_stage(self, name: str, module: str, cfg: PipelineConfig, settings: Any, upstream: dict[str, Manifest],
@@ -108,21 +130,21 @@ class PipelineRun:
         inputs = {k: m.key for k, m in upstream.items()} | inputs
         key = stage_key(module, settings, inputs)
         out = self.cfg.results_dir / module / key
-        manifest = Manifest.find(out)
         if self.tracker is None:
-            return self.check_stage(name, key, manifest)
+            return self.check_stage(name, key, out)
+        manifest = self.reusable(name, out)
         store = open_store(self.cfg.results_store)  # results shared with other machines (docs/storage.md)
         if manifest is None and store is not None and name not in self.force:
             manifest = store.download(module, key, out)  # None: not in the store either
             if manifest is not None:
                 print(f"[{name}] downloaded: {store.uri(module, key)}", flush=True)
-        cached = manifest is not None and name not in self.force
+        cached = manifest is not None
         run_id = self.tracker.start_stage(name, key, inputs, upstream)
         try:
             if cached:
                 print(f"[{name}] cached: {out} (made by MLflow run {manifest.run_id or 'unknown'})", flush=True)
             else:
-                if manifest is not None:  # forced: start from scratch, not from its checkpoints
+                if (out / MANIFEST).exists():  # forced, changed or damaged: from scratch, not from its checkpoints
                     shutil.rmtree(out)
                 print(f"[{name}] running: {out}", flush=True)
                 env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}

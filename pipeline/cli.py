@@ -23,7 +23,8 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Argument(..., help="the pipeline's YAML file, e.g. configs/demo.yaml")
-USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "TrackingUnavailable", "StoreError")
+USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "TrackingUnavailable", "StoreError",
+               "DamagedResult")
 
 
 def _fail(error: BaseException, debug: bool) -> None:

@@ -1,98 +1,109 @@
-"""The test harness of the `code` verifier: runs inside the sandbox (standard library only), reads
-a problem from stdin, runs the solution and then the problem's tests, and reports the verdict.
+"""The test harness of the `code` verifier: runs inside the sandbox (standard library only).
 
-A pass is a line ``<nonce> passed`` that this harness writes after ``check(candidate)`` has
-returned. The nonce comes on stdin, which is closed before the solution runs, and it is never in
-a file, so a solution that exits early (``sys.exit``, ``os._exit``, an ``atexit`` hook), re-runs
-itself (``python -O`` strips the asserts) or ``exec``s another program leaves no pass behind;
-``SystemExit`` raised inside the tests is caught with every other ``BaseException``.
+Two processes, so that no model-written code ever runs where the tests and the verdict are:
+* the harness reads the problem and a nonce from stdin, runs the problem's tests, and writes
+  ``<nonce> passed`` only after ``check(candidate)`` has returned; it makes itself
+  non-dumpable first, so no other process of the sandbox can read its memory or descriptors;
+* the solution runs in a child interpreter (``--serve``) started afresh, which never sees the
+  nonce or the tests. ``candidate`` in the tests is a stub that sends each call's arguments to
+  the child and reads back the ``repr`` of what the solution returned, parsed as a literal:
+  only plain values (numbers, strings, lists, tuples, dicts, sets, None) come back.
 
-Against a solution that cheats the comparison:
-* the candidate's results must be of plain built-in types, all the way down (no object whose
-  ``__eq__`` is always true, no ``int`` subclass);
-* the tests see the built-ins as they were before the solution ran, and a solution that patched
-  a built-in or a module the tests use (``math.isclose``) fails;
-* the tests are not in a file the solution could read back.
-
-What a harness in the solution's own interpreter cannot stop is written down in
-docs/robustness.md: a solution that searches its process's memory (frames, the garbage collector)
-for the nonce or the tests can forge a pass. The sandbox still contains what it does.
+So a solution that exits (``sys.exit``, ``os._exit``, an ``atexit`` hook), re-runs itself
+(``python -O``), ``exec``s another program, patches built-ins or modules, returns an object
+that equals anything, or looks for the nonce or the answers in its memory, files or argv,
+reaches none of it. What it cannot do is written down in docs/robustness.md: a solution that
+mutates its arguments does so on its own copy.
 """
 
+import ast
 import builtins
+import ctypes
 import json
+import math
 import os
+import subprocess
 import sys
 
-PLAIN = (bool, int, float, complex, str, bytes, type(None))
-CONTAINERS = (list, tuple, set, frozenset, dict)
-# Modules the tests of HumanEval-style problems call: imported before the solution runs, so that a
-# solution that patches one of them is caught.
-WATCHED = ("math", "re", "string", "collections", "itertools", "functools", "heapq", "operator", "hashlib", "random")
+_PR_SET_DUMPABLE = 4
 
 
-class NotPlain(TypeError):
-    pass
+def literal(text):
+    """A plain value from its ``repr``; also ``nan`` and ``inf``, which ``repr`` writes as names."""
+    tree = ast.parse(text, mode="eval")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in ("nan", "inf"):
+            node.__class__, node.value = ast.Constant, math.inf if node.id == "inf" else math.nan
+    return ast.literal_eval(tree)
 
 
-def require_plain(value, _type=type, _plain=PLAIN, _containers=CONTAINERS):
-    """Raise unless ``value`` is built of plain built-in types only (defaults bind them now)."""
-    kind = _type(value)
-    if kind in _plain:
-        return
-    if kind not in _containers:
-        raise NotPlain(f"the solution returned a {kind.__name__}, not a plain built-in value")
-    for item in (value.items() if kind is dict else value):
-        if kind is dict:
-            require_plain(item[0])
-            require_plain(item[1])
-        else:
-            require_plain(item)
+def serve():
+    """The child: run the solution, then answer calls of its entry point, one JSON line each."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # the solution's prints go to stderr, not into the replies
+    requests = sys.stdin
+    problem = json.loads(requests.readline())
+    solution = {"__name__": "solution", "__builtins__": builtins}
+    exec(compile(problem["program"], "<solution>", "exec"), solution)
+    candidate = solution[problem["entry_point"]]
+    for line in requests:
+        args, kwargs = literal(json.loads(line))
+        try:
+            reply = ["return", repr(candidate(*args, **kwargs))]
+        except Exception as error:  # noqa: BLE001 - the tests may expect it: raised again in the harness
+            reply = ["raise", type(error).__name__, str(error)[:1000]]
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
 
 
-def checked(candidate, _require=require_plain):
-    def call(*args, **kwargs):
-        result = candidate(*args, **kwargs)
-        _require(result)
-        return result
+class Candidate:
+    """What the tests call: the solution's entry point, across the process boundary."""
 
-    return call
+    def __init__(self, child):
+        self.child = child
 
-
-def tampered(builtins_before, modules_before, _vars=vars, _id=id):
-    """The built-ins and watched module attributes the solution or tests replaced."""
-    names = [f"builtins.{k}" for k, v in builtins_before.items() if _id(_vars(builtins).get(k)) != _id(v)]
-    for module, attributes in modules_before.items():
-        now = _vars(sys.modules.get(module, builtins))
-        names += [f"{module}.{k}" for k, v in attributes.items() if _id(now.get(k)) != _id(v)]
-    return names
+    def __call__(self, *args, **kwargs):
+        self.child.stdin.write(json.dumps(repr((args, kwargs))) + "\n")
+        self.child.stdin.flush()
+        line = self.child.stdout.readline()
+        if not line:
+            raise RuntimeError("the solution ended before it answered")
+        reply = json.loads(line)
+        if reply[0] == "return":
+            return literal(reply[1])
+        error = getattr(builtins, reply[1], None)  # a built-in exception the tests may catch, by its name
+        if isinstance(error, type) and issubclass(error, Exception):
+            raise error(reply[2])
+        raise RuntimeError(f"{reply[1]}: {reply[2]}")
 
 
 def main():
+    ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     problem = json.loads(sys.stdin.buffer.read())
-    nonce = problem.pop("nonce")
     with open(os.devnull, "rb") as devnull:
         os.dup2(devnull.fileno(), 0)
-    verdict_fd = os.dup(1)  # a solution that closes stdout cannot take the verdict's channel with it
-    write = os.write
-    builtins_before = dict(vars(builtins))
-    modules_before = {name: dict(vars(__import__(name))) for name in WATCHED}
+    child = subprocess.Popen([sys.executable, "-I", __file__, "--serve"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, close_fds=True)
     try:
-        solution = {"__name__": "__main__", "__builtins__": builtins}
-        exec(compile(problem["program"], "<solution>", "exec"), solution)
-        candidate = solution[problem["entry_point"]]
-        # The tests see the solution's names (a prompt may define helpers they call) and the
-        # built-ins from before the solution ran.
-        tests = dict(solution, __builtins__=dict(builtins_before))
+        child.stdin.write(json.dumps({"program": problem["program"], "entry_point": problem["entry_point"]}) + "\n")
+        child.stdin.flush()
+        tests = {"__name__": "tests", "__builtins__": builtins}
+        if isinstance(problem["prompt"], str):  # its helpers (HumanEval/32's `poly`), which the tests call
+            try:
+                exec(compile(problem["prompt"], "<prompt>", "exec"), tests)
+            except Exception:  # noqa: BLE001 - a prompt in prose, or one that is not code on its own
+                pass
+        # Some tests call the function by its name (HumanEval/33): that name is the solution's too.
+        tests[problem["entry_point"]] = candidate = Candidate(child)
         exec(compile(problem["test"], "<tests>", "exec"), tests)
-        tests["check"](checked(candidate))
-        patched = tampered(builtins_before, modules_before)
-        verdict = f"failed: patched {', '.join(patched)}" if patched else "passed"
+        tests["check"](candidate)
+        verdict = "passed"
     except BaseException as error:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are failures too
         verdict = f"failed: {type(error).__name__}"
-    write(verdict_fd, f"\n{nonce} {verdict}\n".encode())  # on a line of its own
-    os._exit(0)  # no atexit hook or finalizer of the solution's runs after the verdict
+    finally:
+        child.kill()
+    print(f"\n{problem['nonce']} {verdict}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    serve() if sys.argv[1:] == ["--serve"] else main()

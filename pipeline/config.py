@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.sandbox import sandbox_problem
+from pipeline.sandbox import SandboxUnavailable, require_isolation
 
 
 class ConfigError(ValueError):
@@ -406,6 +406,9 @@ class PipelineConfig(Section):
         None, description="an object store that mirrors the stage results, so stages can run on different machines: "
         "s3://bucket/prefix, gs://, az://, any fsspec URL (its backend installed, e.g. s3fs); null: none "
         "(docs/storage.md)")
+    verify_reuse: Literal["quick", "full"] = Field(
+        "quick", description="before a stage result is reused, its files are checked against its manifest's digests: "
+        "quick digests again only what changed size or modification time; full digests everything")
     model: ModelConfig = Field(default_factory=ModelConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -482,8 +485,12 @@ class PipelineConfig(Section):
                     f"{key}.verifier is 'code', which runs model-written code: set "
                     "evaluate.allow_untrusted_code: true to accept that (see docs/robustness.md, the sandbox)"
                 )
-            if self.evaluate.code_isolation == "bubblewrap" and (problem := sandbox_problem()):
-                raise ValueError(f"{key}.verifier is 'code' and evaluate.code_isolation is bubblewrap, but {problem}")
+            if self.evaluate.code_isolation == "bubblewrap":
+                try:
+                    require_isolation()  # a trial run of bwrap, once per process
+                except SandboxUnavailable as error:
+                    raise ValueError(f"{key}.verifier is 'code' and evaluate.code_isolation is bubblewrap, but "
+                                     f"{error}") from None
         pairs_from = self.pair_prompts
         if self.pairs.reference_chosen and pairs_from is not None and pairs_from.verifier == "code":
             raise ValueError(f"pairs.reference_chosen pairs a prompt's reference answer, and {pairs_from.name} holds "

@@ -22,6 +22,10 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
+class DamagedResult(ValueError):
+    """A stage result on disk that cannot be read; the message names the file."""
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +95,14 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_stats(path: Path) -> str:
+    """A digest of the relative names, sizes and modification times of a file or a folder's files:
+    it changes when a file is rewritten, truncated or added, at the cost of one stat per file."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
 def stage_key(stage: str, settings: Any, inputs: dict[str, str]) -> str:
     """Key of a stage's result: a digest of its effective settings and of its inputs' digests."""
     payload = json.dumps({"stage": stage, "settings": settings, "inputs": inputs}, sort_keys=True, default=str)
@@ -103,6 +115,7 @@ class Manifest:
     key: str
     outputs: dict[str, str]  # name -> path relative to the stage folder
     digests: dict[str, str] = field(default_factory=dict)  # name -> content digest
+    stats: dict[str, str] = field(default_factory=dict)  # name -> file_stats: what reuse checks first
     inputs: dict[str, str] = field(default_factory=dict)  # name -> upstream key or digest
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None  # the MLflow run that produced it
@@ -118,16 +131,36 @@ class Manifest:
         `started`: the stage function's start (time.perf_counter()), to record its `seconds`."""
         self.folder = folder
         self.digests = {name: digest(self.path(name)) for name in self.outputs}
+        self.stats = {name: file_stats(self.path(name)) for name in self.outputs}
         if started is not None:
             self.seconds = time.perf_counter() - started
         body = {k: v for k, v in asdict(self).items() if k != "folder"}
         atomic_write_text(folder / MANIFEST, json.dumps(body, indent=2, sort_keys=True))
         return self
 
+    def changed(self, full: bool = False) -> list[str]:
+        """The outputs whose files are not what the manifest recorded: missing, or of another
+        content digest. Only an output whose names, sizes or mtimes changed is digested again,
+        unless `full` (which also catches a rewrite that kept them)."""
+        changed = []
+        for name in self.outputs:
+            path = self.path(name)
+            if not path.exists():
+                changed.append(name)
+            elif (full or self.stats.get(name) != file_stats(path)) and digest(path) != self.digests.get(name):
+                changed.append(name)
+        return changed
+
     @classmethod
     def read(cls, folder: Path) -> Manifest:
-        data = json.loads((folder / MANIFEST).read_text())
-        return cls(**data, folder=folder)
+        path = folder / MANIFEST
+        try:
+            manifest = cls(**json.loads(path.read_bytes()), folder=folder)
+        except (ValueError, TypeError) as error:  # cut off, not JSON, not UTF-8, `{}`, unknown fields
+            raise DamagedResult(f"{path} is damaged ({str(error).splitlines()[0][:120]})") from None
+        if not (isinstance(manifest.outputs, dict) and isinstance(manifest.digests, dict)):
+            raise DamagedResult(f"{path} is damaged (its outputs or digests are not a mapping)")
+        return manifest
 
     @classmethod
     def find(cls, folder: Path) -> Manifest | None:

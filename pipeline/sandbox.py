@@ -7,10 +7,10 @@ The isolation is bubblewrap's (`bwrap`, Debian's `bubblewrap`; `make sandbox` in
 maintained tool rather than hand-made namespaces. The program runs in new user, pid, ipc,
 network, mount, uts and cgroup namespaces:
 
-* a read-only root that holds only /usr (and the interpreter's own prefix when it lives
-  elsewhere), a private size-capped tmpfs at /tmp as its working folder, and a /proc of its own
-  pid namespace: no host process is visible or can be signalled, and no home, results folder,
-  `mlflow.db`, host socket or FIFO is there to open;
+* a root that holds only /usr (and the interpreter's own prefix when it lives elsewhere),
+  remounted read-only with /dev; a private size-capped tmpfs at /tmp as its working folder; a
+  /proc of its own pid namespace: no host process is visible or can be signalled, and no home,
+  results folder, `mlflow.db`, host socket or FIFO is there to open;
 * no network (an empty network namespace, not even the host's 127.0.0.1), no SysV IPC object of
   the host's, and its own IPC objects go with its namespace;
 * no capabilities, `no_new_privs`, no inherited file descriptors beyond stdin, stdout and stderr;
@@ -25,14 +25,14 @@ network, mount, uts and cgroup namespaces:
 
 Where bubblewrap is missing or cannot create its namespaces (e.g. under Docker's default seccomp
 profile), `run_untrusted` refuses with `SandboxUnavailable`, saying what to install, unless the
-caller passes `unsafe=True`: then only the limits and the timeout apply, and the program can read
-and write what the calling user can and reach the network.
+caller passes `unsafe=True`: then only the limits, the timeout and (as root) the fresh uid apply;
+not root, there is no process limit either; the program can read and write what its user can
+and reach the network.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import math
 import os
@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 BWRAP = "bwrap"
@@ -55,9 +54,6 @@ _UID_RANGE = (2_000_000_000, 2_100_000_000)
 _INSIDE_UID = 1000  # the uid the program sees; outside it is the caller's or the fresh one
 _MAX_OPEN_FILES = 64
 _MIN_PROCESS_MB = 32  # an interpreter needs about 20 MB of address space to start
-_PR_SET_PDEATHSIG = 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -76,18 +72,25 @@ class SandboxResult:
     host_uid: int  # the uid the program ran as, outside its namespace
 
 
-@functools.cache
+@functools.cache  # one trial per process: `validate`, each stage and each verdict ask
 def sandbox_problem() -> str | None:
     """None when bubblewrap can isolate a program here; else why not and what to do."""
     if shutil.which(BWRAP) is None:
         return f"bubblewrap (bwrap) is not installed: {INSTALL_HINT}"
     uid = _fresh_uid()
     trial = subprocess.run(_bwrap_args(disk_mb=1) + ["--", "/usr/bin/true"], capture_output=True, text=True,
-                           preexec_fn=_child_setup(uid), timeout=30)
+                           timeout=30, **_as_user(uid))
     if trial.returncode != 0:
         return (f"bubblewrap cannot create its namespaces here ({trial.stderr.strip() or trial.returncode}): "
                 "allow unprivileged user namespaces, or run where they are allowed")
     return None
+
+
+def require_isolation() -> None:
+    """Raise SandboxUnavailable, saying what to do, where bubblewrap cannot isolate programs."""
+    if problem := sandbox_problem():
+        raise SandboxUnavailable(f"{problem}; or, knowing that model-written code then runs unisolated, "
+                                 "set evaluate.code_isolation: none")
 
 
 def run_untrusted(
@@ -107,11 +110,9 @@ def run_untrusted(
     if memory_mb // max_processes < _MIN_PROCESS_MB:
         raise ValueError(f"memory_mb / max_processes = {memory_mb // max_processes} MB per process; a Python "
                          f"process needs {_MIN_PROCESS_MB}: raise memory_mb or lower max_processes")
-    problem = sandbox_problem()
-    if problem and not unsafe:
-        raise SandboxUnavailable(f"{problem}; or, knowing that model-written code then runs unisolated, "
-                                 "set evaluate.code_isolation: none")
-    isolated = problem is None
+    if not unsafe:
+        require_isolation()
+    isolated = sandbox_problem() is None
     uid = _fresh_uid()
     interpreter = _interpreter(uid)
     base = tempfile.mkdtemp(prefix="posttrain-sandbox-")
@@ -133,22 +134,21 @@ def run_untrusted(
         program = ["prlimit", *limits, "--", interpreter, "-I"]
         if isolated:
             prefix = os.path.dirname(os.path.dirname(os.path.realpath(interpreter)))
-            command = _bwrap_args(disk_mb, prefix) + ["--ro-bind", script, "/sandbox/main.py", "--", *program,
-                                                      "/sandbox/main.py"]
+            command = _bwrap_args(disk_mb, prefix, script) + ["--", *program, "/sandbox/main.py"]
             env, cwd = None, None
         else:
             command = [*program, script]
             env, cwd = {"PATH": "/usr/bin:/bin", "HOME": base, "TMPDIR": base, "LANG": "C.UTF-8"}, base
         start = time.monotonic()
         with open(feed, "rb") as stdin_file:
+            os.unlink(feed)  # unisolated, the program's folder is `base`: stdin (a nonce) is in no file there
             proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=stdin_file, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                                    preexec_fn=_child_setup(uid))
+                                    stderr=subprocess.PIPE, start_new_session=True, close_fds=True, **_as_user(uid))
         with proc:  # closes the pipes and reaps the child on the way out
             try:
                 stdout, stderr, killed_reason = _supervise(proc, timeout_s, max_output_bytes)
             finally:
-                _kill_group(proc)  # what is left, or everything if supervising was interrupted
+                _kill_all(proc, uid)  # what is left, or everything if supervising was interrupted
         return SandboxResult(
             returncode=proc.returncode,
             stdout=stdout.decode("utf-8", "replace"),
@@ -163,7 +163,7 @@ def run_untrusted(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _bwrap_args(disk_mb: int, prefix: str = "/usr") -> list[str]:
+def _bwrap_args(disk_mb: int, prefix: str = "/usr", script: str | None = None) -> list[str]:
     args = [BWRAP, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
             "--cap-drop", "ALL", "--hostname", "sandbox", "--uid", str(_INSIDE_UID), "--gid", str(_INSIDE_UID),
             "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
@@ -175,22 +175,18 @@ def _bwrap_args(disk_mb: int, prefix: str = "/usr") -> list[str]:
             args += ["--ro-bind", top, top]
     if prefix != "/usr" and not prefix.startswith("/usr/"):
         args += ["--ro-bind", prefix, prefix]
+    if script is not None:
+        args += ["--ro-bind", script, "/sandbox/main.py"]
+    # bwrap's root and /dev are tmpfs mounts of their own, writable and outside every limit until
+    # remounted read-only, last: /tmp (size-capped) is the one place to write.
     return args + ["--proc", "/proc", "--dev", "/dev", "--size", str(disk_mb << 20), "--tmpfs", "/tmp",
-                   "--chdir", "/tmp"]
+                   "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
 
 
-def _child_setup(uid: int) -> Callable[[], None]:
-    """The preexec_fn, in the forked child before exec: only syscalls (in the fork of a threaded
-    parent, locks such as the import lock may be held forever)."""
-
-    def setup() -> None:
-        if uid != os.geteuid():  # raising here makes Popen fail: never run as root by accident
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)  # dies if the supervising thread dies
-
-    return setup
+def _as_user(uid: int) -> dict:
+    """Popen's arguments to run as ``uid`` (set in C between fork and exec: safe from threads,
+    unlike a preexec_fn; the verdicts run on threads)."""
+    return {} if uid == os.geteuid() else {"user": uid, "group": uid, "extra_groups": []}
 
 
 def _supervise(proc: subprocess.Popen, timeout_s: float, cap: int) -> tuple[bytes, bytes, str | None]:
@@ -216,15 +212,28 @@ def _supervise(proc: subprocess.Popen, timeout_s: float, cap: int) -> tuple[byte
             if not exited and proc.poll() is not None:
                 # Unisolated, leftover background processes may hold the pipes open: end them.
                 exited = True
-                _kill_group(proc)
+                _kill_all(proc, None)
     return bytes(out[proc.stdout.fileno()][:cap]), bytes(out[proc.stderr.fileno()][:cap]), killed_reason
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
     # bwrap's group; with it goes the sandbox's pid 1 (--die-with-parent), and with that every
     # process in the sandbox's pid namespace.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    if uid is None or uid == os.geteuid():
+        return
+    # Unisolated, processes that called setsid() escaped the group. kill(-1) from a process of the
+    # fresh uid reaches exactly that uid's processes (never the caller), atomically.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def _fresh_uid() -> int:

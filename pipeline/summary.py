@@ -70,7 +70,7 @@ def status_table(statuses: Iterable) -> Table:
     """`posttrain status`: each stage (flows.pipeline.StageStatus) with, where done, what its
     result took to make, its headline metrics and the MLflow run that made it."""
     table = Table("stage", "status", "key", "took", "headline metrics", "made by MLflow run")
-    colors = {"done": "green", "stale": "yellow", "missing": "red"}
+    colors = {"done": "green", "stale": "yellow", "changed": "yellow", "damaged": "red", "missing": "red"}
     for s in statuses:
         m = s.manifest
         table.add_row(s.name, f"[{colors[s.status]}]{s.status}[/]", s.key, duration(m.seconds) if m else "",

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
-from pipeline.sandbox import SandboxUnavailable, run_untrusted, sandbox_problem
+from pipeline.sandbox import require_isolation, run_untrusted
 
 HARNESS = Path(__file__).with_name("code_harness.py")
 
@@ -100,28 +100,36 @@ def _clean(answer: str) -> str:
 
 
 def verify_code(completion: str, problem: dict, *, timeout_s: float = 10.0, isolation: str = "bubblewrap") -> bool:
-    """HumanEval-style: the program (``code_program``) and then ``problem["test"]``, which defines
-    ``check(candidate)``, run in the sandbox; correct only if the harness reports, after ``check``
-    returned, that every test passed (pipeline/code_harness.py says how that resists cheating)."""
+    """HumanEval-style: the program (``code_program``) runs in the sandbox and ``problem["test"]``'s
+    ``check(candidate)`` calls it; correct only if the harness reports, after ``check`` returned,
+    that every test passed (pipeline/code_harness.py says why a program cannot forge that)."""
     nonce = secrets.token_hex(16)
-    payload = {"nonce": nonce, "program": code_program(completion, problem), "test": problem["test"],
-               "entry_point": problem["entry_point"]}
+    payload = {"nonce": nonce, "program": code_program(completion, problem), **problem}
     result = run_untrusted(HARNESS.read_text(), stdin=json.dumps(payload).encode(), timeout_s=timeout_s,
                            unsafe=isolation == "none")
     verdicts = [line.removeprefix(nonce + " ") for line in result.stdout.splitlines() if line.startswith(nonce)]
     return verdicts == ["passed"] and result.killed_reason is None
 
 
+# Where a base model's continuation of a HumanEval prompt ends (the Codex paper's stop sequences):
+# what follows is not the function's body.
+CONTINUATION_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
 def code_program(completion: str, problem: dict) -> str:
     """The solution the tests run against. A text prompt (its imports, helpers and the function's
     signature) comes first; then the completion's code: its first fenced block (a chat model's
-    answer, which may define the whole function again), else the completion itself (a base model
-    continuing the prompt, as in HumanEval). After a chat prompt, the completion's code alone."""
+    answer, which may define the whole function again), else the completion as a continuation of
+    the prompt, cut at the first ``CONTINUATION_STOPS`` (HumanEval's base-model convention).
+    After a chat prompt, the completion's code alone."""
     blocks = _FENCE.findall(completion)
-    code = next((c for lang, c in blocks if lang), blocks[0][1]) if blocks else completion
+    if blocks:
+        code = next((c for lang, c in blocks if lang), blocks[0][1])
+        return f"{problem['prompt']}\n{code}" if isinstance(problem["prompt"], str) else code
     if not isinstance(problem["prompt"], str):
-        return code
-    return f"{problem['prompt']}\n{code}" if blocks else problem["prompt"] + completion
+        return completion
+    ends = [i for i in (completion.find(stop) for stop in CONTINUATION_STOPS) if i >= 0]
+    return problem["prompt"] + completion[: min(ends, default=len(completion))]
 
 
 _FENCE = re.compile(r"```(python|py)?[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -147,8 +155,7 @@ def get_verifier(name: str, *, allow_untrusted_code: bool = False, code_isolatio
         raise ValueError(f"Unknown verifier {name!r}; allowed: {sorted(VERIFIERS)}")
     if name == "code":
         _require_opt_in(allow_untrusted_code)
-        if code_isolation == "bubblewrap" and (problem := sandbox_problem()):
-            raise SandboxUnavailable(f"{problem}; or, knowing that model-written code then runs unisolated, "
-                                     "set evaluate.code_isolation: none")
+        if code_isolation == "bubblewrap":
+            require_isolation()
         return functools.partial(verify_code, timeout_s=code_timeout_s, isolation=code_isolation)
     return VERIFIERS[name]

@@ -53,6 +53,28 @@ COMPARISON_CHEATS = [
      "    try:\n        text += open(path, errors='replace').read()\n    except OSError:\n        pass\n"
      "found = dict(re.findall(r'candidate\\((\\d+)\\) == (\\d+)', text))\n"
      "def double(x):\n    return int(found.get(str(x), -1))", DOUBLE),
+    # a class whose own equality (its metaclass's) makes it pass for a plain type
+    ("class M(type):\n    def __eq__(cls, other):\n        return True\n    __hash__ = type.__hash__\n"
+     "class Anything(metaclass=M):\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+     "def double(x):\n    return Anything()", DOUBLE),
+    # a global of the solution's that shadows the built-in, or the prompt's helper, the tests call
+    ("def abs(x):\n    return 0\ndef double(x):\n    return 0.0",
+     DOUBLE | {"test": "def check(candidate):\n    assert abs(candidate(2) - 4.0) < 1e-6\n"}),
+    ("def twice(x):\n    return 0\ndef double(x):\n    return 1",
+     {"prompt": "def twice(x):\n    return 2 * x\n\n\ndef double(x):\n    \"\"\"Twice x.\"\"\"\n",
+      "test": "def check(candidate):\n    assert candidate(3) == twice(3)\n", "entry_point": "double"}),
+    # a stand-in for a module, whose __dict__ is the real one's
+    ("import sys, math as real\nclass Fake:\n    __dict__ = property(lambda self: real.__dict__)\n"
+     "    def __getattr__(self, name):\n        return getattr(real, name)\n    isclose = staticmethod(lambda *a, **k: True)\n"
+     "sys.modules['math'] = Fake()\ndef double(x):\n    return 0.0",
+     DOUBLE | {"test": "import math\ndef check(candidate):\n    assert math.isclose(candidate(2), 4.0)\n"}),
+    # the nonce from the caller's frame, or from the harness's memory, environment or descriptors
+    ("import os, sys, re\nnonce = None\ntry:\n    nonce = sys._getframe(1).f_locals.get('nonce')\nexcept ValueError:\n"
+     "    pass\nfor name in ('mem', 'environ', 'cmdline', 'fd/0', 'fd/1'):\n    try:\n"
+     "        data = open(f'/proc/{os.getppid()}/{name}', 'rb').read(1 << 20)\n"
+     "        nonce = nonce or (re.findall(rb'[0-9a-f]{32}', data) or [b''])[0].decode() or None\n"
+     "    except OSError:\n        pass\nif nonce:\n    os.write(1, f'\\n{nonce} passed\\n'.encode())\n    os._exit(0)\n"
+     "def double(x):\n    return x", DOUBLE),
 ]
 
 
@@ -84,6 +106,9 @@ def test_correct_solution_passes_and_wrong_ones_fail():
     assert verify("    return x * 2\n", problem)
     assert not verify("    return x\n", problem)
     assert code_program("    return x * 2\n", problem) == problem["prompt"] + "    return x * 2\n"
+    # a continuation ends where the function does (HumanEval's stop sequences); a main guard is not run
+    assert verify("    return x * 2\n\ndef main():\n    syntax error\n", problem)
+    assert verify("    return x * 2\n", problem | {"prompt": "if __name__ == '__main__':\n    input()\n" + problem["prompt"]})
 
 
 @pytest.mark.parametrize("cheat", EXIT_CHEATS)
@@ -245,7 +270,8 @@ def test_host_processes_results_and_files_are_out_of_sight(tmp_path):
 
 def test_cannot_write_outside_its_private_tmp():
     token = uuid.uuid4().hex
-    targets = [f"/tmp/outside-{token}", f"/usr/outside-{token}", os.path.join(os.getcwd(), f"outside-{token}")]
+    targets = [f"/tmp/outside-{token}", f"/usr/outside-{token}", f"/outside-{token}", f"/dev/shm/outside-{token}",
+               os.path.join(os.getcwd(), f"outside-{token}")]
     code = (
         f"for path in {targets!r}:\n"
         "    try:\n        open(path, 'w').write('x')\n        print('wrote', path)\n"
@@ -253,8 +279,8 @@ def test_cannot_write_outside_its_private_tmp():
     )
     try:
         result = run_untrusted(code)
-        # its own /tmp is writable (and private); the rest is read-only or not there
-        assert result.stdout.splitlines()[0] == f"wrote /tmp/outside-{token}" and result.stdout.count("blocked") == 2
+        # its own /tmp is writable (and private); the rest is read-only (bwrap's root and /dev too) or not there
+        assert result.stdout.splitlines()[0] == f"wrote /tmp/outside-{token}" and result.stdout.count("blocked") == 4
         assert not any(os.path.exists(p) for p in targets)
     finally:
         for path in targets:

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from pipeline import answer_entropy
 from pipeline.config import DemoConfig, SamplingConfig, parse_config
 from pipeline.data import read_jsonl, write_jsonl
 from pipeline.demo import ASSISTANT, USER, build_model, build_tokenizer
-from pipeline.manifest import MANIFEST, Manifest
+from pipeline.manifest import MANIFEST, DamagedResult, Manifest
 from pipeline.sampling import sample
 from pipeline.stage import StageError
 from pipeline.verifiers import verify_exact
@@ -424,3 +427,58 @@ def test_transient_stage_failure_is_retried_by_the_flow(demo_run, monkeypatch):
     with pytest.raises(StageError, match="bad row"):
         run_pipeline(tiny_config(tmp_path), {"evaluate_base"}, "evaluate_base")
     assert calls == ["evaluate"]  # bad input is not retried
+
+
+def flip_signs(weights: Path, keep_mtime: bool = False) -> None:
+    """Negate every float32 of a safetensors file in place: same size, other weights."""
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # after the JSON header
+    for i in range(start + 3, len(data), 4):
+        data[i] ^= 0x80
+    weights.write_bytes(data)
+    if keep_mtime:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.fixture
+def world_copy(demo_run, tmp_path):
+    """The tiny world's results, copied: these tests damage them."""
+    shutil.copytree(demo_run[0] / "results", tmp_path / "results")
+    return tiny_config(tmp_path)
+
+
+def test_a_result_whose_files_changed_is_made_again(world_copy, capsys):
+    sft = run_pipeline(world_copy, stage="sft")[-1]
+    weights = sft.manifest.path("model") / "model.safetensors"
+    original = weights.read_bytes()
+    flip_signs(weights)
+    again = run_pipeline(world_copy, stage="sft")
+    assert [(r.name, r.cached) for r in again] == [("demo_data", True), ("pretrain", True), ("sft", False)]
+    assert f"{sft.manifest.path('model')} changed since the stage made it" in capsys.readouterr().out
+    assert weights.read_bytes() == original  # made again, as it was
+    weights.write_bytes(original[: len(original) // 2])  # cut off
+    assert not run_pipeline(world_copy, stage="sft")[-1].cached
+
+
+def test_full_verification_catches_a_change_that_kept_size_and_mtime(world_copy):
+    weights = run_pipeline(world_copy, stage="sft")[-1].manifest.path("model") / "model.safetensors"
+    flip_signs(weights, keep_mtime=True)
+    assert run_pipeline(world_copy, stage="sft")[-1].cached  # quick: names, sizes and mtimes only
+    full = world_copy.model_copy(update={"verify_reuse": "full"})
+    assert not run_pipeline(full, stage="sft")[-1].cached
+
+
+@pytest.mark.parametrize("damage", ["cut", "{}"])
+def test_a_damaged_manifest_is_a_clear_error_and_force_makes_the_stage_anew(world_copy, damage):
+    from flows.pipeline import pipeline_status
+
+    manifest = run_pipeline(world_copy, stage="sft")[-1].manifest.folder / MANIFEST
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) // 2] if damage == "cut" else "{}")
+    with pytest.raises(DamagedResult, match=rf"^\[sft\] {re.escape(str(manifest))} is damaged \(.*\): run again with "
+                                            r"--force sft"):
+        run_pipeline(world_copy, stage="sft")
+    assert {s.name: s.status for s in pipeline_status(world_copy)}["sft"] == "damaged"
+    forced = run_pipeline(world_copy, {"sft"}, "sft")[-1]
+    assert not forced.cached and Manifest.read(manifest.parent).digests == forced.manifest.digests
