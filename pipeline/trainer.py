@@ -10,6 +10,8 @@ chunk of tokens at a time (`TokenLoss.chunked`), never from the full logits.
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import warnings
 from typing import Any
@@ -59,8 +61,13 @@ class StageMLflowCallback(MLflowCallback):
             warnings.warn(f"MLflow stopped answering ({type(error).__name__}: {error}); training goes on without "
                           "logging to it, and its curves are kept in log_history.json", stacklevel=2)
 
-    def on_train_begin(self, *args, **kwargs):
-        self._guarded("on_train_begin", *args, **kwargs)
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._guarded("on_train_begin", args, state, control, **kwargs)
+        # Resumed: the steps before the checkpoint were logged to the run that was cut off. Logged
+        # again here, at their own steps, so that this stage's run holds the whole curve.
+        for logs in state.log_history if state.global_step else []:
+            logged = dataclasses.replace(state, global_step=logs["step"])
+            self._guarded("on_log", args, logged, control, logs={k: v for k, v in logs.items() if k != "step"})
 
     def on_log(self, *args, **kwargs):
         self._guarded("on_log", *args, **kwargs)

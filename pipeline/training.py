@@ -17,7 +17,7 @@ from trl import DPOConfig, SFTConfig, SFTTrainer
 from pipeline.config import LoraConfig, LossConfig
 from pipeline.data import DataError
 from pipeline.losses import build_loss
-from pipeline.manifest import atomic_write_text
+from pipeline.manifest import atomic_write_text, digest
 from pipeline.plots import loss_curve
 from pipeline.sampling import check_vocabulary
 from pipeline.reference import ReferenceTopK, write_reference_topk
@@ -58,19 +58,54 @@ def stage_callbacks(trainer_args: dict[str, Any]) -> list[TrainerCallback]:
     return []
 
 
+CHECKPOINT_SEAL = "posttrain-seal.json"  # a checkpoint's file digests, written after its files
+
+
+class SealCheckpoints(TrainerCallback):
+    """After the Trainer saved a checkpoint, writes the digests of its files into it, last and
+    atomically, so that resume can tell a checkpoint damaged since it was saved."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKPOINT_SEAL)
+            seal = {str(p.relative_to(folder)): digest(p) for p in files}
+            atomic_write_text(folder / CHECKPOINT_SEAL, json.dumps(seal, indent=1))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why training cannot resume from a checkpoint, or None. The Trainer writes
+    `trainer_state.json` after the weights, optimizer, scheduler and RNG state, and the seal
+    comes after that: without a readable state it was cut off mid-save; with a seal, each file
+    must still be what was saved. (A checkpoint cut off between the state and the seal is
+    whole.)"""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "it was cut off while it was saved"
+    try:
+        seal = json.loads((checkpoint / CHECKPOINT_SEAL).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"its {CHECKPOINT_SEAL} is damaged"
+    for name, saved in seal.items():
+        if not (checkpoint / name).is_file() or digest(checkpoint / name) != saved:
+            return f"its {name} is not the file that was saved"
+    return None
+
+
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint the Trainer finished writing. It writes `trainer_state.json` after
-    the weights, optimizer, scheduler and RNG state, so a checkpoint without a readable one was
-    cut off mid-save: it is removed, so neither resume nor checkpoint rotation trusts it."""
-    complete = None
-    for checkpoint in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-            complete = checkpoint
-        except (OSError, ValueError):
-            # Every process of a launched stage looks here: another one may have removed it already.
-            shutil.rmtree(checkpoint, ignore_errors=True)
-    return complete
+    """The newest checkpoint training can resume from. Newer ones that are cut off or damaged
+    are removed, saying why, so that neither resume nor the Trainer's checkpoint rotation trusts
+    them: a damaged newest checkpoint costs one checkpoint interval."""
+    for checkpoint in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if (problem := checkpoint_problem(checkpoint)) is None:
+            return checkpoint
+        print(f"checkpoint {checkpoint} removed: {problem}", flush=True)
+        # Every process of a launched stage looks here: another one may have removed it already.
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 class DiskFull(OSError):
@@ -81,14 +116,14 @@ def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def is_disk_full(error: BaseException, folder: Path, last: Path | None) -> bool:
-    """ENOSPC anywhere in the chain, or too little room left for another checkpoint: torch.save
-    reports a full disk only as "unexpected pos ..." (a RuntimeError without errno)."""
+def is_disk_full(error: BaseException, folder: Path, needed: int) -> bool:
+    """ENOSPC anywhere in the chain, or less room left than a checkpoint takes (`needed`): torch.save
+    reports a full disk only as "unexpected pos ..." or "enforce fail" (RuntimeErrors without errno)."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         error = error.__cause__ or error.__context__
-    return last is not None and shutil.disk_usage(folder).free < folder_size(last)
+    return shutil.disk_usage(folder).free < needed
 
 
 def train_sft(
@@ -206,8 +241,11 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     the trainer's summary and the last logged value of each curve. Under `accelerate launch`
     every process trains and only the first writes."""
     show_stage_progress(trainer)
+    trainer.add_callback(SealCheckpoints())
     checkpoints = out / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    if last is not None and trainer.is_world_process_zero():
+        print(f"resumed from step {last.name.split('-')[-1]} ({last})", flush=True)
     try:
         # Resuming restores the optimizer, scheduler and RNG state along with the weights.
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -222,7 +260,9 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
         if not trainer.is_world_process_zero():  # the first process judges the checkpoints and the disk
             raise
         newest = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None  # drops a cut-off one
-        if not is_disk_full(error, out, newest):
+        # Before the first checkpoint, its weights alone tell how much room one needs.
+        needed = folder_size(newest) if newest else sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+        if not is_disk_full(error, out, needed):
             raise
         resume = f"resumes from step {newest.name.split('-')[-1]} ({newest})" if newest else "starts over"
         raise DiskFull(f"no space left on device in {out} at step {trainer.state.global_step} "

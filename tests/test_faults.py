@@ -211,3 +211,57 @@ def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_resume_works_
     assert f"resumes from step {last_kept}" in full
     assert results[1] == f"RESULT finished, resumed from step {last_kept}"
     assert "model.safetensors" in (tmp_path / "model.txt").read_text()
+
+
+def test_a_disk_that_fills_before_the_first_checkpoint_is_a_clear_error_too(tmp_path):
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unprivileged user and mount namespaces (unshare -rm) for a size-limited tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "train.py"
+    script.write_text(DISK_FULL)
+    shell = f"mount -t tmpfs -o size=100k tmpfs {disk} && {sys.executable} {script} {disk}"
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=REPO, capture_output=True, text=True)
+    results = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 1, run.stdout + run.stderr
+    assert results[0].startswith("RESULT DiskFull: no space left on device") and "training starts over" in results[0]
+
+
+def train_tiny(folder: Path, max_steps: int) -> TokenLossSFTTrainer:
+    tokenizer = build_tokenizer()
+    rows = [{"prompt": f"{a}*3=", "completion": str(3 * a)[::-1]} for a in range(10, 42)]
+    args = SFTConfig(output_dir=str(folder / "checkpoints"), **(trainer_defaults(0) | {
+        "max_steps": max_steps, "save_steps": 2, "save_total_limit": 3, "per_device_train_batch_size": 8,
+        "logging_steps": 1}))
+    trainer = TokenLossSFTTrainer(model=build_model(TINY, tokenizer, seed=0), args=args,
+                                  train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                  token_loss=build_loss("ce"))
+    fit(trainer, tokenizer, folder, merge=False)
+    return trainer
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated optimizer", "altered weights"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_training_resumes_from_the_one_before(tmp_path, damage, capsys):
+    train_tiny(tmp_path, max_steps=6)
+    newest = tmp_path / "checkpoints" / "checkpoint-6"
+    target = newest / ("optimizer.pt" if "optimizer" in damage else "model.safetensors")
+    data = target.read_bytes()
+    if damage.startswith("truncated"):
+        target.write_bytes(data[: len(data) // 2])
+    else:  # the same size, one weight's sign flipped
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 0x80]))
+    trainer = train_tiny(tmp_path, max_steps=8)
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} removed: its {target.name} is not the file that was saved" in out
+    assert "resumed from step 4" in out and trainer.state.global_step == 8
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == list(range(1, 9))
+
+
+def test_a_checkpoint_cut_off_before_its_state_was_written_is_removed(tmp_path, capsys):
+    from pipeline.training import last_complete_checkpoint
+
+    train_tiny(tmp_path, max_steps=4)
+    (tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "checkpoint-2"
+    assert "checkpoint-4 removed: it was cut off while it was saved" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoints" / "checkpoint-4").exists()

@@ -58,6 +58,11 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     killed = {r.data.tags.get("posttrain.stage", "pipeline") for r in runs if r.info.status == "KILLED"}
     assert killed == {"pipeline", "sft"}
     assert all("process was lost" in r.data.tags["posttrain.error"] for r in runs if r.info.status == "KILLED")
+    # It says where it resumed, and the resumed stage's run holds the whole curve, steps before the checkpoint too.
+    assert f"resumed from step {int(resumed)}" in finished.stdout + finished.stderr
+    finished_sft = next(r for r in runs if r.data.tags.get("posttrain.stage") == "sft" and r.info.status == "FINISHED")
+    steps = [m.step for m in client.get_metric_history(finished_sft.info.run_id, "loss")]
+    assert sorted(steps) == list(range(10, MAX_STEPS + 1, 10))
 
     # The same stage run again from scratch, never killed: the same weights (fixed seeds, CPU).
     straight = subprocess.run(command + ["--force", "sft"], capture_output=True, text=True)
