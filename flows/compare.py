@@ -17,6 +17,7 @@ from flows.pipeline import run_pipeline
 from pipeline.config import EVAL_SUITES, ConfigError, PipelineConfig
 from pipeline.manifest import results_lock
 from pipeline.report import SELECT, ArmRun, write_report
+from pipeline.stage import stop_on_signals
 from pipeline.tracking import Tracker
 
 
@@ -62,7 +63,7 @@ def run_compare(cfg: PipelineConfig) -> Path:
         check_validation_data(cfg)
     plan = [(arm, seed, lr, cfg.arm(arm, seed, lr))
             for seed in cfg.compare.seeds for lr in learning_rates(cfg) for arm in cfg.compare.arms]
-    with results_lock(cfg.results_dir):
+    with results_lock(cfg.results_dir), stop_on_signals():
         tracker = Tracker(cfg, kind="compare")
         try:
             runs = []
@@ -73,8 +74,8 @@ def run_compare(cfg: PipelineConfig) -> Path:
                                    {s.name: s.run_id for s in stages}))
             files = write_report(cfg, runs, report_dir(cfg))
             tracker.log_report(files)
-        except BaseException:
-            tracker.finish(failed=True)
+        except BaseException as error:
+            tracker.finish(error)
             raise
-        tracker.finish(failed=False)
+        tracker.finish()
     return report_dir(cfg)

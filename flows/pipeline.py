@@ -25,7 +25,7 @@ from pipeline.config import EVAL_SUITES, ConfigError, DataConfig, DataSource, Pi
 from pipeline.data import source_digest
 from pipeline.manifest import MANIFEST, DamagedResult, Manifest, atomic_write_text, digest, results_lock, stage_key
 from pipeline.progress import STAGE_ENV
-from pipeline.stage import StageError, run_in_process, start_fork_server
+from pipeline.stage import StageError, run_in_process, start_fork_server, stop_on_signals
 from pipeline.storage import open_store
 from pipeline.tracking import Tracker, TrackingUnavailable, dataset_input
 
@@ -343,16 +343,16 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
     if cfg.launch.preload:
         start_fork_server()  # its imports run while MLflow and Prefect set up
-    with results_lock(cfg.results_dir):
+    with results_lock(cfg.results_dir), stop_on_signals():
         tracker = Tracker(cfg, parent_run_id, tags=tags)
         run = PipelineRun(cfg, tracker, set(force))
         try:
             for name in [stage] if stage else stages:
                 getattr(run, name)
-        except BaseException:
-            tracker.finish(failed=True)
+        except BaseException as error:
+            tracker.finish(error)
             raise
-        tracker.finish(failed=False)
+        tracker.finish()
     return run.results
 
 

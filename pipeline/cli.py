@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,9 @@ USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "Trackin
 def _fail(error: BaseException, debug: bool) -> None:
     """A user's mistake reads as one line of advice; anything else keeps its traceback."""
     if isinstance(error, KeyboardInterrupt) and not debug:
-        typer.echo("interrupted: every finished stage is kept, and a killed training stage resumes from its last "
-                   "checkpoint: run the same command again to go on", err=True)
-        raise typer.Exit(130)
+        typer.echo(f"{error or 'interrupted'}: every finished stage is kept, and a training stage resumes from its "
+                   "last checkpoint: run the same command again to go on", err=True)
+        raise typer.Exit(128 + getattr(error, "signum", signal.SIGINT))
     if debug or type(error).__name__ not in USER_ERRORS:
         raise error
     typer.echo(f"error: {error}", err=True)

@@ -19,13 +19,14 @@ import multiprocessing
 import os
 import pkgutil
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import forkserver, reduction
 from pathlib import Path
 
@@ -100,6 +101,48 @@ def stage_command(stage: str, cfg: PipelineConfig, request: Path) -> list[str] |
     port = [] if "main_process_port" in launch.accelerate_settings() else ["--main_process_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", *where, "--num_processes", str(launch.num_processes),
             *port, *module]
+
+
+STOP_GRACE_S = 10.0  # after SIGTERM or SIGINT, how long the run may take to stop in order
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was stopped from outside, by ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) and SIGINT (Ctrl-C) stop the run as an interrupt: the stage
+    process is stopped, the MLflow runs end KILLED, finished stages and checkpoints stay.
+    Installed inside the flow, over Prefect's handler, which would only mark the flow Crashed. A
+    signal sent to the process group also ends the temporary Prefect server, which Prefect's
+    clients would retry for minutes: after STOP_GRACE_S the process ends, whatever still waits."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        watchdog = threading.Timer(STOP_GRACE_S, exit_stopped, (signum,))
+        watchdog.daemon = True  # fires even while the interpreter's exit hangs on a lost server
+        watchdog.start()
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def exit_stopped(signum: int) -> None:
+    print(f"error: stopped by {signal.Signals(signum).name}: every finished stage is kept, and a training stage "
+          "resumes from its last checkpoint: run the same command again to go on", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def free_port() -> int:

@@ -76,6 +76,11 @@ def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 
 
+def ended_status(error: BaseException) -> str:
+    """KILLED for a run stopped from outside (SIGINT, SIGTERM), FAILED for one that failed."""
+    return RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
+
+
 @contextmanager
 def best_effort() -> Iterator[None]:
     """For recording a failure: if the store is what failed, the original error must not be
@@ -195,8 +200,8 @@ class Tracker:
 
     def fail_stage(self, run_id: str, error: BaseException) -> None:
         with best_effort():
-            self.client.set_tag(run_id, "posttrain.error", str(error)[:5000])
-            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            self.client.set_tag(run_id, "posttrain.error", str(error)[:5000] or type(error).__name__)
+            self.client.set_terminated(run_id, ended_status(error))
 
     def log_report(self, files: dict[str, Path]) -> None:
         """Log a comparison's report files, and its summary as metrics of this run:
@@ -213,10 +218,10 @@ class Tracker:
         for path in files.values():
             self.client.log_artifact(self.parent_id, str(path), "report")
 
-    def finish(self, failed: bool) -> None:
-        if not failed:
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is None:
             self.client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FINISHED))
             return
         with best_effort():
-            self.client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FAILED))
+            self.client.set_terminated(self.parent_id, ended_status(error))
 

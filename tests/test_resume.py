@@ -16,6 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from pipeline.manifest import MANIFEST
+from pipeline.training import last_complete_checkpoint
 from tests.test_stages import TINY
 
 MAX_STEPS = 80
@@ -71,3 +72,37 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     uninterrupted = AutoModelForCausalLM.from_pretrained(stage / "model").state_dict()
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(resumed_weights[name], weight, msg=f"{name} differs after resuming from {resumed}")
+
+
+def test_sigterm_to_the_run_stops_it_within_15_s_and_it_resumes_after(tmp_path):
+    """What a scheduler or `kill` sends to the process group: the stage process, the temporary
+    Prefect server and the run itself all get it."""
+    config = {"name": "term", "results_dir": str(tmp_path / "results"), **TINY,
+              "sft": {"trainer": {"max_steps": 400, "save_steps": 20, "per_device_train_batch_size": 8,
+                                  "logging_steps": 10}}}
+    path = tmp_path / "term.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--stage", "sft"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((tmp_path / "results" / "sft").glob("*/checkpoints/checkpoint-20")):
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.1)
+    time.sleep(0.5)  # the checkpoint's seal
+    stopped = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert time.monotonic() - stopped < 15, output[-2000:]
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM: every finished stage is kept" in output
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("posttrain").experiment_id])
+    ended = {r.data.tags.get("posttrain.stage", "pipeline"): r.info.status for r in runs}
+    assert ended == {"pipeline": "KILLED", "demo_data": "FINISHED", "pretrain": "FINISHED", "sft": "KILLED"}
+    # it leaves a checkpoint the next run resumes from (one cut off by the signal, if any, is dropped)
+    resumable = last_complete_checkpoint(next((tmp_path / "results" / "sft").glob("*/checkpoints")))
+    assert resumable is not None and int(resumable.name.split("-")[1]) >= 20
