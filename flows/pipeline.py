@@ -22,7 +22,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import EVAL_SUITES, ConfigError, DataConfig, DataSource, PipelineConfig, load_config
-from pipeline.data import source_digest
+from pipeline.data import check_data, source_digest
 from pipeline.manifest import MANIFEST, DamagedResult, Manifest, atomic_write_text, digest, results_lock, stage_key
 from pipeline.progress import STAGE_ENV
 from pipeline.stage import StageError, run_in_process, start_fork_server, stop_on_signals
@@ -251,14 +251,14 @@ class PipelineRun:
                               model=model, **paths)
 
     def evaluate(self, name: str, model: Path, upstream: dict[str, Manifest], inputs: dict[str, str]) -> Manifest:
+        datasets = {suite: getattr(self.data, key) for suite, key in EVAL_SUITES.items()
+                    if getattr(self.data, key) is not None}
         settings = {
             "sampling": self.cfg.sampling.key_settings(),
-            "evaluate": self.cfg.evaluate.model_dump(),
+            "evaluate": self.cfg.evaluate.key_settings(code=any(s.verifier == "code" for s in datasets.values())),
             "tokenizer": str(self.cfg.model.tokenizer),
             "measures": 2,  # 2: the answer tokens' entropy too (entropy.json); results without it are redone
         }
-        datasets = {suite: getattr(self.data, key) for suite, key in EVAL_SUITES.items()
-                    if getattr(self.data, key) is not None}
         settings |= {suite: self.digest_of(source) for suite, source in datasets.items()}
         paths = {"baseline": upstream["baseline"].folder} if "baseline" in upstream else {}
         return self.run_stage(name, "evaluate", self.stage_cfg, settings, upstream, inputs, datasets,
@@ -341,6 +341,7 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
     """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name.
     Its MLflow run is nested under `parent_run_id` if given, with `tags` added."""
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
+    check_data(cfg)
     if cfg.launch.preload:
         start_fork_server()  # its imports run while MLflow and Prefect set up
     with results_lock(cfg.results_dir), stop_on_signals():

@@ -192,8 +192,15 @@ def ui(config: Path = CONFIG, port: int = typer.Option(None, help="the port to s
 
 @app.command()
 def validate(config: Path = CONFIG) -> None:
-    """Check a config (keys, types, files, trainer options) without running anything."""
+    """Check a config (keys, types, files, trainer options, every row of its local data sets)
+    without running anything."""
+    from pipeline.data import check_data
+
     cfg = _load(config)
+    try:
+        check_data(cfg)
+    except Exception as error:  # noqa: BLE001 - user errors become one readable line
+        _fail(error, debug=False)
     typer.echo(f"{config}: valid ({'demo world' if cfg.is_demo else cfg.model.path}, sft loss {cfg.sft.loss.name})")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import json
 import types
 import typing
 from pathlib import Path
@@ -45,6 +46,25 @@ class ModelConfig(Section):
             if not Path(value).expanduser().is_dir():
                 raise ValueError(f"no model folder at {value}: give a local folder or a hub id (org/name)")
             return str(Path(value).expanduser())
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _holds_a_causal_lm(cls, value: str | None) -> str | None:
+        # Checked from the files, without importing transformers: a folder that is not a causal
+        # language model would be given an untrained head and fail stages later.
+        if value is None or not Path(value).is_dir():
+            return value  # the demo, or a hub id
+        folder = Path(value)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"{folder} has no readable config.json: not a Hugging Face model folder") from None
+        kinds = config.get("architectures") or []
+        if kinds and not any(k.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for k in kinds):
+            raise ValueError(f"{folder} holds a {', '.join(kinds)}, not a causal language model (*ForCausalLM)")
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise ValueError(f"{folder} has no weights (*.safetensors or *.bin)")
         return value
 
 
@@ -108,12 +128,15 @@ class DataSource(Section):
         "(verifier: code)"
     )
     verifier: Literal["exact", "math", "code"] = "exact"
+    max_line_bytes: int = Field(1 << 20, gt=0, description="a longer line (row) is an error, not read into memory")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
         if sum(x is not None for x in (self.path, self.hub, self.suite)) != 1:
             raise ValueError("give exactly one of 'path' (a JSONL file), 'hub' (a data set name) or 'suite' "
                              "(humaneval)")
+        if self.path is not None and Path(self.path).is_dir():
+            raise ValueError(f"{self.path} is a folder: give the JSONL file in it")
         if self.path is not None and not Path(self.path).is_file():
             raise ValueError(f"file not found: {self.path}")
         if self.suite is not None and self.verifier != "code":
@@ -285,6 +308,11 @@ class EvaluateConfig(Section):
         "write what you can)"
     )
     code_timeout_s: float = Field(10.0, gt=0, description="wall-clock limit of one program and its tests")
+
+    def key_settings(self, code: bool) -> dict[str, Any]:
+        """The settings that decide the scores, for stage keys: the code verifier's timeout only
+        where a suite is code (its isolation changes how, not what, it scores)."""
+        return self.model_dump(exclude={"code_isolation"} | (set() if code else {"code_timeout_s"}))
 
     def verifier_options(self) -> dict[str, Any]:
         """`get_verifier`'s options."""
@@ -532,6 +560,31 @@ def _simple_types(hint: Any) -> tuple[type, ...] | None:
     return tuple(args) if all(a in plain for a in args) else None
 
 
+# TRL's configs check few of their numbers, and only once a trainer starts: these are refused at
+# `validate`, naming the key.
+POSITIVE_TRAINER_KEYS = {"learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                         "gradient_accumulation_steps", "num_train_epochs", "max_length", "max_prompt_length",
+                         "max_completion_length", "logging_steps", "save_steps", "eval_steps", "adam_epsilon", "beta"}
+NON_NEGATIVE_TRAINER_KEYS = {"weight_decay", "warmup_steps", "max_grad_norm", "save_total_limit", "seed",
+                             "dataloader_num_workers"}
+UNIT_TRAINER_KEYS = {"adam_beta1", "adam_beta2", "label_smoothing_factor"}  # in [0, 1)
+
+
+def _out_of_range(key: str, value: Any) -> str | None:
+    """What a trainer number must be, where `value` is not; None when it is fine (or not a number)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if key == "max_steps" and not (value == -1 or value > 0):
+        return "a positive number of steps, or -1 (train num_train_epochs instead)"
+    if key in POSITIVE_TRAINER_KEYS and not value > 0:
+        return "greater than 0"
+    if key in NON_NEGATIVE_TRAINER_KEYS and not value >= 0:
+        return "0 or more"
+    if key in UNIT_TRAINER_KEYS and not 0 <= value < 1:
+        return "in [0, 1)"
+    return None
+
+
 def check_trainer_args(args: dict[str, Any], config_cls: type, key_path: str, owned: set[str]) -> None:
     """Check trainer settings against TRL's own config dataclass: names, and simple value types."""
     hints = typing.get_type_hints(config_cls)
@@ -551,6 +604,8 @@ def check_trainer_args(args: dict[str, Any], config_cls: type, key_path: str, ow
         if widened and not isinstance(value, widened) or (isinstance(value, bool) and allowed and bool not in allowed):
             names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
             raise ConfigError(f"{key_path}.{key}: expected {names}, got {value!r}")
+        if (expected := _out_of_range(key, value)) is not None:
+            raise ConfigError(f"{key_path}.{key}: must be {expected}, got {value!r}")
 
 
 def _key_lines(text: str) -> dict[tuple, int]:
@@ -623,13 +678,31 @@ def parse_config(data: dict[str, Any], source: str = "<config>", text: str | Non
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently: a second `sft:` block would drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}): "
+                    "keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from pipeline.config import DataSource
+from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
 from pipeline.manifest import atomic_write_text, digest
 
 SFT_FIELDS = [{"prompt", "completion"}, {"messages"}]
@@ -33,13 +33,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def read_jsonl(path: Path, accepted: list[set[str]] | None = None) -> list[dict]:
-    """Rows of a JSONL file; with `accepted`, each must hold one of those field sets."""
+def read_jsonl(path: Path, accepted: list[set[str]] | None = None, max_line_bytes: int | None = None) -> list[dict]:
+    """Rows of a JSONL file; with `accepted`, each must hold one of those field sets; a line longer
+    than `max_line_bytes` is an error before it is read whole."""
     # Parsed here rather than by `load_dataset("json")`, whose errors name neither line nor field.
     rows = []
     first = None
     with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
-        for number, raw in enumerate(f, start=1):
+        lines = iter(lambda: f.readline(-1 if max_line_bytes is None else max_line_bytes + 1), b"")
+        for number, raw in enumerate(lines, start=1):
+            if max_line_bytes is not None and len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                raise DataError(f"{path}:{number}: the line is longer than {max_line_bytes} bytes (the data set's "
+                                "max_line_bytes): split the row, or raise max_line_bytes")
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as error:
@@ -102,7 +107,7 @@ def reference(row: dict) -> str | dict:
 
 def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
     if source.file is not None:
-        return Dataset.from_list(read_jsonl(source.file, accepted))
+        return Dataset.from_list(read_jsonl(source.file, accepted, source.max_line_bytes))
     dataset = load_dataset(source.hub, split=source.split)
     where = f"hub data set {source.hub} ({source.split})"
     if len(dataset) == 0:
@@ -124,6 +129,17 @@ def prompt_and_answer(row: dict) -> dict:
         return {k: v for k, v in row.items() if k != "completion"} | {"answer": answer}
     messages = row["messages"]
     return {k: v for k, v in row.items() if k != "messages"} | {"prompt": messages[:-1], "answer": messages[-1]["content"]}
+
+
+def check_data(cfg: PipelineConfig) -> None:
+    """Read every local data set of the config, row by row, so that a bad row is an error before
+    any stage runs (hub data sets are checked when their stage loads them)."""
+    sources = {"data.sft": (cfg.data.sft, SFT_FIELDS), "data.preference": (cfg.data.preference, PREFERENCE_FIELDS),
+               "pairs.prompts": (cfg.pairs.prompts, TRAIN_PROMPT_FIELDS)}
+    sources |= {f"data.{key}": (getattr(cfg.data, key), EVAL_FIELDS) for key in EVAL_SUITES.values()}
+    for source, fields in sources.values():
+        if source is not None and source.file is not None:
+            read_jsonl(source.file, scored_fields(source, fields), source.max_line_bytes)
 
 
 def source_digest(source: DataSource) -> str:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config as config_module
+from pipeline import sandbox
 from pipeline.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_missing_data_file_names_key(tmp_path):
 
 def test_real_model_needs_its_data(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.sft, data\.target_eval, data\.general_eval"):
-        load_config(write(tmp_path, f"name: x\nmodel:\n  path: {tmp_path}\n"))
+        load_config(write(tmp_path, "name: x\nmodel:\n  path: org/model\n"))
 
 
 def test_a_local_model_folder_that_is_not_there_is_named_but_a_hub_id_is_accepted(tmp_path):
@@ -136,7 +136,7 @@ def test_code_verifier_needs_explicit_opt_in_and_a_sandbox(tmp_path, monkeypatch
         load_config(write(tmp_path, text))
     cfg = load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n"))
     assert cfg.evaluate.allow_untrusted_code and cfg.evaluate.code_isolation == "bubblewrap"
-    monkeypatch.setattr(config_module, "sandbox_problem", lambda: "bubblewrap (bwrap) is not installed: install it")
+    monkeypatch.setattr(sandbox, "sandbox_problem", lambda: "bubblewrap (bwrap) is not installed: install it")
     with pytest.raises(ConfigError, match=r"data\.target_eval\.verifier is 'code'.*bwrap\) is not installed"):
         load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n"))
     unsafe = load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n  code_isolation: none\n"))
@@ -201,3 +201,48 @@ def test_engine_layout_is_not_part_of_the_sampling_key():
     spread = SamplingConfig(backend="vllm", tensor_parallel_size=2, data_parallel_size=4)
     assert spread.key_settings() == one.key_settings()
     assert SamplingConfig(backend="vllm", n=2, temperature=1.0).key_settings() != one.key_settings()
+
+
+@pytest.mark.parametrize("trainer, error", [
+    ("max_steps: -5", r"sft\.trainer\.max_steps: must be a positive number of steps, or -1"),
+    ("learning_rate: -1.0e-4", r"sft\.trainer\.learning_rate: must be greater than 0, got -0\.0001"),
+    ("per_device_train_batch_size: 0", r"sft\.trainer\.per_device_train_batch_size: must be greater than 0"),
+    ("adam_beta2: 1.5", r"sft\.trainer\.adam_beta2: must be in \[0, 1\)"),
+])
+def test_trainer_numbers_out_of_range_are_refused_naming_the_key(tmp_path, trainer, error):
+    with pytest.raises(ConfigError, match=error):
+        load_config(write(tmp_path, f"name: x\nsft:\n  trainer:\n    {trainer}\n"))
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    text = "name: x\nsft:\n  trainer: {max_steps: 5}\npairs:\n  n: 4\nsft:\n  loss: {name: dft}\n"
+    with pytest.raises(ConfigError, match=r"key 'sft' is given twice \(lines 2 and 6\): keep one"):
+        load_config(write(tmp_path, text))
+
+
+def test_a_config_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 9\): save it as UTF-8"):
+        load_config(path)
+
+
+def test_a_data_path_that_is_a_folder_is_named_so(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ConfigError, match=r"data\.sft.*data is a folder: give the JSONL file in it"):
+        load_config(write(tmp_path, f"name: x\ndata:\n  sft:\n    path: {tmp_path / 'data'}\n"))
+
+
+@pytest.mark.parametrize("files, error", [
+    ({}, "has no readable config.json: not a Hugging Face model folder"),
+    ({"config.json": '{"architectures": ["BertModel"]}', "model.safetensors": ""},
+     r"holds a BertModel, not a causal language model"),
+    ({"config.json": '{"architectures": ["LlamaForCausalLM"]}'}, r"has no weights"),
+])
+def test_a_model_folder_must_hold_a_causal_lm(tmp_path, files, error):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in files.items():
+        (model / name).write_text(text)
+    with pytest.raises(ConfigError, match=rf"model\.path: .*{error}"):
+        load_config(write(tmp_path, f"name: x\nmodel:\n  path: {model}\n"))
