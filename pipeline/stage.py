@@ -78,11 +78,13 @@ def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str,
         reason = (out / ERROR).read_text().strip() if (out / ERROR).is_file() else ""
         launched = command is not None and "accelerate.commands.launch" in command
         others = " (the other processes': traceback-rank<N>.txt)" if launched else ""
-        raise StageError(
-            f"stage '{stage}' failed (exit code {exit_code}): {reason or 'no error recorded'}\n"
-            f"  full traceback: {out / 'traceback.txt'}{others}",
-            error_type=re.sub(r"^rank \d+ ", "", reason).split(":", 1)[0],
-        )
+        if (out / "traceback.txt").is_file():
+            where = f"  full traceback: {out / 'traceback.txt'}{others}"
+        else:  # killed before it could say why: no traceback was written
+            where = (f"  the process was killed{f' by {signal.Signals(-exit_code).name}' if exit_code < 0 else ''} "
+                     "before it recorded an error (out of memory? the kernel log says); run again to resume")
+        raise StageError(f"stage '{stage}' failed (exit code {exit_code}): {reason or 'no error recorded'}\n{where}",
+                         error_type=re.sub(r"^rank \d+ ", "", reason).split(":", 1)[0])
     return Manifest.read(out)
 
 

@@ -74,3 +74,14 @@ def test_the_fork_servers_imports_never_ask_cuda_anything():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"imported {len(modules)}" in result.stdout
+
+
+def test_a_stage_process_killed_before_it_said_why_is_reported_as_killed(tmp_path, monkeypatch):
+    from pipeline import stage
+    from pipeline.stage import StageError, run_in_process
+
+    monkeypatch.setattr(stage, "run_forked", lambda *args: -9)  # what the OOM killer leaves: no error, no traceback
+    with pytest.raises(StageError, match=r"exit code -9\): no error recorded\n  the process was killed by SIGKILL "
+                                         r"before it recorded an error") as error:
+        run_in_process("sft", PipelineConfig(name="x"), tmp_path / "sft", {})
+    assert "traceback.txt" not in str(error.value)
