@@ -187,22 +187,29 @@ except Exception as error:
 """
 
 
-def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_resume_works_after(tmp_path):
+def train_on_a_small_disk(tmp_path: Path, size: str, then: str = "") -> list[str]:
+    """The RESULT lines of DISK_FULL training on a tmpfs of `size` (in a user and mount namespace),
+    then of the shell commands `then` in the same namespace, so the tmpfs outlives the first run
+    (`{disk}`, `{train}` and `{tmp}` in them are filled in)."""
     if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unprivileged user and mount namespaces (unshare -rm) for a size-limited tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
     script = tmp_path / "train.py"
     script.write_text(DISK_FULL)
-    # One namespace for both runs, so the tmpfs (and what is on it) outlives the first.
-    shell = (f"mount -t tmpfs -o size=1200k tmpfs {disk} && {sys.executable} {script} {disk}; "
-             f"ls {disk}/checkpoints > {tmp_path}/after-full.txt; "
-             f"mount -o remount,size=64m {disk} && {sys.executable} {script} {disk}; "
-             f"ls {disk}/checkpoints > {tmp_path}/after-resume.txt; cat {disk}/checkpoints/*/trainer_state.json "
-             f"| grep -c global_step > {tmp_path}/states.txt; ls {disk}/model > {tmp_path}/model.txt")
+    train = f"{sys.executable} {script} {disk}"
+    shell = f"mount -t tmpfs -o size={size} tmpfs {disk} && {train}; " + then.format(disk=disk, train=train, tmp=tmp_path)
     run = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=REPO, capture_output=True, text=True)
     results = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(results) == 2, run.stdout + run.stderr
+    assert results, run.stdout + run.stderr
+    return results
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_resume_works_after(tmp_path):
+    results = train_on_a_small_disk(tmp_path, "1200k", then=(
+        "ls {disk}/checkpoints > {tmp}/after-full.txt; mount -o remount,size=64m {disk} && {train}; "
+        "ls {disk}/model > {tmp}/model.txt"))
+    assert len(results) == 2, results
     full = results[0]
     assert full.startswith("RESULT DiskFull: no space left on device") and "free space" in full, full
     kept = [name for name in (tmp_path / "after-full.txt").read_text().split() if name.startswith("checkpoint-")]
@@ -214,17 +221,9 @@ def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_resume_works_
 
 
 def test_a_disk_that_fills_before_the_first_checkpoint_is_a_clear_error_too(tmp_path):
-    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unprivileged user and mount namespaces (unshare -rm) for a size-limited tmpfs")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    script = tmp_path / "train.py"
-    script.write_text(DISK_FULL)
-    shell = f"mount -t tmpfs -o size=100k tmpfs {disk} && {sys.executable} {script} {disk}"
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=REPO, capture_output=True, text=True)
-    results = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(results) == 1, run.stdout + run.stderr
-    assert results[0].startswith("RESULT DiskFull: no space left on device") and "training starts over" in results[0]
+    results = train_on_a_small_disk(tmp_path, "100k")
+    assert len(results) == 1 and results[0].startswith("RESULT DiskFull: no space left on device"), results
+    assert "training starts over" in results[0]
 
 
 def train_tiny(folder: Path, max_steps: int) -> TokenLossSFTTrainer:
