@@ -98,10 +98,13 @@ class PipelineRun:
         latest = self.latest(name).read_text() if self.latest(name).is_file() else None
         try:
             manifest = Manifest.find(out)
-            status = "changed" if manifest and manifest.changed() else "done" if manifest else \
-                "stale" if latest and latest != key else "missing"
         except DamagedResult:
             manifest, status = None, "damaged"
+        else:
+            if manifest is not None:
+                status = "changed" if manifest.changed() else "done"
+            else:
+                status = "stale" if latest and latest != key else "missing"
         self.statuses[name] = StageStatus(name, status, key, manifest if status == "done" else None)
         if status != "done":
             raise NotBuilt(name)
@@ -144,7 +147,8 @@ class PipelineRun:
             if cached:
                 print(f"[{name}] cached: {out} (made by MLflow run {manifest.run_id or 'unknown'})", flush=True)
             else:
-                if (out / MANIFEST).exists():  # forced, changed or damaged: from scratch, not from its checkpoints
+                # forced, changed or damaged: from scratch, not from its checkpoints
+                if out.exists() and (name in self.force or (out / MANIFEST).exists()):
                     shutil.rmtree(out)
                 print(f"[{name}] running: {out}", flush=True)
                 env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}

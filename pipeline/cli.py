@@ -31,13 +31,24 @@ USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "Trackin
 def _fail(error: BaseException, debug: bool) -> None:
     """A user's mistake reads as one line of advice; anything else keeps its traceback."""
     if isinstance(error, KeyboardInterrupt) and not debug:
-        typer.echo(f"{error or 'interrupted'}: every finished stage is kept, and a training stage resumes from its "
-                   "last checkpoint: run the same command again to go on", err=True)
+        from pipeline.stage import STOP_ADVICE
+
+        typer.echo(f"{error or 'interrupted'}: {STOP_ADVICE}", err=True)
         raise typer.Exit(128 + getattr(error, "signum", signal.SIGINT))
     if debug or type(error).__name__ not in USER_ERRORS:
         raise error
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)
+
+
+STOP_GRACE_S = 10.0  # stopped by SIGTERM or SIGINT, a run ends within this even if Prefect's server is gone
+
+
+def _stop_within(seconds: float) -> None:
+    """The command line owns its process, so it may end it: see pipeline.stage.stop_on_signals."""
+    from pipeline import stage
+
+    stage.stop_grace_s = seconds
 
 
 class _RunErrorsWithoutTraceback(logging.Formatter):
@@ -102,6 +113,7 @@ def run(
 
     cfg = _load(config, debug)
     _quiet_prefect_tracebacks(debug)
+    _stop_within(STOP_GRACE_S)
     try:
         pipeline_stages(cfg, *([stage] if stage else []), *force)
         results = STAGE_FLOWS[stage](cfg, set(force)) if stage else run_pipeline(cfg, set(force))
@@ -127,6 +139,7 @@ def compare(
 
     cfg = _load(config, debug)
     _quiet_prefect_tracebacks(debug)
+    _stop_within(STOP_GRACE_S)
     try:
         folder = run_compare(cfg)
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - user errors become one readable line

@@ -51,20 +51,30 @@ class ModelConfig(Section):
     @field_validator("path")
     @classmethod
     def _holds_a_causal_lm(cls, value: str | None) -> str | None:
-        # Checked from the files, without importing transformers: a folder that is not a causal
-        # language model would be given an untrained head and fail stages later.
+        # Checked from the files: a folder that is not a causal language model would be given an
+        # untrained head and fail stages later.
         if value is None or not Path(value).is_dir():
             return value  # the demo, or a hub id
         folder = Path(value)
+        if (folder / "adapter_config.json").is_file():
+            return value  # a PEFT adapter: its base model is named inside, and checked when loaded
         try:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
-            raise ValueError(f"{folder} has no readable config.json: not a Hugging Face model folder") from None
+            config = None
+        if not isinstance(config, dict):
+            raise ValueError(f"{folder} has no readable config.json: not a Hugging Face model folder")
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
         kinds = config.get("architectures") or []
-        if kinds and not any(k.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for k in kinds):
-            raise ValueError(f"{folder} holds a {', '.join(kinds)}, not a causal language model (*ForCausalLM)")
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise ValueError(f"{folder} has no weights (*.safetensors or *.bin)")
+        # A saved BertModel has a model_type that has a causal class, but no language-model head to load.
+        if causal is None or (kinds and not any(k == causal or k.endswith(("ForCausalLM", "LMHeadModel"))
+                                                for k in kinds)):
+            raise ValueError(f"{folder} holds a {', '.join(kinds) or config.get('model_type')}, not a causal language "
+                             "model that AutoModelForCausalLM loads with its head")
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+            raise ValueError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")
         return value
 
 
@@ -684,7 +694,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` is not a key
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own error says what is wrong with it
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}): "

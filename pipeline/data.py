@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -36,8 +37,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def read_jsonl(path: Path, accepted: list[set[str]] | None = None, max_line_bytes: int | None = None) -> list[dict]:
     """Rows of a JSONL file; with `accepted`, each must hold one of those field sets; a line longer
     than `max_line_bytes` is an error before it is read whole."""
+    return list(iter_jsonl(path, accepted, max_line_bytes))
+
+
+def iter_jsonl(path: Path, accepted: list[set[str]] | None = None, max_line_bytes: int | None = None) -> Iterator[dict]:
+    """`read_jsonl` one row at a time, so that checking a large file does not hold it."""
     # Parsed here rather than by `load_dataset("json")`, whose errors name neither line nor field.
-    rows = []
+    count = 0
     first = None
     with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
         lines = iter(lambda: f.readline(-1 if max_line_bytes is None else max_line_bytes + 1), b"")
@@ -67,10 +73,10 @@ def read_jsonl(path: Path, accepted: list[set[str]] | None = None, max_line_byte
                     kind = lambda v: "a string" if isinstance(v, str) else "a chat (message list)"  # noqa: E731
                     raise DataError(f"{path}:{number}: field '{mixed[0]}' is {kind(row[mixed[0]])}, in the rows "
                                     f"before it {kind(first[1][mixed[0]])}: use one format per file")
-            rows.append(row)
-    if not rows:
+            count += 1
+            yield row
+    if not count:
         raise DataError(f"{path}: the data set is empty")
-    return rows
 
 
 def check_row(row: object, at: str, accepted: list[set[str]]) -> set[str]:
@@ -139,7 +145,8 @@ def check_data(cfg: PipelineConfig) -> None:
     sources |= {f"data.{key}": (getattr(cfg.data, key), EVAL_FIELDS) for key in EVAL_SUITES.values()}
     for source, fields in sources.values():
         if source is not None and source.file is not None:
-            read_jsonl(source.file, scored_fields(source, fields), source.max_line_bytes)
+            for _ in iter_jsonl(source.file, scored_fields(source, fields), source.max_line_bytes):
+                pass
 
 
 def source_digest(source: DataSource) -> str:

@@ -99,7 +99,7 @@ def file_stats(path: Path) -> str:
     """A digest of the relative names, sizes and modification times of a file or a folder's files:
     it changes when a file is rewritten, truncated or added, at the cost of one stat per file."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    stats = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [(str(f.relative_to(path)), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
@@ -134,21 +134,34 @@ class Manifest:
         self.stats = {name: file_stats(self.path(name)) for name in self.outputs}
         if started is not None:
             self.seconds = time.perf_counter() - started
-        body = {k: v for k, v in asdict(self).items() if k != "folder"}
-        atomic_write_text(folder / MANIFEST, json.dumps(body, indent=2, sort_keys=True))
+        self._write_body()
         return self
+
+    def _write_body(self) -> None:
+        body = {k: v for k, v in asdict(self).items() if k != "folder"}
+        atomic_write_text(self.folder / MANIFEST, json.dumps(body, indent=2, sort_keys=True))
 
     def changed(self, full: bool = False) -> list[str]:
         """The outputs whose files are not what the manifest recorded: missing, or of another
         content digest. Only an output whose names, sizes or mtimes changed is digested again,
-        unless `full` (which also catches a rewrite that kept them)."""
-        changed = []
+        unless `full` (which also catches a rewrite that kept them). Outputs whose stats changed
+        but not their content (copied, downloaded, made before stats were kept) get their new
+        stats recorded, so the next check is cheap again."""
+        changed, restat = [], {}
         for name in self.outputs:
             path = self.path(name)
             if not path.exists():
                 changed.append(name)
-            elif (full or self.stats.get(name) != file_stats(path)) and digest(path) != self.digests.get(name):
-                changed.append(name)
+                continue
+            stats = file_stats(path)
+            if full or self.stats.get(name) != stats:
+                if digest(path) != self.digests.get(name):
+                    changed.append(name)
+                elif self.stats.get(name) != stats:
+                    restat[name] = stats
+        if restat and not changed:
+            self.stats |= restat
+            self._write_body()
         return changed
 
     @classmethod
@@ -158,8 +171,8 @@ class Manifest:
             manifest = cls(**json.loads(path.read_bytes()), folder=folder)
         except (ValueError, TypeError) as error:  # cut off, not JSON, not UTF-8, `{}`, unknown fields
             raise DamagedResult(f"{path} is damaged ({str(error).splitlines()[0][:120]})") from None
-        if not (isinstance(manifest.outputs, dict) and isinstance(manifest.digests, dict)):
-            raise DamagedResult(f"{path} is damaged (its outputs or digests are not a mapping)")
+        if not all(isinstance(m, dict) for m in (manifest.outputs, manifest.digests, manifest.stats)):
+            raise DamagedResult(f"{path} is damaged (its outputs, digests or stats are not a mapping)")
         return manifest
 
     @classmethod

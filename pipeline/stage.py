@@ -73,7 +73,7 @@ def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str,
     if command is None:
         exit_code = run_forked(f"stages.{stage}", out / REQUEST, env)
     else:
-        exit_code = subprocess.run(command, env=env).returncode
+        exit_code = run_launched(command, env)
     if exit_code != 0:
         reason = (out / ERROR).read_text().strip() if (out / ERROR).is_file() else ""
         launched = command is not None and "accelerate.commands.launch" in command
@@ -81,11 +81,29 @@ def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str,
         if (out / "traceback.txt").is_file():
             where = f"  full traceback: {out / 'traceback.txt'}{others}"
         else:  # killed before it could say why: no traceback was written
-            where = (f"  the process was killed{f' by {signal.Signals(-exit_code).name}' if exit_code < 0 else ''} "
-                     "before it recorded an error (out of memory? the kernel log says); run again to resume")
+            by = f" by {signal.Signals(-exit_code).name}" if exit_code < 0 else ""
+            where = (f"  the process was killed{by} before it recorded an error (out of memory? the kernel log "
+                     "says); run again to resume")
         raise StageError(f"stage '{stage}' failed (exit code {exit_code}): {reason or 'no error recorded'}\n{where}",
                          error_type=re.sub(r"^rank \d+ ", "", reason).split(":", 1)[0])
     return Manifest.read(out)
+
+
+def run_launched(command: list[str], env: dict[str, str]) -> int:
+    """Run a stage's command (`python -m`, or `accelerate launch` and its workers) in a process
+    group of its own: interrupted, the whole group is stopped, so no worker outlives the run."""
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        return process.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        raise
 
 
 def stage_command(stage: str, cfg: PipelineConfig, request: Path) -> list[str] | None:
@@ -105,7 +123,11 @@ def stage_command(stage: str, cfg: PipelineConfig, request: Path) -> list[str] |
             *port, *module]
 
 
-STOP_GRACE_S = 10.0  # after SIGTERM or SIGINT, how long the run may take to stop in order
+STOP_ADVICE = ("every finished stage is kept, and a training stage resumes from its last checkpoint: run the same "
+               "command again to go on")
+# After SIGTERM or SIGINT, how long the run may take to stop in order before its process is ended.
+# Set only by the command line, which owns the process; None: the caller handles the interrupt.
+stop_grace_s: float | None = None
 
 
 class Stopped(KeyboardInterrupt):
@@ -122,15 +144,18 @@ def stop_on_signals() -> Iterator[None]:
     process is stopped, the MLflow runs end KILLED, finished stages and checkpoints stay.
     Installed inside the flow, over Prefect's handler, which would only mark the flow Crashed. A
     signal sent to the process group also ends the temporary Prefect server, which Prefect's
-    clients would retry for minutes: after STOP_GRACE_S the process ends, whatever still waits."""
+    clients would retry for minutes: `stop_grace_s` later the process ends, whatever still waits."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         yield
         return
 
     def stop(signum: int, frame) -> None:
-        watchdog = threading.Timer(STOP_GRACE_S, exit_stopped, (signum,))
-        watchdog.daemon = True  # fires even while the interpreter's exit hangs on a lost server
-        watchdog.start()
+        for sig in previous:  # a second signal must not break off the cleanup the first one started
+            signal.signal(sig, signal.SIG_IGN)
+        if stop_grace_s is not None:
+            watchdog = threading.Timer(stop_grace_s, exit_stopped, (signum,))
+            watchdog.daemon = True  # fires even while the interpreter's exit hangs on a lost server
+            watchdog.start()
         raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -142,8 +167,7 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def exit_stopped(signum: int) -> None:
-    print(f"error: stopped by {signal.Signals(signum).name}: every finished stage is kept, and a training stage "
-          "resumes from its last checkpoint: run the same command again to go on", file=sys.stderr, flush=True)
+    print(f"error: {Stopped(signum)}: {STOP_ADVICE}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 

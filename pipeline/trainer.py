@@ -11,7 +11,6 @@ chunk of tokens at a time (`TokenLoss.chunked`), never from the full logits.
 from __future__ import annotations
 
 import dataclasses
-
 import inspect
 import warnings
 from typing import Any

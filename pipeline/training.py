@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOConfig, SFTConfig, SFTTrainer
 
 from pipeline.config import LoraConfig, LossConfig
@@ -61,13 +63,18 @@ def stage_callbacks(trainer_args: dict[str, Any]) -> list[TrainerCallback]:
 CHECKPOINT_SEAL = "posttrain-seal.json"  # a checkpoint's file digests, written after its files
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))
+
+
 class SealCheckpoints(TrainerCallback):
     """After the Trainer saved a checkpoint, writes the digests of its files into it, last and
     atomically, so that resume can tell a checkpoint damaged since it was saved."""
 
     def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()  # every process has written its part (RNG state, shards)
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKPOINT_SEAL)
             seal = {str(p.relative_to(folder)): digest(p) for p in files}
             atomic_write_text(folder / CHECKPOINT_SEAL, json.dumps(seal, indent=1))
@@ -77,8 +84,8 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why training cannot resume from a checkpoint, or None. The Trainer writes
     `trainer_state.json` after the weights, optimizer, scheduler and RNG state, and the seal
     comes after that: without a readable state it was cut off mid-save; with a seal, each file
-    must still be what was saved. (A checkpoint cut off between the state and the seal is
-    whole.)"""
+    must still be what was saved. (A checkpoint cut off between the state and the seal, or
+    made before seals existed, is trusted on its state alone.)"""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError):
@@ -95,17 +102,25 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint training can resume from. Newer ones that are cut off or damaged
-    are removed, saying why, so that neither resume nor the Trainer's checkpoint rotation trusts
-    them: a damaged newest checkpoint costs one checkpoint interval."""
-    for checkpoint in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+def drop_damaged_checkpoints(folder: Path) -> Path | None:
+    """Remove the newest checkpoints that are cut off or damaged, saying why, so that neither
+    resume nor the Trainer's checkpoint rotation trusts them; the newest whole one."""
+    for checkpoint in sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=checkpoint_step, reverse=True):
         if (problem := checkpoint_problem(checkpoint)) is None:
             return checkpoint
         print(f"checkpoint {checkpoint} removed: {problem}", flush=True)
-        # Every process of a launched stage looks here: another one may have removed it already.
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.rmtree(checkpoint)
     return None
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint training can resume from: a damaged newest one costs one checkpoint
+    interval. The first process decides; the others wait for it and take what it left."""
+    state = PartialState()
+    if state.is_main_process:
+        drop_damaged_checkpoints(folder)
+    state.wait_for_everyone()
+    return max(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=checkpoint_step, default=None)
 
 
 class DiskFull(OSError):
@@ -116,14 +131,26 @@ def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def weights_size(model: PreTrainedModel) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# How torch.save reports a full disk: RuntimeErrors without an errno.
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "unexpected pos", "file write failed")
+
+
 def is_disk_full(error: BaseException, folder: Path, needed: int) -> bool:
-    """ENOSPC anywhere in the chain, or less room left than a checkpoint takes (`needed`): torch.save
-    reports a full disk only as "unexpected pos ..." or "enforce fail" (RuntimeErrors without errno)."""
+    """ENOSPC anywhere in the chain (as an errno or in the message), or torch's writer failing
+    with less room left than a checkpoint takes (`needed`)."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
+        if os.strerror(errno.ENOSPC) in str(error):  # safetensors says it in words only
+            return True
+        if isinstance(error, RuntimeError) and any(s in str(error) for s in TORCH_WRITE_FAILURES):
+            return shutil.disk_usage(folder).free < needed
         error = error.__cause__ or error.__context__
-    return shutil.disk_usage(folder).free < needed
+    return False
 
 
 def train_sft(
@@ -245,7 +272,7 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     checkpoints = out / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
     if last is not None and trainer.is_world_process_zero():
-        print(f"resumed from step {last.name.split('-')[-1]} ({last})", flush=True)
+        print(f"resumed from step {checkpoint_step(last)} ({last})", flush=True)
     try:
         # Resuming restores the optimizer, scheduler and RNG state along with the weights.
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -259,12 +286,11 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     except Exception as error:
         if not trainer.is_world_process_zero():  # the first process judges the checkpoints and the disk
             raise
-        newest = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None  # drops a cut-off one
-        # Before the first checkpoint, its weights alone tell how much room one needs.
-        needed = folder_size(newest) if newest else sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-        if not is_disk_full(error, out, needed):
+        newest = drop_damaged_checkpoints(checkpoints) if checkpoints.is_dir() else None  # drops a cut-off one
+        # Before the first checkpoint, the weights alone tell how much room one needs.
+        if not is_disk_full(error, out, folder_size(newest) if newest else weights_size(trainer.model)):
             raise
-        resume = f"resumes from step {newest.name.split('-')[-1]} ({newest})" if newest else "starts over"
+        resume = f"resumes from step {checkpoint_step(newest)} ({newest})" if newest else "starts over"
         raise DiskFull(f"no space left on device in {out} at step {trainer.state.global_step} "
                        f"({shutil.disk_usage(out).free} bytes free): free space and run again; training {resume}") from error
     history = trainer.state.log_history
@@ -274,4 +300,4 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     curves = {f"final/{k}": float(v) for h in history if "loss" in h for k, v in h.items()
               if isinstance(v, int | float) and k not in ("step", "epoch")}
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
-    return metrics | curves | {"resumed_from_step": float(last.name.split("-")[-1]) if last else 0.0}
+    return metrics | curves | {"resumed_from_step": float(checkpoint_step(last)) if last else 0.0}

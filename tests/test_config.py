@@ -218,6 +218,9 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
     text = "name: x\nsft:\n  trainer: {max_steps: 5}\npairs:\n  n: 4\nsft:\n  loss: {name: dft}\n"
     with pytest.raises(ConfigError, match=r"key 'sft' is given twice \(lines 2 and 6\): keep one"):
         load_config(write(tmp_path, text))
+    merged = "name: x\ntrainer: &t {max_steps: 5}\nsft:\n  trainer:\n    <<: *t\n    learning_rate: 1.0e-4\n"
+    with pytest.raises(ConfigError, match=r"trainer: unknown key"):  # the anchor's holder, not the merge
+        load_config(write(tmp_path, merged))
 
 
 def test_a_config_that_is_not_utf8_is_refused(tmp_path):
@@ -235,14 +238,25 @@ def test_a_data_path_that_is_a_folder_is_named_so(tmp_path):
 
 @pytest.mark.parametrize("files, error", [
     ({}, "has no readable config.json: not a Hugging Face model folder"),
-    ({"config.json": '{"architectures": ["BertModel"]}', "model.safetensors": ""},
+    ({"config.json": "[]"}, "has no readable config.json"),
+    ({"config.json": '{"model_type": "bert", "architectures": ["BertModel"]}', "model.safetensors": ""},
      r"holds a BertModel, not a causal language model"),
-    ({"config.json": '{"architectures": ["LlamaForCausalLM"]}'}, r"has no weights"),
+    ({"config.json": '{"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}', "model.safetensors": ""},
+     r"holds a T5ForConditionalGeneration, not a causal language model"),
+    ({"config.json": '{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}', "training_args.bin": ""},
+     r"has no weights"),
+    ({"config.json": '{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}',
+      "model-00001-of-00002.safetensors": ""}, None),
+    ({"adapter_config.json": "{}", "adapter_model.safetensors": ""}, None),
 ])
 def test_a_model_folder_must_hold_a_causal_lm(tmp_path, files, error):
     model = tmp_path / "model"
     model.mkdir()
     for name, text in files.items():
         (model / name).write_text(text)
+    text = f"name: x\nmodel:\n  path: {model}\ndata: {{sft: {{hub: a/b}}, target_eval: {{hub: a/c}}, general_eval: {{hub: a/d}}}}\n"
+    if error is None:  # sharded weights, a PEFT adapter
+        assert load_config(write(tmp_path, text)).model.path == str(model)
+        return
     with pytest.raises(ConfigError, match=rf"model\.path: .*{error}"):
-        load_config(write(tmp_path, f"name: x\nmodel:\n  path: {model}\n"))
+        load_config(write(tmp_path, text))

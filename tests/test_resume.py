@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from pipeline.manifest import MANIFEST
-from pipeline.training import last_complete_checkpoint
+from pipeline.training import CHECKPOINT_SEAL, last_complete_checkpoint
 from tests.test_stages import TINY
 
 MAX_STEPS = 80
@@ -86,10 +86,10 @@ def test_sigterm_to_the_run_stops_it_within_15_s_and_it_resumes_after(tmp_path):
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not list((tmp_path / "results" / "sft").glob("*/checkpoints/checkpoint-20")):
+    seal = f"*/checkpoints/checkpoint-20/{CHECKPOINT_SEAL}"  # written last, once the checkpoint is whole
+    while time.time() < deadline and not list((tmp_path / "results" / "sft").glob(seal)):
         assert process.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.1)
-    time.sleep(0.5)  # the checkpoint's seal
     stopped = time.monotonic()
     os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
