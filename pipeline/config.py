@@ -139,6 +139,8 @@ class DataSource(Section):
     )
     verifier: Literal["exact", "math", "code"] = "exact"
     max_line_bytes: int = Field(1 << 20, gt=0, description="a longer line (row) is an error, not read into memory")
+    max_file_bytes: int | None = Field(None, gt=0, description="a larger file is an error before it is read; null: "
+                                       "no limit")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
@@ -149,6 +151,8 @@ class DataSource(Section):
             raise ValueError(f"{self.path} is a folder: give the JSONL file in it")
         if self.path is not None and not Path(self.path).is_file():
             raise ValueError(f"file not found: {self.path}")
+        if self.path is not None and self.max_file_bytes and (size := Path(self.path).stat().st_size) > self.max_file_bytes:
+            raise ValueError(f"{self.path} is {size} bytes, more than max_file_bytes ({self.max_file_bytes})")
         if self.suite is not None and self.verifier != "code":
             raise ValueError(f"suite {self.suite} holds code problems: set verifier: code")
         return self

@@ -230,10 +230,14 @@ def test_a_config_that_is_not_utf8_is_refused(tmp_path):
         load_config(path)
 
 
-def test_a_data_path_that_is_a_folder_is_named_so(tmp_path):
+def test_a_data_path_that_is_a_folder_or_too_large_is_named_so(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(ConfigError, match=r"data\.sft.*data is a folder: give the JSONL file in it"):
         load_config(write(tmp_path, f"name: x\ndata:\n  sft:\n    path: {tmp_path / 'data'}\n"))
+    (tmp_path / "data" / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' * 100)
+    text = f"name: x\ndata:\n  sft:\n    path: {tmp_path / 'data' / 'sft.jsonl'}\n    max_file_bytes: 1000\n"
+    with pytest.raises(ConfigError, match=r"data\.sft.*sft\.jsonl is 3500 bytes, more than max_file_bytes \(1000\)"):
+        load_config(write(tmp_path, text))
 
 
 @pytest.mark.parametrize("files, error", [
