@@ -130,11 +130,20 @@ def test_a_failing_stage_is_advice_without_traceback(world):
     bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
     broken = tmp / "broken.yaml"
     broken.write_text(config.read_text() + f"data:\n  sft:\n    path: {bad}\n")
+    run = posttrain("run", str(broken), "--stage", "sft")  # a bad row: found before any stage runs
+    assert run.returncode == 2
+    assert f"error: {bad}:2: missing fields" in run.stderr and "give every row one of these field sets" in run.stderr
+    assert "[demo_data]" not in run.stdout + run.stderr and "Traceback" not in run.stdout + run.stderr  # no stage ran
+    long = tmp / "long.jsonl"  # well-formed rows that only the trainer finds wrong: the stage fails
+    long.write_text('{"prompt": "12345678*2=", "completion": "2"}\n' * 4)
+    settings = yaml.safe_load(config.read_text())
+    settings["data"] = {"sft": {"path": str(long)}}
+    settings["sft"]["trainer"]["max_length"] = 8
+    broken.write_text(yaml.safe_dump(settings))
     run = posttrain("run", str(broken), "--stage", "sft")
     assert run.returncode == 2
-    assert f"error: stage 'sft' failed (exit code 1): DataError: {bad}:2: missing fields" in run.stderr
-    assert "give every row one of these field sets" in run.stderr and "full traceback: " in run.stderr
-    assert "Traceback" not in run.stdout + run.stderr
+    assert "error: stage 'sft' failed (exit code 1): DataError: 4 of 4 SFT rows have a prompt that fills" in run.stderr
+    assert "full traceback: " in run.stderr and "Traceback" not in run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("text, advice", [

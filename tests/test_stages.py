@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from flows.pipeline import pipeline_stages, pipeline_status, run_pipeline
 from pipeline import answer_entropy
 from pipeline.config import DemoConfig, SamplingConfig, parse_config
-from pipeline.data import read_jsonl, write_jsonl
+from pipeline.data import DataError, read_jsonl, write_jsonl
 from pipeline.demo import ASSISTANT, USER, build_model, build_tokenizer
 from pipeline.manifest import MANIFEST, DamagedResult, Manifest
 from pipeline.sampling import sample
@@ -253,7 +253,7 @@ def test_dpo_on_given_preference_data_skips_the_on_policy_stages(demo_run, tmp_p
         ("demo_data", True), ("pretrain", True), ("sft", True), ("dpo", False)]
     assert results[-1].manifest.inputs == {"model": first[3].manifest.key}
     given.write_text('{"prompt": "12*3=", "chosen": "63"}\n')
-    with pytest.raises(StageError, match=r"preference\.jsonl:1: missing fields: expected chosen/prompt/rejected"):
+    with pytest.raises(DataError, match=r"preference\.jsonl:1: missing fields: expected chosen/prompt/rejected"):
         run_pipeline(tiny_config(demo_tmp, data={"preference": {"path": str(given)}}), stage="dpo")
 
 
@@ -304,13 +304,19 @@ def test_sft_with_lora_saves_a_merged_model(demo_run):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
+def failing_sft(demo_tmp: Path, tmp_path: Path):
+    """A config whose SFT stage fails inside its process: rows well formed (the check before any
+    stage passes them), but whose prompts fill max_length, which only the trainer finds."""
+    long = tmp_path / "long.jsonl"
+    write_jsonl(long, [{"prompt": "12345678*2=", "completion": "2"}] * 4)
+    return tiny_config(demo_tmp, data={"sft": {"path": str(long)}}, sft={"trainer": {**TINY["sft"]["trainer"],
+                                                                                      "max_length": 8}})
+
+
 def test_failing_stage_reports_why_and_leaves_no_manifest(demo_run, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "1*2=", "completion": "2"}\n{"prompt": "oops"}\n')
     demo_tmp, _ = demo_run
-    cfg = tiny_config(demo_tmp, data={"sft": {"path": str(bad)}})
-    with pytest.raises(StageError, match=r"stage 'sft' failed.*bad\.jsonl:2: missing fields"):
-        run_pipeline(cfg, stage="sft")
+    with pytest.raises(StageError, match=r"stage 'sft' failed.*DataError: 4 of 4 SFT rows have a prompt that fills"):
+        run_pipeline(failing_sft(demo_tmp, tmp_path), stage="sft")
     failed = [p.parent for p in (demo_tmp / "results" / "sft").glob("*/error.txt")]
     assert failed and not any((f / MANIFEST).exists() for f in failed)
 
@@ -369,7 +375,7 @@ def test_failed_stage_run_ends_failed_in_mlflow(demo_run):
     stages = {r.data.tags.get("posttrain.stage") for r in failed}
     assert "sft" in stages  # from test_failing_stage_reports_why_and_leaves_no_manifest
     error = next(r for r in failed if r.data.tags.get("posttrain.stage") == "sft").data.tags["posttrain.error"]
-    assert "missing fields" in error
+    assert "fills max_length" in error
 
 
 def test_status_lists_done_stale_and_missing(demo_run, tmp_path):
