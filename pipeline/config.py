@@ -318,8 +318,8 @@ class EvaluateConfig(Section):
     )
     code_isolation: Literal["bubblewrap", "none"] = Field(
         "bubblewrap", description="bubblewrap: the code verifier's programs run in bwrap's namespaces, and a machine "
-        "without it is refused; none: without isolation, only resource limits (unsafe: the program can read and "
-        "write what you can)"
+        "without it is refused; none: in bwrap where it works, else with resource limits only (unsafe: the program "
+        "can then read and write what you can)"
     )
     code_timeout_s: float = Field(10.0, gt=0, description="wall-clock limit of one program and its tests")
 
