@@ -140,10 +140,10 @@ def prompt_and_answer(row: dict) -> dict:
 def check_data(cfg: PipelineConfig) -> None:
     """Read every local data set of the config, row by row, so that a bad row is an error before
     any stage runs (hub data sets are checked when their stage loads them)."""
-    sources = {"data.sft": (cfg.data.sft, SFT_FIELDS), "data.preference": (cfg.data.preference, PREFERENCE_FIELDS),
-               "pairs.prompts": (cfg.pairs.prompts, TRAIN_PROMPT_FIELDS)}
-    sources |= {f"data.{key}": (getattr(cfg.data, key), EVAL_FIELDS) for key in EVAL_SUITES.values()}
-    for source, fields in sources.values():
+    sources = [(cfg.data.sft, SFT_FIELDS), (cfg.data.preference, PREFERENCE_FIELDS),
+               (cfg.pairs.prompts, TRAIN_PROMPT_FIELDS)]
+    sources += [(getattr(cfg.data, key), EVAL_FIELDS) for key in EVAL_SUITES.values()]
+    for source, fields in sources:
         if source is not None and source.file is not None:
             for _ in iter_jsonl(source.file, scored_fields(source, fields), source.max_line_bytes):
                 pass

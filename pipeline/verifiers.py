@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.sandbox import require_isolation, run_untrusted
 
-HARNESS = Path(__file__).with_name("code_harness.py")
+HARNESS = Path(__file__).with_name("code_harness.py").read_text()  # the script each verdict runs, read once
 
 Verifier = Callable[[str, "str | dict"], bool]
 
@@ -105,7 +105,7 @@ def verify_code(completion: str, problem: dict, *, timeout_s: float = 10.0, isol
     that every test passed (pipeline/code_harness.py says why a program cannot forge that)."""
     nonce = secrets.token_hex(16)
     payload = {"nonce": nonce, "program": code_program(completion, problem), **problem}
-    result = run_untrusted(HARNESS.read_text(), stdin=json.dumps(payload).encode(), timeout_s=timeout_s,
+    result = run_untrusted(HARNESS, stdin=json.dumps(payload).encode(), timeout_s=timeout_s,
                            unsafe=isolation == "none")
     verdicts = [line.removeprefix(nonce + " ") for line in result.stdout.splitlines() if line.startswith(nonce)]
     return verdicts == ["passed"] and result.killed_reason is None
