@@ -329,6 +329,23 @@ def test_an_unprivileged_user_gets_the_same_isolation():
     for path in [home, *home.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     (home / "cheats.json").write_text(json.dumps([[c, DOUBLE] for c in EXIT_CHEATS] + COMPARISON_CHEATS))
+    # what only the namespaces stop: a world-writable host folder, a host port, SysV IPC left behind
+    shared = home / "shared"
+    shared.mkdir()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.3)
+    key = random.randrange(1 << 20, 1 << 30)
+    (home / "escape.py").write_text(
+        "import ctypes, socket\n"
+        "try:\n"
+        f"    open({str(shared / 'x')!r}, 'w').write('x')\n    print('WROTE')\n"
+        "except OSError:\n    print('blocked')\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=2)\n    print('CONNECTED')\n"
+        "except OSError:\n    print('blocked')\n"
+        f"print('shm', ctypes.CDLL(None).shmget({key}, ctypes.c_size_t(1 << 20), 0o1666) >= 0)\n")
     script = home / "unprivileged.py"
     script.write_text(
         f"import json, sys\nsys.path.insert(0, {str(home)!r})\n"
@@ -341,14 +358,24 @@ def test_an_unprivileged_user_gets_the_same_isolation():
         "                  'cheats': [verify(f'```python\\n{c}\\n```', p) for c, p in cheats],\n"
         "                  'forks': run_untrusted(bomb, max_processes=8).stdout.strip(),\n"
         "                  'procs': run_untrusted('import os; print(sum(p.isdigit() for p in os.listdir(\"/proc\")))')"
-        ".stdout.strip()}))\n"
+        ".stdout.strip(),\n"
+        f"                  'escape': run_untrusted(open({str(home / 'escape.py')!r}).read()).stdout}}))\n"
     )
-    script.chmod(0o644)
+    for path in [home, *home.rglob("*")]:
+        path.chmod(0o777 if path == shared else 0o755 if path.is_dir() else 0o644)
     uid = random.randrange(1_900_000_000, 1_990_000_000)
     result = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-I",
                              str(script)], capture_output=True, text=True, timeout=60, cwd="/")
+    try:
+        with pytest.raises(TimeoutError):
+            server.accept()
+    finally:
+        server.close()
+    written = (shared / "x").exists()
     shutil.rmtree(home)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
+    assert seen["escape"] == "blocked\nblocked\nshm True\n" and not written
+    assert key not in {int(line.split()[0]) for line in Path("/proc/sysvipc/shm").read_text().split("\n")[1:] if line.strip()}
     assert seen["pass"] and seen["cheats"] == [False] * (len(EXIT_CHEATS) + len(COMPARISON_CHEATS))
     assert 0 < int(seen["forks"]) < 8 and int(seen["procs"]) <= 3
