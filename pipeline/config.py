@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib.resources
 import json
 import types
@@ -310,6 +311,80 @@ class SamplingConfig(Section):
         return self.model_dump(exclude={"tensor_parallel_size", "data_parallel_size"})
 
 
+class LmEvalTask(Section):
+    """One entry of `evaluate.lm_eval.tasks`; a plain string is the `task` alone."""
+
+    task: str = Field(description="an lm-eval task, group or tag name (`lm-eval ls tasks`), or a task YAML file")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; null: the task's own (0 if it sets none)")
+    metric: str | None = Field(
+        None, description="the metric retention is taken of (e.g. acc, exact_match, prompt_level_strict_acc); null: "
+        "the first the task reports")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"task": value} if isinstance(value, str) else value
+
+
+# The project's own lm-eval tasks (over data.general_eval): pipeline/lm_eval_tasks/.
+SHIPPED_LM_EVAL_TASKS = Path(__file__).parent / "lm_eval_tasks"
+
+
+class LmEvalConfig(Section):
+    """EleutherAI's lm-evaluation-harness tasks, scored in every evaluate stage as part of the
+    general suite: metrics `general/lm_eval/<task>/<metric>`, retention per task and averaged."""
+
+    tasks: list[LmEvalTask] = Field(min_length=1, description="task names (or YAML files), each with its few-shot "
+                                    "setting; the project ships posttrain_general_exact (generate_until, exact match) "
+                                    "and posttrain_general_choice (multiple_choice, log-likelihood) over data.general_eval")
+    include_path: list[str] = Field(
+        default_factory=list, description="folders of custom task YAMLs (lm-eval's --include_path), for offline and "
+        "own tasks")
+    limit: int | float | None = Field(
+        None, gt=0, description="documents per task (a number, or a share below 1); null: all")
+    batch_size: int = Field(32, gt=0, description="requests per batch (the HF backend)")
+    apply_chat_template: bool = Field(False, description="prompts through the tokenizer's chat template, as "
+                                      "lm-eval's --apply_chat_template")
+
+    @field_validator("tasks")
+    @classmethod
+    def _each_task_once(cls, value: list[LmEvalTask]) -> list[LmEvalTask]:
+        names = [t.task for t in value]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"{', '.join(twice)} listed twice: list a task once")
+        return value
+
+    @field_validator("include_path")
+    @classmethod
+    def _folders(cls, value: list[str]) -> list[str]:
+        for folder in value:
+            if not Path(folder).expanduser().is_dir():
+                raise ValueError(f"no folder at {folder}: include_path lists folders of task YAMLs (a single YAML "
+                                 "file goes in `tasks`)")
+        return [str(Path(folder).expanduser()) for folder in value]
+
+    def folders(self) -> list[Path]:
+        """Where lm-eval looks for tasks besides its own: the project's, then the config's."""
+        return [SHIPPED_LM_EVAL_TASKS, *map(Path, self.include_path)]
+
+    def key_settings(self) -> dict[str, Any]:
+        """What decides the scores: the tasks and their settings, lm-eval's version (its own tasks'
+        definitions come with it) and the content of every local task folder or file."""
+        from importlib.metadata import version
+
+        # Names relative to their folder, so that a moved checkout keeps its keys. A task given as a
+        # file brings its folder's files (its includes and !function modules).
+        files = [(folder, f) for folder in self.folders() for f in folder.rglob("*")]
+        files += [(Path(t.task).parent, f) for t in self.tasks if t.task.endswith((".yaml", ".yml"))
+                  for f in Path(t.task).parent.glob("*")]
+        contents = hashlib.sha256()
+        for folder, file in sorted(files):
+            if file.is_file() and "__pycache__" not in file.parts:
+                contents.update(f"{file.relative_to(folder)}\0".encode() + file.read_bytes())
+        return {**self.model_dump(exclude={"batch_size"}), "version": version("lm_eval"),
+                "files": contents.hexdigest()}
+
+
 class EvaluateConfig(Section):
     ks: list[int] = Field(default_factory=lambda: [1], description="report Pass@K for these K")
     max_prompts: int | None = Field(None, gt=0, description="per suite; null takes all")
@@ -322,11 +397,15 @@ class EvaluateConfig(Section):
         "can then read and write what you can)"
     )
     code_timeout_s: float = Field(10.0, gt=0, description="wall-clock limit of one program and its tests")
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="lm-evaluation-harness tasks scored beside the Pass@K suites, as part of the general suite")
 
     def key_settings(self, code: bool) -> dict[str, Any]:
         """The settings that decide the scores, for stage keys: the code verifier's timeout only
-        where a suite is code (its isolation changes how, not what, it scores)."""
-        return self.model_dump(exclude={"code_isolation"} | (set() if code else {"code_timeout_s"}))
+        where a suite is code (its isolation changes how, not what, it scores); lm_eval only where
+        set, so that results made before it existed keep their keys."""
+        settings = self.model_dump(exclude={"code_isolation", "lm_eval"} | (set() if code else {"code_timeout_s"}))
+        return settings | ({"lm_eval": self.lm_eval.key_settings()} if self.lm_eval else {})
 
     def verifier_options(self) -> dict[str, Any]:
         """`get_verifier`'s options."""

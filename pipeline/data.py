@@ -16,6 +16,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
+from pipeline.lm_eval_suite import check_lm_eval
 from pipeline.manifest import atomic_write_text, digest
 
 SFT_FIELDS = [{"prompt", "completion"}, {"messages"}]
@@ -139,7 +140,8 @@ def prompt_and_answer(row: dict) -> dict:
 
 def check_data(cfg: PipelineConfig) -> None:
     """Read every local data set of the config, row by row, so that a bad row is an error before
-    any stage runs (hub data sets are checked when their stage loads them)."""
+    any stage runs (hub data sets are checked when their stage loads them); check the lm-eval
+    tasks' names and that their data can be read."""
     sources = [(cfg.data.sft, SFT_FIELDS), (cfg.data.preference, PREFERENCE_FIELDS),
                (cfg.pairs.prompts, TRAIN_PROMPT_FIELDS)]
     sources += [(getattr(cfg.data, key), EVAL_FIELDS) for key in EVAL_SUITES.values()]
@@ -147,6 +149,7 @@ def check_data(cfg: PipelineConfig) -> None:
         if source is not None and source.file is not None:
             for _ in iter_jsonl(source.file, scored_fields(source, fields), source.max_line_bytes):
                 pass
+    check_lm_eval(cfg)
 
 
 def source_digest(source: DataSource) -> str:

@@ -261,6 +261,19 @@ def run_entry(run: ArmRun, ks: list[int], selected: dict[str, dict]) -> dict:
             **{p: phase(stage) for p, stage in PHASES.items()}}
 
 
+LM_EVAL_RETENTION = "general/lm_eval/retention"  # the mean over the lm-eval tasks
+
+
+def lm_eval_retention_by_task(runs: list[ArmRun], stage: str, arms: list[str]) -> dict[str, dict[str, dict]]:
+    """Per arm, the general retention of each lm-eval task (and their mean) after `stage`, over
+    seeds; {} without lm-eval tasks."""
+    names = sorted({m for r in runs for m in r.manifests[stage].metrics
+                    if m.startswith("general/lm_eval/") and m.endswith("/retention")},
+                   key=lambda m: (m == LM_EVAL_RETENTION, m))  # the mean last
+    return {arm: {m: stats([r.manifests[stage].metrics[m] for r in runs if r.arm == arm]) for m in names}
+            for arm in arms} if names else {}
+
+
 def build_report(cfg: PipelineConfig, runs: list[ArmRun]) -> dict:
     """Every number of the report, from the runs' manifests and sample files. The summary,
     differences, curves, entropy and verdicts are at each arm's learning rate chosen on the
@@ -278,7 +291,7 @@ def build_report(cfg: PipelineConfig, runs: list[ArmRun]) -> dict:
         "selected": selected, "base": base_metrics(bases, ks),
         "runs": [run_entry(r, ks, selected) for r in runs],
         "summary": {}, "differences": {}, "curves": {}, "verdicts": {}, "frontier": {}, "matched": {},
-        "matched_levels": {},
+        "matched_levels": {}, "lm_eval": {},
     }
     edges = json.loads(bases[0].path("entropy").read_text())["edges"]
     report["entropy"] = {"edges": edges, "base": pooled_entropy(bases, edges)}
@@ -295,6 +308,7 @@ def build_report(cfg: PipelineConfig, runs: list[ArmRun]) -> dict:
             a: {m: paired_differences(chosen, a, compare.baseline, stage, m, compare.bootstrap) for m in compared_metrics(ks)}
             for a in compare.arms if a != compare.baseline}
         report["verdicts"][phase] = {a: verdict(d, ks) for a, d in report["differences"][phase].items()}
+        report["lm_eval"][phase] = lm_eval_retention_by_task(chosen, stage, list(compare.arms))
         every_rate = {a: [r for r in runs if r.arm == a] for a in compare.arms}
         report["frontier"][phase] = {a: frontier(arm_runs, stage, by_seed) for a, arm_runs in every_rate.items()}
         levels = matched_levels(report["frontier"][phase], compare.matched_target, compare.baseline)
@@ -392,6 +406,27 @@ def matched_lines(report: dict) -> list[str]:
     return lines
 
 
+def lm_eval_lines(report: dict) -> list[str]:
+    """The general retention per lm-eval task, per phase and arm; none without lm-eval tasks."""
+    phases = [p for p in report["phases"] if report["lm_eval"].get(p)]
+    if not phases:
+        return []
+    names = list(next(iter(report["lm_eval"][phases[0]].values())))
+    titles = ["mean over tasks" if m == LM_EVAL_RETENTION else m.removeprefix("general/lm_eval/").removesuffix("/retention")
+              for m in names]
+    lines = ["", "## General retention per lm-eval task", "",
+             "Each lm-eval task's score after training over the base model's (its primary metric: "
+             "`evaluate.lm_eval.tasks[].metric`, else the first it reports), mean over seeds ± the half-width of the "
+             "95% t-interval, at each arm's chosen learning rate.", "",
+             "| phase | arm | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(titles)]
+    for phase in phases:
+        for arm, values in report["lm_eval"][phase].items():
+            lines.append(f"| {PHASE_TITLES[phase]} | `{arm}` | "
+                         + " | ".join(interval(values[m]) if values[m]["low"] is not None else
+                                      f"{values[m]['mean']:.3f}" for m in names) + " |")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     ks, baseline = report["ks"], report["baseline"]
     seeds, base_seeds = report["seeds"], report["base_seeds"]
@@ -433,7 +468,7 @@ def render_markdown(report: dict) -> str:
             for metric, d in diffs.items():
                 lines.append(f"| {PHASE_TITLES[phase]} | `{arm}` | {metric_title(metric)} | {d['diff']:+.3f} | "
                              f"[{d['low']:+.3f}, {d['high']:+.3f}] | {d['p']:.3f} |")
-    lines += frontier_lines(report) + matched_lines(report)
+    lines += frontier_lines(report) + matched_lines(report) + lm_eval_lines(report)
     lines += ["", "## Plots", "",
               f"![Target Pass@K against K, per arm and phase]({PLOTS['pass_at_k']})", "",
               f"![Target Pass@1 gain against general retention]({PLOTS['gain_vs_retention']})", "",

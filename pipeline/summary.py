@@ -12,13 +12,15 @@ from mlflow.tracking import MlflowClient
 from rich.markup import escape
 from rich.table import Column, Table
 
+from pipeline.lm_eval_suite import headline_metrics as lm_eval_headline
+
 # Per stage (by module), the metrics worth a glance and their short names; the rest is in MLflow.
 HEADLINE = {
     "pretrain": {"train_loss": "loss"},
     "sft": {"train_loss": "loss", "final/kl": "KL"},
     "dpo": {"train_loss": "loss", "final/rewards/accuracies": "reward acc"},
     "evaluate": {"target/pass_at_1": "target pass@1", "general/pass_at_1": "general pass@1",
-                 "general/retention": "retention"},
+                 "general/retention": "retention", "general/lm_eval/retention": "lm-eval retention"},
     "pairs": {"pairs/pairs": "pairs", "pairs/train_pass_at_1": "train pass@1"},
     "reference": {"tail_mass": "tail mass"},
 }
@@ -57,8 +59,10 @@ def run_summary(results: Iterable) -> Table:
 
 
 def evaluation_table(evaluations: list) -> Table:
-    """Every Pass@K and retention metric, one column per evaluation (StageResult) of the run."""
-    names = sorted({k for r in evaluations for k in r.manifest.metrics if "pass_at" in k or "retention" in k})
+    """Every Pass@K and retention metric, and each lm-eval task's score, one column per
+    evaluation (StageResult) of the run."""
+    names = sorted({k for r in evaluations for k in r.manifest.metrics if "pass_at" in k or "retention" in k}
+                   | {k for r in evaluations for k in lm_eval_headline(r.manifest)})
     table = Table("metric", *(r.name for r in evaluations), title="evaluations")
     for name in names:
         values = [r.manifest.metrics.get(name) for r in evaluations]

@@ -185,11 +185,10 @@ class Tracker:
         if cached:  # the result was made by an earlier run: link it
             tags |= {"posttrain.cached": "true", "posttrain.produced_by_run": manifest.run_id or "unknown"}
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in manifest.metrics.items()],
-            tags=[RunTag(k, v) for k, v in tags.items()],
-        )
+        metrics = [Metric(k, float(v), now, 0) for k, v in manifest.metrics.items()]
+        self.client.log_batch(run_id, metrics=metrics[:1000], tags=[RunTag(k, v) for k, v in tags.items()])
+        for start in range(1000, len(metrics), 1000):  # MLflow takes 1,000 metrics a batch (lm-eval groups have more)
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
         self.client.log_artifact(run_id, str(manifest.folder / MANIFEST))
         for name in manifest.outputs:  # samples, training logs, plots; models stay where they are
             if manifest.path(name).is_file():

@@ -3,7 +3,8 @@
 `val_general`): Pass@K per suite, per-task Pass@1, diversity, the retention of the general
 score against the base model's evaluation, and, at the reference answers' tokens of the test
 suites, the model's entropy (its histogram, `entropy.json`, and mean) and the share of tokens
-it is confidently wrong at (`confident_wrong`: the "confident conflicts")."""
+it is confidently wrong at (`confident_wrong`: the "confident conflicts"); and the lm-eval tasks of
+`evaluate.lm_eval`, with their retention, as part of the general suite."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from pipeline.answer_entropy import answer_entropy_histograms
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
 from pipeline.data import EVAL_FIELDS, load_rows, reference, scored_fields, write_jsonl
+from pipeline.lm_eval_suite import lm_eval_retention, run_lm_eval
 from pipeline.manifest import Manifest, atomic_write_text
 from pipeline.metrics import pass_at_k_table, sample_counts
 from pipeline.plots import entropy_histogram
@@ -82,11 +84,17 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     outputs |= {"entropy": "entropy.json", "entropy_plot": "entropy.png"}
     for suite, h in entropy["suites"].items():
         metrics |= {f"{suite}/answer_entropy": h["mean"], f"{suite}/confident_wrong": h["confident_wrong"]}
+    if cfg.evaluate.lm_eval is not None:
+        scores, lm_eval = run_lm_eval(model, cfg.model.tokenizer, cfg, out)
+        metrics |= scores
+        outputs |= {"lm_eval": "lm_eval.json", "lm_eval_samples": "lm_eval_samples.jsonl.gz"}
     if baseline is not None:
         before = Manifest.read(baseline).metrics
         for general in (s for s in suites if s.endswith("general")):
             base = before[f"{general}/pass_at_1"]
             metrics[f"{general}/retention"] = metrics[f"{general}/pass_at_1"] / base if base > 0 else float("nan")
+        if cfg.evaluate.lm_eval is not None:
+            metrics |= lm_eval_retention(lm_eval, metrics, before)
     return Manifest("evaluate", out.name, outputs, metrics=metrics)
 
 

@@ -58,3 +58,24 @@ def test_a_second_run_on_the_same_results_folder_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_hub_only_lm_eval_tasks_fail_validate_and_run_offline_before_any_stage(tmp_path, monkeypatch):
+    from datasets import config
+    from huggingface_hub import constants
+
+    from pipeline import lm_eval_suite
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and empty caches: the hub's data sets are nowhere
+    monkeypatch.setattr(lm_eval_suite, "_REACHABLE", None)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    path = tmp_path / "hub.yaml"
+    path.write_text(f"name: x\nresults_dir: {tmp_path / 'results'}\nevaluate:\n  lm_eval:\n    tasks:\n"
+                    "      - posttrain_general_exact\n      - {task: gsm8k, num_fewshot: 5}\n")
+    for command in ("validate", "run"):
+        result = runner.invoke(app, [command, str(path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert "evaluate.lm_eval.tasks[1] (gsm8k) needs the hub data set openai/gsm8k (main)" in result.output
+        assert "posttrain_general_exact" not in result.output  # the project's own task reads local data
+    assert not (tmp_path / "results" / "demo_data").exists()  # refused before any stage

@@ -15,8 +15,8 @@ from pipeline.config import ConfigError, parse_config
 from pipeline.data import write_jsonl
 from pipeline.manifest import Manifest
 from pipeline.metrics import mean_interval, paired_bootstrap, pass_at_k_table, sample_counts
-from pipeline.report import (ArmRun, build_report, matched_levels, matched_retention, pareto, retention_at, select_learning_rates,
-                             verdict, write_report)
+from pipeline.report import (ArmRun, build_report, interval, matched_levels, matched_retention, pareto, render_markdown,
+                             retention_at, select_learning_rates, verdict, write_report)
 from tests.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,6 +329,33 @@ def test_report_on_synthetic_runs_has_the_sweep_sections(tmp_path):
     assert "frontier.png" in text and files["report.html"].read_text().count('src="data:image/png;base64,') == 5
     for png in ("frontier.png", "pass_at_k.png", "gain_vs_retention.png", "loss_curves.png", "entropy_histograms.png"):
         assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_has_a_per_task_retention_table_where_the_suite_has_lm_eval_tasks(tmp_path):
+    runs = fake_runs(tmp_path)
+    cfg = synthetic_config()
+    assert "lm-eval" not in render_markdown(build_report(cfg, runs))  # no lm-eval tasks: no table
+    rng = np.random.default_rng(1)
+    for r in runs:
+        for stage in ("evaluate_sft", "evaluate_dpo"):
+            tasks = {"mmlu": rng.uniform(0.6, 1.0), "ifeval": rng.uniform(0.6, 1.0)}
+            r.manifests[stage].metrics |= {f"general/lm_eval/{t}/retention": v for t, v in tasks.items()}
+            r.manifests[stage].metrics["general/lm_eval/retention"] = sum(tasks.values()) / 2
+    report = build_report(cfg, runs)
+    chosen = [r for r in runs if r.learning_rate == report["selected"][r.arm]["learning_rate"]]
+    for phase, stage in (("sft", "evaluate_sft"), ("dpo", "evaluate_dpo")):
+        table = report["lm_eval"][phase]
+        assert list(table["eaft"]) == ["general/lm_eval/ifeval/retention", "general/lm_eval/mmlu/retention",
+                                       "general/lm_eval/retention"]  # the mean last
+        for arm in ("ce", "eaft"):
+            for metric, value in table[arm].items():
+                assert value["mean"] == pytest.approx(np.mean([r.manifests[stage].metrics[metric] for r in chosen
+                                                               if r.arm == arm]))
+    text = render_markdown(report)
+    assert "## General retention per lm-eval task" in text
+    assert "| phase | arm | ifeval | mmlu | mean over tasks |" in text
+    mmlu = report["lm_eval"]["dpo"]["eaft"]["general/lm_eval/mmlu/retention"]
+    assert f"| after SFT + DPO | `eaft` | " in text and interval(mmlu) in text
 
 
 def test_report_with_one_learning_rate_and_one_base_model(tmp_path):

