@@ -127,8 +127,8 @@ class PipelineRun:
 
     def run_stage(self, name: str, module: str, cfg: PipelineConfig, settings: Any, upstream: dict[str, Manifest],
                   inputs: dict[str, str], datasets: dict[str, DataSource], **paths: Path) -> Manifest:
-        """Run one stage in its own process, or reuse its result if its key matches; either way
-        it gets a child run in MLflow."""
+        """Run one stage in its own process, in a child run in MLflow, or reuse its result if its
+        key matches: the pipeline's run then links the run that made it."""
         start = time.perf_counter()
         inputs = {k: m.key for k, m in upstream.items()} | inputs
         key = stage_key(module, settings, inputs)
@@ -142,7 +142,8 @@ class PipelineRun:
             if manifest is not None:
                 print(f"[{name}] downloaded: {store.uri(module, key)}", flush=True)
         cached = manifest is not None
-        run_id = self.tracker.start_stage(name, key, inputs, upstream)
+        producer = self.tracker.reuse(name, manifest, settings) if cached else None  # None: not in this store
+        run_id = producer or self.tracker.start_stage(name, key, inputs, upstream, settings)
         try:
             if cached:
                 print(f"[{name}] cached: {out} (made by MLflow run {manifest.run_id or 'unknown'})", flush=True)
@@ -156,13 +157,16 @@ class PipelineRun:
             if store is not None:  # a cached result too, if an earlier upload of it was cut off
                 if store.upload(out, replace=name in self.force):
                     print(f"[{name}] uploaded: {store.uri(module, key)}", flush=True)
-                self.tracker.client.set_tag(run_id, "posttrain.store", store.uri(module, key))
+                if producer is None:
+                    self.tracker.client.set_tag(run_id, "posttrain.store", store.uri(module, key))
         except BaseException as error:
-            self.tracker.fail_stage(run_id, error)
+            if producer is None:
+                self.tracker.fail_stage(run_id, error)
             raise
         used = [dataset_input(source, self.digest_of(source), context) for context, source in datasets.items()]
         try:
-            self.tracker.finish_stage(run_id, manifest, used, cached)
+            if producer is None:
+                self.tracker.finish_stage(run_id, manifest, used, cached, paths.get("model"))
         except MlflowException as error:
             raise TrackingUnavailable(
                 f"stage '{name}' is done and its result kept in {out}, but the MLflow store {self.tracker.uri} "
@@ -354,6 +358,8 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
         try:
             for name in [stage] if stage else stages:
                 getattr(run, name)
+            if stage is None and (version := tracker.register_final_model()):
+                print(f"[registry] {cfg.tracking.registered_model} version {version}: the final model", flush=True)
         except BaseException as error:
             tracker.finish(error)
             raise

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.console import Console, RenderableType
 
 # Prefect's temporary server would try to send usage data: with no internet it logs an error.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -80,7 +79,7 @@ def _quiet_prefect_tracebacks(debug: bool) -> None:
             handler.setFormatter(_RunErrorsWithoutTraceback(handler.formatter) if not debug else handler.formatter.inner)
 
 
-def _print(table: Table) -> None:
+def _print(table: RenderableType) -> None:
     """Rich wraps to 80 columns when the output is not a terminal (a CI log, a pipe): wider there."""
     console = Console()
     if not console.is_terminal:
@@ -201,6 +200,37 @@ def ui(config: Path = CONFIG, port: int = typer.Option(None, help="the port to s
     typer.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(port)],
                    env=os.environ.copy())
+
+
+@app.command()
+def lineage(
+    run_or_model: str = typer.Argument(..., help="a stage run's id, or a LoggedModel's (m-...)"),
+    config: Path = typer.Argument(None, help="a pipeline's YAML file, for its MLflow store; default: "
+                                             "MLFLOW_TRACKING_URI, else results/mlflow.db"),
+) -> None:
+    """What a model or a stage run came from: the runs, models and data sets back to the start,
+    with their keys, digests and links."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import parse_config
+    from pipeline.summary import lineage_tree
+    from pipeline.tracking import TrackingUnavailable, check_reachable, run_link, tracking_uri
+
+    cfg = _load(config) if config else parse_config({"name": "lineage"})
+    uri = tracking_uri(cfg)
+    try:
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        tree = lineage_tree(client, run_or_model, lambda run_id: run_link(
+            uri, experiment.experiment_id if experiment else "0", run_id, cfg.tracking.ui_port))
+    except TrackingUnavailable as error:
+        _fail(error, debug=False)
+    except MlflowException as error:
+        typer.echo(f"error: {run_or_model} is not a run or a model in {uri}: {error.message.splitlines()[0]}", err=True)
+        raise typer.Exit(2) from None
+    _print(tree)
 
 
 @app.command()

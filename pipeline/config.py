@@ -417,6 +417,14 @@ class TrackingConfig(Section):
     experiment: str = "posttrain"
     ui_port: int = Field(5000, gt=0, lt=65536, description="where `posttrain ui` serves a local store, and the "
                                                           "summaries' links to it point")
+    log_models: Literal["reference", "copy"] = Field(
+        "reference", description="each model a stage makes (and the base model) is an MLflow LoggedModel, an output "
+        "of its stage's run and an input of the runs that read it; reference: its folder's path and digest as tags, "
+        "the weights stay in results_dir; copy: its files also as the LoggedModel's artifacts (the demo's few MB; a "
+        "real model's GBs go to the artifact store)")
+    registered_model: str | None = Field(
+        None, description="register the pipeline's final model (DPO's) in MLflow's model registry under this name: a "
+        "new version per `posttrain run` of the whole pipeline, linked to the run that made the model")
 
 
 class LaunchConfig(Section):

@@ -35,6 +35,7 @@ from pipeline.manifest import Manifest, atomic_write_text
 
 REQUEST = "request.json"
 ERROR = "error.txt"
+SYSTEM_METRICS_STAGES = {"pretrain", "sft", "dpo", "reference", "evaluate", "sample"}  # those that run a model
 # The stages that train: with `launch.num_processes` > 1 they start through `accelerate launch`.
 LAUNCHED_STAGES = ("pretrain", "sft", "dpo")
 
@@ -292,6 +293,14 @@ def run_request(run: Callable[..., Manifest], request_file: Path) -> None:
     out = Path(request["out"])
     run_id = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow's end_run() unsets it
     rank, processes = process_rank()
+    monitor = None
+    if run_id and rank == 0 and run.__module__.rpartition(".")[2] in SYSTEM_METRICS_STAGES:
+        # MLflow's own system metrics (CPU, memory, disk, network, GPU), every
+        # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default), into the stage's run.
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id)
+        monitor.start()
     try:
         cfg = PipelineConfig.model_validate(request["config"])
         start = time.perf_counter()
@@ -313,3 +322,6 @@ def run_request(run: Callable[..., Manifest], request_file: Path) -> None:
             first.write(f"{where}{type(error).__name__}: {error}\n")
         print(f"error: {where}{error}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if monitor is not None:
+            monitor.finish()

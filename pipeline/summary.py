@@ -11,6 +11,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from rich.markup import escape
 from rich.table import Column, Table
+from rich.tree import Tree
 
 from pipeline.lm_eval_suite import headline_metrics as lm_eval_headline
 
@@ -103,6 +104,15 @@ def recent_pipeline_runs(client: MlflowClient, experiment_id: str, limit: int) -
     by_parent: dict[str, dict[str, Run]] = defaultdict(dict)
     for stage in stages:
         by_parent[stage.data.tags.get("mlflow.parentRunId")][stage.data.tags.get("posttrain.stage")] = stage
+    # A reused stage has no run under the pipeline's: its tag names the run that made the result.
+    reused = {p.info.run_id: {k.removeprefix("posttrain.reused."): v for k, v in p.data.tags.items()
+                              if k.startswith("posttrain.reused.")} for p in pipelines}
+    wanted = sorted({run_id for links in reused.values() for run_id in links.values()})
+    producers = {r.info.run_id: r for start in range(0, len(wanted), 100) for r in client.search_runs(
+        [experiment_id], "attributes.run_id IN (" + ", ".join(f"'{i}'" for i in wanted[start:start + 100]) + ")",
+        max_results=100)}
+    for parent, links in reused.items():
+        by_parent[parent] |= {stage: producers[run_id] for stage, run_id in links.items() if run_id in producers}
     return [PipelineRunRow(p, by_parent[p.info.run_id]) for p in pipelines]
 
 
@@ -125,3 +135,45 @@ def runs_table(rows: list[PipelineRunRow], link) -> Table:
                       duration(seconds), values(row, ("evaluate_base", "evaluate_sft", "evaluate_dpo"), "target/pass_at_1"),
                       values(row, ("evaluate_sft", "evaluate_dpo"), "general/retention"), escape(link(info.run_id)))
     return table
+
+
+def lineage_tree(client: MlflowClient, start: str, link) -> Tree:
+    """`posttrain lineage`: what a model (a LoggedModel id, `m-...`) or a stage run came from, as
+    a tree: each run with its stage, key and link, the model it made, the data sets it read, and,
+    recursively, the runs that made the models and the other results it read (DPO's pairs)."""
+    if start.startswith("m-"):
+        model = client.get_logged_model(start)
+        tree = Tree(f"model {model.name} {model.model_id}")
+        if model.source_run_id:
+            add_run(client, tree, model.source_run_id, link, set())
+        return tree
+    tree = Tree(f"run {start}")
+    add_run(client, tree, start, link, set())
+    return tree
+
+
+def add_run(client: MlflowClient, node: Tree, run_id: str, link, seen: set[str]) -> None:
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    branch = node.add(f"[bold]{escape(tags.get('posttrain.stage', run.info.run_name))}[/]  key "
+                      f"{tags.get('posttrain.key', '?')}  {escape(link(run_id))}")
+    if run_id in seen:
+        branch.add("(shown above)")
+        return
+    seen.add(run_id)
+    for output in run.outputs.model_outputs if run.outputs else []:
+        model = client.get_logged_model(output.model_id)
+        digest = tags.get("posttrain.output_digest.model", "")[:16]
+        branch.add(f"made model {model.name} {model.model_id}" + (f"  digest {digest}" if digest else ""))
+    for dataset in run.inputs.dataset_inputs:
+        branch.add(f"read data {escape(dataset.dataset.name)}  digest {dataset.dataset.digest}")
+    models = run.inputs.model_inputs or []
+    for read in models:
+        model = client.get_logged_model(read.model_id)
+        below = branch.add(f"read model {model.name} {model.model_id}  {escape(model.tags.get('posttrain.path', ''))}")
+        if model.source_run_id:
+            add_run(client, below, model.source_run_id, link, seen)
+    # The other results it read (the model's own run is reached through the model above).
+    for key, upstream in sorted(tags.items()):
+        if key.startswith("posttrain.input_run.") and not (models and key == "posttrain.input_run.model"):
+            add_run(client, branch, upstream, link, seen)

@@ -3,7 +3,9 @@ for `posttrain compare`, one run above the pipelines of all its arms and seeds).
 
 A stage's run carries tags with its key, its inputs' keys and the runs that produced them,
 and its outputs' paths and digests, and logs the data sets it read with `log_inputs`, so the
-MLflow UI links a model back to the model and data it came from. The stage process logs into
+MLflow UI links a model back to the model and data it came from. Models are LoggedModels: the
+output of the run that made them, inputs of the runs that read them, with the evaluations'
+metrics logged against them. A reused result adds no run: the pipeline's run links its maker. The stage process logs into
 its run through the standard `MLFLOW_TRACKING_URI` / `MLFLOW_RUN_ID` variables (the trainers'
 MLflow callback does so by itself); the parent logs the manifest once the stage is done.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from urllib.parse import urlsplit, urlunsplit
@@ -26,13 +29,19 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import (DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput, LoggedModelStatus, Metric,
+                             Param, RunStatus, RunTag)
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import DataSource, PipelineConfig
 from pipeline.manifest import MANIFEST, Manifest
 
 MAX_PARAM_LENGTH = 250  # MLflow refuses longer parameter values
+# The LoggedModel a model-making stage's output is, by stage: the demo's pretrained model is the base.
+MODEL_NAMES = {"pretrain": "base", "sft": "sft", "dpo": "dpo"}
+# An evaluation's metrics that its pipeline's run carries too (`<stage>/<metric>`), so that two
+# pipeline runs compare column by column in the MLflow UI.
+PIPELINE_METRICS = re.compile(r"(target|general)/pass_at_\d+|general/(lm_eval/)?retention")
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -62,6 +71,12 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(data, dict):
         return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): json.dumps(data, default=str)[:MAX_PARAM_LENGTH]}
+
+
+def pipeline_run_name(cfg: PipelineConfig, tags: dict[str, str] | None) -> str:
+    """`<name>/<sft loss>/seed<seed>`, so that runs of one config tell apart in the UI; a compare
+    arm's name says its loss, learning rate and seed already."""
+    return cfg.name if tags and "posttrain.arm" in tags else f"{cfg.name}/{cfg.sft.loss.name}/seed{cfg.seed}"
 
 
 def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput:
@@ -134,13 +149,19 @@ class Tracker:
         self.results_dir = str(cfg.results_dir.resolve())
         if parent_id is None:  # the outermost run: any other RUNNING run on this folder was lost
             self.end_lost_runs()
+        self.log_models, self.registered_model = cfg.tracking.log_models, cfg.tracking.registered_model
+        self.models: dict[str, str] = {}  # result key -> the id of its LoggedModel
+        self.stages: dict[str, tuple] = {}  # stage run id -> its name, key settings, upstream results, inputs
+        self.final_model: tuple[str, str] | None = None  # the last model made: LoggedModel id, its stage run
+        name = pipeline_run_name(cfg, tags) if kind == "pipeline" else cfg.name
         tags = {"posttrain.kind": kind, "posttrain.results_dir": self.results_dir, **(tags or {})}
         if parent_id is not None:
             tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.parent_id = run.info.run_id
         config = cfg.model_dump(mode="json")
-        self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in flatten(config).items()])
+        params = flatten(config) | flatten(cfg.sft.loss.resolved(), "sft.loss.")  # every loss parameter, defaults too
+        self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in params.items()])
         self.client.log_text(self.parent_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
 
     def link(self, run_id: str) -> str:
@@ -166,7 +187,9 @@ class Tracker:
         return {k: os.environ.get(k, v) for k, v in quick.items()} | {"MLFLOW_TRACKING_URI": self.uri,
                                                                        "MLFLOW_RUN_ID": run_id}
 
-    def start_stage(self, name: str, key: str, inputs: dict[str, str], upstream: dict[str, Manifest]) -> str:
+    def start_stage(self, name: str, key: str, inputs: dict[str, str], upstream: dict[str, Manifest],
+                    settings: dict[str, Any]) -> str:
+        """A run for the stage, with its key settings as parameters (`settings.sft.loss.name`, ...)."""
         tags = {
             "mlflow.parentRunId": self.parent_id,
             "posttrain.kind": "stage",
@@ -176,16 +199,38 @@ class Tracker:
             **{f"posttrain.input.{k}": v for k, v in inputs.items()},
             **{f"posttrain.input_run.{k}": m.run_id for k, m in upstream.items() if m.run_id},
         }
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        params = flatten(settings, "settings.")
+        for start in range(0, len(params), 100):  # MLflow takes 100 parameters a batch
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in list(params.items())[start:start + 100]])
+        self.stages[run_id] = (name, settings, upstream, inputs)
+        return run_id
 
-    def finish_stage(self, run_id: str, manifest: Manifest, datasets: list[DatasetInput], cached: bool) -> None:
-        """Log the manifest (metrics, outputs, data sets read) into the stage's run and end it."""
+    def finish_stage(self, run_id: str, manifest: Manifest, datasets: list[DatasetInput], cached: bool,
+                     model_read: Path | None = None) -> None:
+        """Log the manifest (metrics, outputs, data sets read) into the stage's run and end it.
+        The model it read (`model_read`) is an input of the run, the model it made an output, both
+        LoggedModels; an evaluation's metrics are linked to the model it measured."""
+        name, settings, upstream, inputs = self.stages.pop(run_id)
         tags = {f"posttrain.output.{n}": str(manifest.path(n)) for n in manifest.outputs}
         tags |= {f"posttrain.output_digest.{n}": d for n, d in manifest.digests.items()}
         if cached:  # the result was made by an earlier run: link it
             tags |= {"posttrain.cached": "true", "posttrain.produced_by_run": manifest.run_id or "unknown"}
+        read = None
+        if model_read is not None:
+            source = upstream.get("model")
+            read = self.models[source.key] if source is not None else \
+                self.logged_model("base", inputs["model"], model_read, None, {})  # a model the config names
+            self.client.log_inputs(run_id, models=[LoggedModelInput(read)])
+        if "model" in manifest.outputs:
+            made = self.logged_model(MODEL_NAMES.get(manifest.stage, manifest.stage), manifest.key,
+                                     manifest.path("model"), run_id, settings)
+            self.client.log_outputs(run_id, [LoggedModelOutput(made, 0)])
+            self.final_model = made, run_id
+        measured = read if manifest.stage == "evaluate" else None
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in manifest.metrics.items()]
+        metrics = [Metric(k, float(v), now, 0, model_id=measured) for k, v in manifest.metrics.items()]
+        self.log_pipeline_metrics(name, manifest)
         self.client.log_batch(run_id, metrics=metrics[:1000], tags=[RunTag(k, v) for k, v in tags.items()])
         for start in range(1000, len(metrics), 1000):  # MLflow takes 1,000 metrics a batch (lm-eval groups have more)
             self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
@@ -197,7 +242,77 @@ class Tracker:
             self.client.log_inputs(run_id, datasets)
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
+    def reuse(self, name: str, manifest: Manifest, settings: dict[str, Any]) -> str | None:
+        """A reused result adds no run: the pipeline's run is tagged with the run that made it
+        (`posttrain.reused.<stage>`), whose history and model it links, and carries its headline
+        metrics. That run's id; None where this store does not have it finished (a result made
+        elsewhere, or one whose logging the store's failure cut off), which then gets a run of its
+        own that logs it."""
+        try:
+            made_by = self.client.get_run(manifest.run_id) if manifest.run_id else None
+        except MlflowException:
+            made_by = None
+        if made_by is None or made_by.info.status != RunStatus.to_string(RunStatus.FINISHED):
+            return None
+        producer = made_by.info.run_id
+        self.client.set_tag(self.parent_id, f"posttrain.reused.{name}", producer)
+        if "model" in manifest.outputs:  # also for results made before models were logged
+            made = self.logged_model(MODEL_NAMES.get(manifest.stage, manifest.stage), manifest.key,
+                                     manifest.path("model"), producer, settings)
+            self.final_model = made, producer
+        self.log_pipeline_metrics(name, manifest)
+        return producer
+
+    def log_pipeline_metrics(self, name: str, manifest: Manifest) -> None:
+        """An evaluation's headline metrics on the pipeline's run, as `<stage>/<metric>`."""
+        if manifest.stage == "evaluate":
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent_id, metrics=[Metric(f"{name}/{k}", float(v), now, 0)
+                                                           for k, v in manifest.metrics.items()
+                                                           if PIPELINE_METRICS.fullmatch(k)])
+
+    def logged_model(self, name: str, key: str, folder: Path, source_run: str | None, settings: dict[str, Any]) -> str:
+        """The id of the LoggedModel of the model made under `key` (a stage result's key, or a given
+        model's digest): the one an earlier run logged, else a new one, with the key settings of
+        the stage that made it as its parameters, and its files as artifacts with `log_models: copy`."""
+        if key in self.models:
+            return self.models[key]
+        folder = Path(folder)
+        weights = "copy" if self.log_models == "copy" and folder.is_dir() else "reference"  # a hub id has no folder
+        found = self.client.search_logged_models(
+            [self.experiment_id], max_results=1, filter_string=f"name = '{name}' AND tags.`posttrain.key` = '{key}' "
+            f"AND tags.`posttrain.weights` = '{weights}'")
+        if found and found[0].status == LoggedModelStatus.READY:
+            self.models[key] = found[0].model_id
+            return self.models[key]
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=source_run, model_type="causal-lm", params=flatten(settings),
+            tags={"posttrain.key": key, "posttrain.path": str(folder.resolve() if folder.exists() else folder),
+                  "posttrain.weights": weights})
+        if weights == "copy":
+            self.client.log_model_artifacts(model.model_id, str(folder))
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.models[key] = model.model_id
+        return model.model_id
+
+    def register_final_model(self) -> str | None:
+        """Register the pipeline's final model under `tracking.registered_model` (a new version,
+        linked to the run that made it); the version, or None when nothing is to be registered."""
+        if not self.registered_model or self.final_model is None:
+            return None
+        model_id, run_id = self.final_model
+        with best_effort():
+            self.client.create_registered_model(self.registered_model)  # exists already after the first run
+        # The model's artifact location, not `models:/<id>`: the registry would resolve that through
+        # MLflow's global tracking URI, not this client's store.
+        location = self.client.get_logged_model(model_id).artifact_location
+        version = self.client.create_model_version(self.registered_model, source=location, run_id=run_id,
+                                                   model_id=model_id)
+        self.client.set_tag(self.parent_id, "posttrain.registered_model", f"{self.registered_model}/{version.version}")
+        return version.version
+
     def fail_stage(self, run_id: str, error: BaseException) -> None:
+        self.stages.pop(run_id, None)
         with best_effort():
             self.client.set_tag(run_id, "posttrain.error", str(error)[:5000] or type(error).__name__)
             self.client.set_terminated(run_id, ended_status(error))

@@ -17,6 +17,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from flows.pipeline import run_pipeline
 from pipeline.stage import free_port
+from pipeline.tracking import pipeline_run_name
 from tests.test_mlflow_store import start_server, stop_server
 from tests.test_stages import tiny_config
 
@@ -60,14 +61,15 @@ def ui(tmp_path_factory):
     client = MlflowClient(f"sqlite:///{cfg.results_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     runs = {r.info.run_name: r for r in client.search_runs([experiment])}
-    assert sorted(runs) == sorted([cfg.name, *stages])  # the pipeline's run and one run per stage
+    name = pipeline_run_name(cfg, None)
+    assert name == "tiny/ce/seed0" and sorted(runs) == sorted([name, *stages])  # the pipeline's run, one per stage
     port = free_port()
     server = start_server(cfg.results_dir, port)
     driver = None
     try:
         driver = chromium()
         yield SimpleNamespace(page=f"http://127.0.0.1:{port}/#/experiments/{experiment}",
-                              href=f"#/experiments/{experiment}/runs/", parent=runs.pop(cfg.name), runs=runs,
+                              href=f"#/experiments/{experiment}/runs/", parent=runs.pop(name), runs=runs,
                               driver=driver)
     finally:
         if driver is not None:

@@ -64,9 +64,11 @@ def write_pair_prompts(sft: Manifest, data: Manifest, path: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("demo")
-    upstream = run_pipeline(tiny_config(tmp_path), stage="sft")
-    write_pair_prompts(upstream[-1].manifest, upstream[0].manifest, tmp_path / PAIR_PROMPTS)
-    return tmp_path, run_pipeline(tiny_config(tmp_path))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the tiny stages take seconds
+        upstream = run_pipeline(tiny_config(tmp_path), stage="sft")
+        write_pair_prompts(upstream[-1].manifest, upstream[0].manifest, tmp_path / PAIR_PROMPTS)
+        return tmp_path, run_pipeline(tiny_config(tmp_path))
 
 
 def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
@@ -413,12 +415,123 @@ def test_mlflow_has_parent_and_child_runs_with_lineage(demo_run):
     assert dpo.data.tags["posttrain.input_run.model"] == sft.info.run_id  # DPO links back to its SFT model
     assert [d.dataset.name for d in dpo.inputs.dataset_inputs] == ["pairs.jsonl"]
     assert "rewards/margins" in dpo.data.metrics and pairs.data.metrics["pairs/pairs"] > 0
-    # A later pipeline run reused every stage: its child runs say so and link the producers.
+    # A later pipeline run reused every stage: it adds no stage run without history, and links
+    # the runs that made the results.
     second = parents[2]
-    cached = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.info.run_id]
-    assert cached and all(r.data.tags["posttrain.cached"] == "true" for r in cached)
-    by_stage = {r.data.tags["posttrain.stage"]: r for r in cached}
-    assert by_stage["sft"].data.tags["posttrain.produced_by_run"] == sft.info.run_id
+    assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.info.run_id]
+    reused = {k.removeprefix("posttrain.reused."): v for k, v in second.data.tags.items()
+              if k.startswith("posttrain.reused.")}
+    assert reused == {name: run.info.run_id for name, run in children.items()}
+    assert second.data.metrics["evaluate_sft/target/pass_at_1"] == children["evaluate_sft"].data.metrics[
+        "target/pass_at_1"]
+
+
+def test_models_are_logged_models_with_their_inputs_outputs_and_evaluations(demo_run):
+    """MLflow 3's model entities: each model a stage made is a LoggedModel (one per result, however
+    many runs reuse it), the output of the run that made it and an input of each run that read it;
+    an evaluation's metrics are the measured model's; the pipeline run carries the headline metrics."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.tracking import MlflowClient
+
+    tmp_path, results = demo_run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("posttrain").experiment_id
+    by_name = {r.name: r for r in results}
+    models = client.search_logged_models([experiment])
+    model = {}
+    for stage, name in (("pretrain", "base"), ("sft", "sft"), ("dpo", "dpo")):
+        manifest = by_name[stage].manifest
+        mine = [m for m in models if m.tags["posttrain.key"] == manifest.key and m.tags["posttrain.weights"] == "reference"]
+        assert len(mine) == 1 and mine[0].name == name and mine[0].status == LoggedModelStatus.READY
+        assert mine[0].source_run_id == manifest.run_id  # the run that made it, also where a later run reused it
+        assert mine[0].tags["posttrain.path"] == str(manifest.path("model").resolve())
+        model[stage] = mine[0]
+    assert model["sft"].params["sft.loss.name"] == '"ce"'  # the settings of the stage that made it
+    assert not client.list_logged_model_artifacts(model["sft"].model_id)  # by reference: the weights stay put
+
+    def run(stage):
+        return client.get_run(by_name[stage].run_id)
+
+    for stage, reads, makes in (("sft", "pretrain", "sft"), ("dpo", "sft", "dpo"), ("sample", "sft", None),
+                                ("evaluate_base", "pretrain", None), ("evaluate_sft", "sft", None),
+                                ("evaluate_dpo", "dpo", None), ("pairs", None, None)):
+        assert [i.model_id for i in run(stage).inputs.model_inputs] == ([model[reads].model_id] if reads else [])
+        assert [o.model_id for o in run(stage).outputs.model_outputs] == ([model[makes].model_id] if makes else [])
+    for stage, evaluated in (("evaluate_base", "pretrain"), ("evaluate_sft", "sft"), ("evaluate_dpo", "dpo")):
+        linked = {m.key: m.value for m in client.get_logged_model(model[evaluated].model_id).metrics
+                  if m.run_id == by_name[stage].run_id}
+        assert linked["target/pass_at_1"] == by_name[stage].manifest.metrics["target/pass_at_1"]
+        assert linked["general/lm_eval/posttrain_general_exact/exact_match"] == \
+            by_name[stage].manifest.metrics["general/lm_eval/posttrain_general_exact/exact_match"]
+    parent = client.get_run(run("dpo").data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "tiny/ce/seed0"
+    for stage in ("evaluate_base", "evaluate_sft", "evaluate_dpo"):
+        metrics = by_name[stage].manifest.metrics
+        assert parent.data.metrics[f"{stage}/target/pass_at_1"] == metrics["target/pass_at_1"]
+        assert parent.data.metrics[f"{stage}/general/pass_at_1"] == metrics["general/pass_at_1"]
+        assert f"{stage}/target/dsort/pass_at_1" not in parent.data.metrics  # per-task rows stay in the stage's run
+    assert parent.data.metrics["evaluate_sft/general/retention"] == pytest.approx(
+        by_name["evaluate_sft"].manifest.metrics["general/retention"], nan_ok=True)
+    assert parent.data.params["sft.loss.name"] == '"ce"'
+    assert run("sft").data.params["settings.sft.loss.name"] == '"ce"'  # the stage's own settings, not TRL's nll
+    # MLflow's system metrics where a model runs (a stage shorter than the sampling interval logs none)
+    for stage in ("evaluate_base", "evaluate_sft", "evaluate_dpo"):
+        assert "system/cpu_utilization_percentage" in run(stage).data.metrics, stage
+    assert not any(m.startswith("system/") for m in run("pairs").data.metrics)
+    assert run("evaluate_sft").data.params["settings.sampling.max_tokens"] == str(TINY["sampling"]["max_tokens"])
+
+
+def test_lineage_follows_the_dpo_model_back_to_the_data(demo_run):
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    tmp_path, results = demo_run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    by_name = {r.name: r for r in results}
+    (dpo_model,) = client.get_run(by_name["dpo"].run_id).outputs.model_outputs
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny", "results_dir": str(tmp_path / "results"), **TINY}))
+    shown = CliRunner().invoke(app, ["lineage", dpo_model.model_id, str(config)], terminal_width=400)
+    assert shown.exit_code == 0, shown.output
+    lines = [line.strip(" │├└─") for line in shown.output.splitlines()]
+    order = [next(i for i, line in enumerate(lines) if line.startswith(f"{stage}  key {by_name[stage].manifest.key}"))
+             for stage in ("dpo", "sft", "pretrain", "demo_data", "pairs", "sample")]
+    assert order[:4] == sorted(order[:4])  # dpo <- its SFT model <- the base model <- the generated world
+    assert lines[0] == f"model dpo {dpo_model.model_id}"
+    assert f"dpo  key {by_name['dpo'].manifest.key}  http://127.0.0.1:5000/#/experiments/" in shown.output
+    for data in ("pairs.jsonl", "sft_train.jsonl", "general_train.jsonl"):
+        assert any(line.startswith(f"read data {data}  digest ") for line in lines)
+    assert any(line.startswith("read model sft m-") for line in lines)
+    assert any(line.startswith("read model base m-") for line in lines)
+    assert "(shown above)" in shown.output  # `sample` read the SFT model that DPO's branch shows
+    unknown = CliRunner().invoke(app, ["lineage", "m-0000", str(config)])
+    assert unknown.exit_code == 2 and "m-0000 is not a run or a model in sqlite:///" in unknown.output
+
+
+def test_the_final_model_is_registered_and_models_can_be_copied(demo_run):
+    from mlflow.tracking import MlflowClient
+
+    tmp_path, results = demo_run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    dpo = next(r.manifest for r in results if r.name == "dpo")
+    cfg = tiny_config(tmp_path, tracking={"log_models": "copy", "registered_model": "tiny-final"})
+    for version in ("1", "2"):  # every run of the whole pipeline: a new version, here of the same model
+        again = run_pipeline(cfg)
+        assert all(r.cached for r in again)
+        registered = client.get_model_version("tiny-final", version)
+        model = next(m for m in client.search_logged_models([client.get_experiment_by_name("posttrain").experiment_id])
+                     if m.artifact_location == registered.source)
+        assert model.tags["posttrain.key"] == dpo.key and model.name == "dpo"
+        assert registered.run_id == dpo.run_id  # the run that made it
+    assert model.tags["posttrain.weights"] == "copy"
+    files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
+    assert {"model.safetensors", "config.json"} <= files
+    experiment = client.get_experiment_by_name("posttrain").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`posttrain.registered_model` = 'tiny-final/2'")
+    assert parent.data.tags["posttrain.reused.dpo"] == dpo.run_id
 
 
 def test_failed_stage_run_ends_failed_in_mlflow(demo_run):
