@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import typer
@@ -193,13 +192,20 @@ def runs(
 def ui(config: Path = CONFIG, port: int = typer.Option(None, help="the port to serve on; default: tracking.ui_port "
                                                               "(5000), where the summaries' links point")) -> None:
     """Open the MLflow UI on the pipeline's tracking store, to compare runs and their lineage."""
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import ui_command, tracking_uri
 
     cfg = _load(config)
     uri, port = tracking_uri(cfg), port or cfg.tracking.ui_port
-    typer.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(port)],
-                   env=os.environ.copy())
+    command, env = ui_command(uri, port)
+    # The experiment's runs, not MLflow's landing page (the GenAI overview).
+    page = f"http://127.0.0.1:{port}/#/experiments"
+    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_file():
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
+        page += f"/{experiment.experiment_id}/runs" if experiment else ""
+    typer.echo(f"MLflow UI for {uri}: {page}")
+    subprocess.run(command, env=os.environ | env)
 
 
 @app.command()

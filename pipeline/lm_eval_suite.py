@@ -150,14 +150,16 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
         off = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-        try:
-            if off:
-                raise OSError("offline")
-            socket.create_connection((host, 443), timeout=timeout_s).close()
-            _REACHABLE = True
-        except OSError:
-            _REACHABLE = False
+        _REACHABLE = not off and _answers(host, timeout_s)
     return _REACHABLE
+
+
+def _answers(host: str, timeout_s: float) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 _REACHABLE: bool | None = None

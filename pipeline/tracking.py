@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from urllib.parse import urlsplit, urlunsplit
@@ -64,6 +65,15 @@ def run_link(uri: str, experiment_id: str, run_id: str, ui_port: int) -> str:
     else:
         return run_id
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def ui_command(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """`posttrain ui`'s server and the environment it adds: MLflow's tracking server on the store
+    with one web worker and no GenAI job runner. (`mlflow ui` starts four workers and a job
+    runner, for evaluation jobs the pipeline does not use: minutes and GBs on a small machine.)"""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    return command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

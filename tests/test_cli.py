@@ -79,3 +79,22 @@ def test_hub_only_lm_eval_tasks_fail_validate_and_run_offline_before_any_stage(t
         assert "evaluate.lm_eval.tasks[1] (gsm8k) needs the hub data set openai/gsm8k (main)" in result.output
         assert "posttrain_general_exact" not in result.output  # the project's own task reads local data
     assert not (tmp_path / "results" / "demo_data").exists()  # refused before any stage
+
+
+def test_ui_serves_the_store_with_one_worker_and_opens_on_the_experiments_runs(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    results = tmp_path / "results"
+    results.mkdir()
+    experiment = MlflowClient(f"sqlite:///{results / 'mlflow.db'}").create_experiment("posttrain")
+    path = tmp_path / "ok.yaml"
+    path.write_text(f"name: x\nresults_dir: {results}\n")
+    started = []
+    monkeypatch.setattr(subprocess, "run", lambda command, env: started.append((command, env)))
+    result = runner.invoke(app, ["ui", str(path), "--port", "5077"])
+    assert result.exit_code == 0, result.output
+    assert f"MLflow UI for sqlite:///{results / 'mlflow.db'}: http://127.0.0.1:5077/#/experiments/{experiment}/runs" \
+        in result.output  # the port it was given, and the runs rather than MLflow's GenAI landing page
+    (command, env), = started
+    assert command[1:4] == ["-m", "mlflow", "server"] and command[command.index("--port") + 1] == "5077"
+    assert command[command.index("--workers") + 1] == "1" and env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"

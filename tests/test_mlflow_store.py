@@ -15,16 +15,20 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.stage import free_port
+from pipeline.tracking import ui_command
 from tests.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(store: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
+def start_server(store: Path, port: int, ui: bool = False) -> subprocess.Popen:
+    """A tracking server on the store, for runs to log to; `ui`: the one `posttrain ui` starts."""
+    command, env = ui_command(f"sqlite:///{store / 'mlflow.db'}", port) if ui else (
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
          "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         "--workers", "1"], {})
+    server = subprocess.Popen(command, env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     for _ in range(120):
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:

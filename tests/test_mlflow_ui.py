@@ -64,7 +64,7 @@ def ui(tmp_path_factory):
     name = pipeline_run_name(cfg, None)
     assert name == "tiny/ce/seed0" and sorted(runs) == sorted([name, *stages])  # the pipeline's run, one per stage
     port = free_port()
-    server = start_server(cfg.results_dir, port)
+    server = start_server(cfg.results_dir, port, ui=True)  # the server `posttrain ui` runs
     driver = None
     try:
         driver = chromium()
