@@ -157,6 +157,25 @@ def status(config: Path = CONFIG) -> None:
     _print(status_table(pipeline_status(_load(config))))
 
 
+def _store(config: Path | None):
+    """The MLflow store of a config (without one: MLFLOW_TRACKING_URI, else results/mlflow.db): the
+    config, the store's URI, and a client; None for a SQLite store that is not there, which
+    asking would create."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import parse_config
+    from pipeline.tracking import TrackingUnavailable, check_reachable, tracking_uri
+
+    cfg = _load(config) if config else parse_config({"name": "posttrain"})
+    uri = tracking_uri(cfg)
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as error:
+        _fail(error, debug=False)
+    no_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+    return cfg, uri, None if no_store else MlflowClient(uri)
+
+
 @app.command()
 def runs(
     config: Path = typer.Argument(None, help="a pipeline's YAML file, for its MLflow store and experiment; "
@@ -164,21 +183,10 @@ def runs(
     limit: int = typer.Option(20, min=1, help="how many runs, newest first"),
 ) -> None:
     """Recent pipeline runs read back from MLflow, with their headline metrics and links."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.config import parse_config
     from pipeline.summary import recent_pipeline_runs, runs_table
-    from pipeline.tracking import TrackingUnavailable, check_reachable, run_link, tracking_uri
+    from pipeline.tracking import run_link
 
-    cfg = _load(config) if config else parse_config({"name": "runs"})
-    uri = tracking_uri(cfg)
-    try:
-        check_reachable(uri)
-    except TrackingUnavailable as error:
-        _fail(error, debug=False)
-    # Asking a SQLite store that is not there would create it.
-    no_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
-    client = None if no_store else MlflowClient(uri)
+    cfg, uri, client = _store(config)
     experiment = client and client.get_experiment_by_name(cfg.tracking.experiment)
     rows = experiment and recent_pipeline_runs(client, experiment.experiment_id, limit)
     if not rows:
@@ -192,18 +200,15 @@ def runs(
 def ui(config: Path = CONFIG, port: int = typer.Option(None, help="the port to serve on; default: tracking.ui_port "
                                                               "(5000), where the summaries' links point")) -> None:
     """Open the MLflow UI on the pipeline's tracking store, to compare runs and their lineage."""
-    from pipeline.tracking import ui_command, tracking_uri
+    from pipeline.tracking import ui_command
 
-    cfg = _load(config)
-    uri, port = tracking_uri(cfg), port or cfg.tracking.ui_port
+    cfg, uri, client = _store(config)
+    port = port or cfg.tracking.ui_port
     command, env = ui_command(uri, port)
     # The experiment's runs, not MLflow's landing page (the GenAI overview).
     page = f"http://127.0.0.1:{port}/#/experiments"
-    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_file():
-        from mlflow.tracking import MlflowClient
-
-        experiment = MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
-        page += f"/{experiment.experiment_id}/runs" if experiment else ""
+    experiment = client and client.get_experiment_by_name(cfg.tracking.experiment)
+    page += f"/{experiment.experiment_id}/runs" if experiment else ""
     typer.echo(f"MLflow UI for {uri}: {page}")
     subprocess.run(command, env=os.environ | env)
 
@@ -217,22 +222,18 @@ def lineage(
     """What a model or a stage run came from: the runs, models and data sets back to the start,
     with their keys, digests and links."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from pipeline.config import parse_config
     from pipeline.summary import lineage_tree
-    from pipeline.tracking import TrackingUnavailable, check_reachable, run_link, tracking_uri
+    from pipeline.tracking import run_link
 
-    cfg = _load(config) if config else parse_config({"name": "lineage"})
-    uri = tracking_uri(cfg)
+    cfg, uri, client = _store(config)
+    if client is None:
+        typer.echo(f"error: no MLflow store at {uri} (`posttrain run` makes it)", err=True)
+        raise typer.Exit(2)
     try:
-        check_reachable(uri)
-        client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         tree = lineage_tree(client, run_or_model, lambda run_id: run_link(
             uri, experiment.experiment_id if experiment else "0", run_id, cfg.tracking.ui_port))
-    except TrackingUnavailable as error:
-        _fail(error, debug=False)
     except MlflowException as error:
         typer.echo(f"error: {run_or_model} is not a run or a model in {uri}: {error.message.splitlines()[0]}", err=True)
         raise typer.Exit(2) from None

@@ -422,8 +422,7 @@ def lm_eval_lines(report: dict) -> list[str]:
     for phase in phases:
         for arm, values in report["lm_eval"][phase].items():
             lines.append(f"| {PHASE_TITLES[phase]} | `{arm}` | "
-                         + " | ".join(interval(values[m]) if values[m]["low"] is not None else
-                                      f"{values[m]['mean']:.3f}" for m in names) + " |")
+                         + " | ".join(interval(values[m]) for m in names) + " |")
     return lines
 
 

@@ -98,3 +98,11 @@ def test_ui_serves_the_store_with_one_worker_and_opens_on_the_experiments_runs(t
     (command, env), = started
     assert command[1:4] == ["-m", "mlflow", "server"] and command[command.index("--port") + 1] == "5077"
     assert command[command.index("--workers") + 1] == "1" and env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def test_lineage_without_a_store_says_so_and_creates_none(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(f"name: x\nresults_dir: {tmp_path / 'results'}\n")
+    result = runner.invoke(app, ["lineage", "m-0000", str(path)])
+    assert result.exit_code == 2 and f"no MLflow store at sqlite:///{tmp_path / 'results' / 'mlflow.db'}" in result.output
+    assert not (tmp_path / "results" / "mlflow.db").exists()
