@@ -4,16 +4,19 @@
     python bench/losses.py --tokens 8192 --losses ce eaft dft
 
 Paths: `naive` (the model's full logits, then the loss), `chunked` (TokenLoss.chunked from the
-hidden states), `trl` (plain CE through TRL's fused LM head kernel, for scale). `eksft` has its
-reference as a second head; `eksft-cached` reads the reference's top 64 log-probs instead.
-Each case runs in its own process, so its peak memory is its own: on CUDA the allocator's peak,
-on a CPU the peak resident size, both above what the inputs already take. Runs unchanged on a
-CPU (float32) and on a CUDA GPU (bfloat16).
+hidden states), `trl` (plain CE through TRL's fused LM head kernel) and `liger` (plain CE through
+Liger Kernel's fused linear cross-entropy, CUDA only, where `liger-kernel` is installed), for
+scale. `eksft` has its reference as a second head; `eksft-cached` reads the reference's top 64
+log-probs instead. Peak memory is above what the inputs already take: on a CPU the peak resident
+size, each case in its own process so that the peak is its own; on CUDA the allocator's peak,
+reset between cases, which then share one process (a process start costs more than a case).
+Runs unchanged on a CPU (float32) and on a CUDA GPU (bfloat16).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -28,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trl.kernels import ChunkedLogProbFunction  # noqa: E402
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE  # noqa: E402  (the tile width TRL's trainer uses)
 
+import pipeline.losses  # noqa: E402
 from pipeline.losses import TopK, build_loss  # noqa: E402
 
 LOSSES = ["ce", "eaft", "dft", "gem", "eksft", "eksft-cached"]
-PATHS = {"naive": LOSSES, "chunked": LOSSES, "trl": ["ce"]}
+PATHS = {"naive": LOSSES, "chunked": LOSSES, "trl": ["ce"], "liger": ["ce"]}
 CACHED_K = 64
 
 
@@ -66,12 +70,18 @@ def make_step(loss_name: str, path: str, tokens: int, hidden_size: int, vocab: i
             loss = loss_fn(head(hidden), labels, ref_topk=ref.get("ref_topk"), **extra)
         elif path == "chunked":
             loss = loss_fn.chunked(hidden, head, labels, ref_lm_head=ref_head if "ref_hidden" in ref else None, **ref)
+        elif path == "liger":
+            loss = liger_ce(head.weight, hidden[0, :-1], labels[0, 1:])
         else:
             logp = ChunkedLogProbFunction.apply(hidden[0, :-1], head.weight, None, labels[0, 1:], 1.0,
                                                 _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))[0]
             loss = -logp.sum() / tokens
         loss.backward()
 
+    if path == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger_ce = LigerFusedLinearCrossEntropyLoss()
     return step
 
 
@@ -82,9 +92,10 @@ def run_case(loss_name: str, path: str, tokens: int, hidden_size: int, vocab: in
     make_step(loss_name, path, 16, hidden_size, vocab, device, dtype)()  # warm-up: code paths, kernels, allocator
     step = make_step(loss_name, path, tokens, hidden_size, vocab, device, dtype)
     if cuda:
+        base = torch.cuda.memory_allocated()  # the inputs
+        step()  # a second warm-up at full size: the kernels picked for these shapes
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     else:
         base = rss_bytes()
     times = []
@@ -99,6 +110,28 @@ def run_case(loss_name: str, path: str, tokens: int, hidden_size: int, vocab: in
             "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"}
 
 
+def in_child(name: str, path: str, tokens: int, args: argparse.Namespace) -> dict:
+    child = subprocess.run(
+        [sys.executable, __file__, "--case", name, path, "--tokens", str(tokens), "--hidden", str(args.hidden),
+         "--vocab", str(args.vocab), "--repeat", str(args.repeat), *(["--chunk-logits", str(args.chunk_logits)] if args.chunk_logits else [])],
+        capture_output=True, text=True)
+    if child.returncode == 0:
+        return json.loads(child.stdout.strip().splitlines()[-1])
+    # out of memory, most likely: reported, the others still run
+    why = "killed (out of memory)" if child.returncode in (-9, 137) else child.stderr.strip().splitlines()[-1:]
+    return {"loss": name, "path": path, "tokens": tokens, "error": str(why)}
+
+
+def in_process(name: str, path: str, tokens: int, args: argparse.Namespace) -> dict:
+    try:
+        return run_case(name, path, tokens, args.hidden, args.vocab, args.repeat)
+    except (torch.OutOfMemoryError, ImportError) as e:
+        return {"loss": name, "path": path, "tokens": tokens, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def ratio(results: list[dict], key: str, a: tuple[str, str], b: tuple[str, str]) -> str:
     pick = {(r["loss"], r["path"]): r for r in results if "seconds" in r}
     if a not in pick or b not in pick:
@@ -106,11 +139,12 @@ def ratio(results: list[dict], key: str, a: tuple[str, str], b: tuple[str, str])
     return f"{pick[a][key] / pick[b][key]:.2f}x"
 
 
-def report(results: list[dict]) -> None:
+def report(results: list[dict], args: argparse.Namespace) -> None:
     for tokens in sorted({r["tokens"] for r in results}):
         rows = [r for r in results if r["tokens"] == tokens]
         device = next((r["device"] for r in rows if "device" in r), "")
-        print(f"\n{tokens} tokens, {device}")
+        chunk = args.chunk_logits or ("the GPU's default" if "cpu" not in device else "the CPU's default")
+        print(f"\n{tokens} tokens, {device}, chunked path: {chunk} logits per chunk")
         print(f"{'loss':14}{'path':9}{'seconds':>9}{'peak MB':>10}")
         for r in rows:
             if "seconds" in r:
@@ -118,12 +152,14 @@ def report(results: list[dict]) -> None:
             else:
                 print(f"{r['loss']:14}{r['path']:9}  {r['error']}")
         print("ratios:")
-        for name in [n for n in ("eaft", "dft", "gem", "eksft", "eksft-cached") if any(r["loss"] == n for r in rows)]:
-            print(f"  {name} chunked: time vs ce chunked {ratio(rows, 'seconds', (name, 'chunked'), ('ce', 'chunked'))}, "
+        for name in [n for n in LOSSES if any(r["loss"] == n for r in rows)]:
+            print(f"  {name} chunked: time vs its own naive {ratio(rows, 'seconds', (name, 'chunked'), (name, 'naive'))}, "
+                  f"vs ce chunked {ratio(rows, 'seconds', (name, 'chunked'), ('ce', 'chunked'))}, "
                   f"vs TRL fused ce {ratio(rows, 'seconds', (name, 'chunked'), ('ce', 'trl'))}, "
-                  f"vs ce naive {ratio(rows, 'seconds', (name, 'chunked'), ('ce', 'naive'))}; "
-                  f"peak memory vs naive eaft {ratio(rows, 'peak_mb', (name, 'chunked'), ('eaft', 'naive'))}, "
-                  f"vs its own naive {ratio(rows, 'peak_mb', (name, 'chunked'), (name, 'naive'))}")
+                  f"vs Liger fused ce {ratio(rows, 'seconds', (name, 'chunked'), ('ce', 'liger'))}; "
+                  f"peak memory vs its own naive {ratio(rows, 'peak_mb', (name, 'chunked'), (name, 'naive'))}, "
+                  f"vs TRL {ratio(rows, 'peak_mb', (name, 'chunked'), ('ce', 'trl'))}, "
+                  f"vs Liger {ratio(rows, 'peak_mb', (name, 'chunked'), ('ce', 'liger'))}")
 
 
 def main() -> None:
@@ -133,10 +169,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--chunk-logits", type=int, help="logits per chunk of the chunked path; default: the device's")
     parser.add_argument("--repeat", type=int, default=1 if not torch.cuda.is_available() else 3)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)  # internal: one case, in a child process
     args = parser.parse_args()
+    if args.chunk_logits:  # read by TokenLoss.chunked at each call
+        pipeline.losses.CHUNK_LOGITS = pipeline.losses.CHUNK_LOGITS_CUDA = args.chunk_logits
     if args.case:
         tokens = args.tokens[0]
         print(json.dumps(run_case(args.case[0], args.case[1], tokens, args.hidden, args.vocab, args.repeat)))
@@ -145,16 +184,10 @@ def main() -> None:
     for tokens in args.tokens:
         for path in args.paths:
             for name in [n for n in args.losses if n in PATHS[path]]:
-                child = subprocess.run(
-                    [sys.executable, __file__, "--case", name, path, "--tokens", str(tokens), "--hidden", str(args.hidden),
-                     "--vocab", str(args.vocab), "--repeat", str(args.repeat)], capture_output=True, text=True)
-                if child.returncode == 0:
-                    results.append(json.loads(child.stdout.strip().splitlines()[-1]))
-                else:  # out of memory, most likely: reported, the others still run
-                    why = "killed (out of memory)" if child.returncode in (-9, 137) else child.stderr.strip().splitlines()[-1:]
-                    results.append({"loss": name, "path": path, "tokens": tokens, "error": str(why)})
+                results.append(in_process(name, path, tokens, args) if torch.cuda.is_available() else
+                               in_child(name, path, tokens, args))
                 print(json.dumps(results[-1]), flush=True)
-    report(results)
+    report(results, args)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

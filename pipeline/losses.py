@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
@@ -26,6 +26,9 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 CONFLICT_QUANTILE = 0.15  # the "confident conflict" diagnostic, logged under every loss
 CHUNK_LOGITS = 2**25  # logits per chunk of the chunked path: 128 MB in float32
+# On a GPU 1 GB: fewer, larger chunks keep it busy. bench/losses.py on an H200, CE at 8k tokens x
+# vocab 151,936: 0.09 s with 2^25 logits per chunk, 0.05 s with 2^28 (the full logits' 0.06 s).
+CHUNK_LOGITS_CUDA = 2**28
 
 Diagnostics = dict[str, Tensor]
 
@@ -214,6 +217,11 @@ def token_stats_grad(logp: Tensor, y: Tensor, needs: Needs, ref: RefRows | None,
     return grad
 
 
+def tokens_per_chunk(vocab: int, device: torch.device) -> int:
+    """Tokens per chunk of the chunked path on `device`."""
+    return max(1, (CHUNK_LOGITS_CUDA if device.type == "cuda" else CHUNK_LOGITS) // vocab)
+
+
 def chunk_logp(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
 
@@ -245,6 +253,27 @@ def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def head_grad_buffers(inputs: tuple[Tensor, Tensor, Tensor | None], needed: tuple[bool, ...]) -> list[Tensor | None]:
+    """float32 zeros for the gradients of (hidden, weight, bias) where `needed`."""
+    return [torch.zeros_like(x, dtype=torch.float32) if x is not None and need else None for x, need in zip(inputs, needed)]
+
+
+def accumulate_head_grads(buffers: list[Tensor | None], grad_z: Tensor, h: Tensor, weight: Tensor, start: int) -> None:
+    """Add the chunk's share (its tokens start:start+len(h), gradient grad_z w.r.t. its logits)
+    to the gradients of the hidden states, the head's weight and its bias."""
+    grad_hidden, grad_weight, grad_bias = buffers
+    if grad_hidden is not None:
+        accumulate_matmul(grad_hidden[start:start + len(h)], grad_z, weight.to(h.dtype))
+    if grad_weight is not None:
+        accumulate_matmul(grad_weight, grad_z.t(), h)
+    if grad_bias is not None:
+        grad_bias += grad_z.sum(0, dtype=torch.float32)
+
+
+def in_dtypes(buffers: list[Tensor | None], inputs: tuple[Tensor, Tensor, Tensor | None]) -> list[Tensor | None]:
+    return [None if g is None else g.to(x.dtype) for g, x in zip(buffers, inputs)]
 
 
 class ChunkedTokenStats(torch.autograd.Function):
@@ -286,10 +315,7 @@ class ChunkedTokenStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, bias, y, entropy = ctx.saved_tensors
-        needs_grad = ctx.needs_input_grad
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs_grad[2] else None
+        buffers = head_grad_buffers((hidden, weight, bias), ctx.needs_input_grad[:3])
         device_type, autocast, autocast_dtype = ctx.autocast
         kept = ctx.last_chunk  # None in a second backward (retain_graph): then every chunk is projected again
         ctx.last_chunk = None  # not held through the model's backward
@@ -308,18 +334,56 @@ class ChunkedTokenStats(torch.autograd.Function):
                 if "kl" in rows:
                     ref = ctx.ref.rows(start, end, rows["kl"] != 0)
             grad_z = token_stats_grad(logp, y[start:end], ctx.needs, ref, rows, entropy[start:end]).to(h.dtype)
-            if grad_hidden is not None:
-                accumulate_matmul(grad_hidden[start:end], grad_z, weight.to(h.dtype))
-            if grad_weight is not None:
-                accumulate_matmul(grad_weight, grad_z.t(), h)
-            if grad_bias is not None:
-                grad_bias += grad_z.sum(0, dtype=torch.float32)
-        return (
-            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None, None, None,
-        )
+            accumulate_head_grads(buffers, grad_z, h, weight, start)
+        return (*in_dtypes(buffers, (hidden, weight, bias)), None, None, None, None)
+
+
+class FusedTokenLoss(torch.autograd.Function):
+    """A per-token loss (`PER_TOKEN_LOSSES`: Σ_t ℓ(stats_t) / n) of the logits `hidden @ weight.T + bias`,
+    whose gradient is taken in the forward, chunk by chunk, so that the backward only scales it.
+
+    Liger Kernel's fused linear cross-entropy does this for CE; it has no entropy-weighted losses,
+    hence this function. Each token's ℓ depends on that token's stats alone, so a chunk's ∂ℓ/∂stats
+    is known as soon as its stats are (autograd over the [chunk] vectors), and the chunk's
+    logits are projected once instead of twice (forward and backward): the three matmuls of the
+    full-logits path, with one chunk of logits alive at a time. Returns the loss and the stats
+    (detached, for the diagnostics).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, y, needs: Needs, chunk: int, loss_fn: LossFn, n: Tensor):
+        inputs = (hidden, weight, bias)
+        buffers = head_grad_buffers(inputs, tuple(x is not None and x.requires_grad for x in inputs))
+        loss, parts = torch.zeros((), device=hidden.device), []
+        for start in range(0, max(len(y), 1), chunk):  # one empty chunk when N = 0
+            end = start + chunk
+            logp = grad_z = None  # the previous chunk's go before this one's are made
+            h = hidden[start:end]
+            logp = chunk_logp(h, weight, bias)
+            stats = token_stats(logp, y[start:end], needs)
+            parts.append(stats)
+            leaves = [f for f in STAT_FIELDS if getattr(stats, f) is not None and f != "topk_entropy"]
+            with torch.enable_grad():  # the stats become leaves: ∂ℓ/∂stats by autograd over [chunk] vectors
+                part, _ = loss_fn(replace(stats, **{f: getattr(stats, f).requires_grad_() for f in leaves}), n)
+                coeffs = torch.autograd.grad(part, [getattr(stats, f) for f in leaves], allow_unused=True)
+            loss += part.detach()
+            grads = {f: g for f, g in zip(leaves, coeffs) if g is not None}
+            with torch.autocast(hidden.device.type, enabled=False):  # accumulate_matmul picks the dtypes
+                grad_z = token_stats_grad(logp, y[start:end], needs, None, grads, stats.entropy.detach()).to(h.dtype)
+                accumulate_head_grads(buffers, grad_z, h, weight, start)
+        # saved, not kept on ctx: autograd releases saved tensors after the backward, so the weight's
+        # AccumulateGrad can take the gradient as it is instead of copying it (a second [V, H])
+        ctx.save_for_backward(*in_dtypes(buffers, inputs))
+        stats = tuple(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f).detach() for p in parts])
+                      for f in STAT_FIELDS)
+        ctx.mark_non_differentiable(*(s for s in stats if s is not None))
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        one = bool(grad_loss == 1)  # the usual case: no pass over the head's [V, H] gradient
+        scaled = [None if g is None else g if one else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*scaled, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -406,6 +470,11 @@ def _number(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[
     return ok
 
 
+# Losses that are a sum of per-token terms, each a function of its own token's stats only: their
+# gradient is taken in the forward on the chunked path (FusedTokenLoss). masked and eksft pick
+# their tokens by quantiles over the whole micro-batch, so they take the two-pass path.
+PER_TOKEN_LOSSES = frozenset({"ce", "dft", "eaft", "gem"})
+
 # name -> (function, default parameters, what it needs per token given its parameters)
 LOSSES: dict[str, tuple[LossFn, dict[str, Any], Callable[[dict[str, Any]], Needs]]] = {
     "ce": (ce_loss, {}, lambda p: Needs()),
@@ -478,15 +547,23 @@ class TokenLoss:
         chunk_tokens: int | None = None,
     ) -> Tensor:
         """The same loss from the last hidden states [B, T, H] and the LM head, projected
-        `chunk_tokens` at a time (default: CHUNK_LOGITS logits per chunk); the reference as its
+        `chunk_tokens` at a time (default: `tokens_per_chunk`); the reference as its
         hidden states and head, or its top K at the valid positions."""
         h, y, mask = select_tokens(hidden, labels)
         ref = ref_topk
         if ref_hidden is not None:
             ref = RefHead(ref_hidden[:, :-1][mask], ref_lm_head.weight, ref_lm_head.bias)
         vocab = lm_head.weight.size(0)
-        chunk = chunk_tokens or max(1, CHUNK_LOGITS // vocab)
-        stats = ChunkedTokenStats.apply(h, lm_head.weight, lm_head.bias, y, self.needs, self.check_reference(ref), chunk)
+        chunk = chunk_tokens or tokens_per_chunk(vocab, h.device)
+        ref = self.check_reference(ref)
+        weight, bias = lm_head.weight, lm_head.bias
+        trains = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias))
+        if self.name in PER_TOKEN_LOSSES and trains:
+            n = self.normaliser(len(y), num_items_in_batch, h.device)
+            loss, *stats = FusedTokenLoss.apply(h, weight, bias, y, self.needs, chunk, self.fn, n)
+            self.record_diagnostics(TokenStats(vocab, *stats), n)
+            return loss
+        stats = ChunkedTokenStats.apply(h, weight, bias, y, self.needs, ref, chunk)
         return self.loss(TokenStats(vocab, *stats), num_items_in_batch)
 
     def check_reference(self, ref: Any) -> Any:
@@ -495,15 +572,24 @@ class TokenLoss:
         return ref if self.needs.reference else None
 
     def loss(self, stats: TokenStats, num_items_in_batch: int | Tensor | None) -> Tensor:
-        count = len(stats.logp) if num_items_in_batch is None else num_items_in_batch
-        # clamped so that a micro-batch with no loss tokens gives a finite 0 (with a grad_fn)
-        n = torch.as_tensor(count, device=stats.logp.device).clamp(min=1)
+        n = self.normaliser(len(stats.logp), num_items_in_batch, stats.logp.device)
         loss, diag = self.fn(stats, n)
+        self.record_diagnostics(stats, n, diag)
+        return loss
+
+    @staticmethod
+    def normaliser(tokens: int, num_items_in_batch: int | Tensor | None, device: torch.device) -> Tensor:
+        count = tokens if num_items_in_batch is None else num_items_in_batch
+        # clamped so that a micro-batch with no loss tokens gives a finite 0 (with a grad_fn)
+        return torch.as_tensor(count, device=device).clamp(min=1)
+
+    def record_diagnostics(self, stats: TokenStats, n: Tensor, diag: Diagnostics | None = None) -> None:
+        """`diag`: the loss's own, if it was computed on these stats; else it is computed here."""
         with torch.no_grad():
+            diag = self.fn(stats, n)[1] if diag is None else diag
             conflicts = confident_conflicts(stats.entropy, stats.logp, CONFLICT_QUANTILE)
             self.diagnostics = {"entropy": mean(stats.entropy.detach()),
                                 "confident_conflict_frac": mean(conflicts.float()), **diag}
-        return loss
 
 
 def loss_params(name: str, **params: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from numpy.lib.format import open_memmap
 from torch import Tensor
 
-from pipeline.losses import CHUNK_LOGITS, IGNORE_INDEX, TopK
+from pipeline.losses import IGNORE_INDEX, TopK, tokens_per_chunk
 from pipeline.manifest import atomic_write_text
 
 Batch = dict[str, Tensor]
@@ -58,7 +58,7 @@ def write_reference_topk(hidden_states, lm_head: torch.nn.Linear, batches: Itera
     folder.mkdir(parents=True, exist_ok=True)
     ids = open_memmap(folder / "ids.npy", mode="w+", dtype=np.int32, shape=(total, k))
     logp = open_memmap(folder / "logp.npy", mode="w+", dtype=np.float32, shape=(total, k))
-    chunk = max(1, CHUNK_LOGITS // lm_head.weight.size(0))
+    chunk = tokens_per_chunk(lm_head.weight.size(0), lm_head.weight.device)
     tail = 0.0
     written = set()
     with torch.no_grad():

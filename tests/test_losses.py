@@ -484,9 +484,10 @@ def test_closed_form_stats_gradient_is_autograds(reference, with_grad, gem):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_chunked_without_loss_tokens_is_a_finite_zero():
+@pytest.mark.parametrize("name", ["eksft", "ce"])
+def test_chunked_without_loss_tokens_is_a_finite_zero(name):
     hidden, labels, head, ref_hidden, ref_head = make_hidden_batch()
-    loss_fn = build_loss("eksft")
+    loss_fn = build_loss(name)
     loss, grads = loss_and_grads(lambda h: loss_fn.chunked(h, head, torch.full_like(labels, -100),
                                                            ref_hidden=ref_hidden, ref_lm_head=ref_head), hidden, head)
     assert loss.item() == 0 and all(g.abs().sum() == 0 for g in grads)
@@ -578,11 +579,62 @@ def test_chunked_backward_projects_again_only_what_it_lacks(monkeypatch):
     assert sum(t for which, t in projected if which == "reference") == in_kl[:last].sum()
 
 
-def test_chunked_backward_twice_with_retain_graph():
-    """A second backward has no kept chunk to reuse: it projects every chunk and gives the same gradient."""
+@pytest.mark.parametrize("name", ["ce", "dft", "eaft", "gem"])
+def test_per_token_losses_take_their_gradient_in_the_forward(monkeypatch, name):
+    """ce, dft, eaft and gem project each chunk once, in the forward; the backward only scales the
+    gradient it kept (here by 3, a loss scaled before its backward), and a frozen head (LoRA) gets none."""
+    import pipeline.losses as losses
+
+    hidden, labels, head, _, _ = make_hidden_batch()
+    projected = []
+    real = losses.chunk_logp
+    monkeypatch.setattr(losses, "chunk_logp", lambda h, w, b: projected.append(len(h)) or real(h, w, b))
+    want, want_grads = loss_and_grads(lambda h: 3 * build_loss(name)(head(h), labels), hidden, head)
+    projected.clear()
+    got, got_grads = loss_and_grads(lambda h: 3 * build_loss(name).chunked(h, head, labels, chunk_tokens=4), hidden, head)
+    n = int((labels[:, 1:] != -100).sum())
+    assert projected == [min(4, n - start) for start in range(0, n, 4)]  # the forward's, none in the backward
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    head.zero_grad(set_to_none=True)
+    head.requires_grad_(False)
+    h = hidden.clone().requires_grad_()
+    build_loss(name).chunked(h, head, labels, chunk_tokens=4).backward()
+    assert head.weight.grad is None and head.bias.grad is None
+    torch.testing.assert_close(3 * h.grad, want_grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_gpu_takes_larger_chunks_than_a_cpu():
+    from pipeline.losses import tokens_per_chunk
+
+    cpu, gpu = tokens_per_chunk(151936, torch.device("cpu")), tokens_per_chunk(151936, torch.device("cuda"))
+    assert 100 < cpu < gpu and tokens_per_chunk(10**12, torch.device("cpu")) == 1
+
+
+def test_chunked_loss_without_gradient_projects_the_forward_only(monkeypatch):
+    """Evaluation (no_grad) takes no gradient, fused or not: one projection per chunk, the same value."""
+    import pipeline.losses as losses
+
+    hidden, labels, head, _, _ = make_hidden_batch()
+    projected = []
+    real = losses.chunk_logp
+    monkeypatch.setattr(losses, "chunk_logp", lambda h, w, b: projected.append(len(h)) or real(h, w, b))
+    want = build_loss("eaft").chunked(hidden.requires_grad_(), head, labels, chunk_tokens=4)
+    projected.clear()
+    with torch.no_grad():
+        got = build_loss("eaft").chunked(hidden, head, labels, chunk_tokens=4)
+    assert sum(projected) == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(got, want.detach())
+
+
+@pytest.mark.parametrize("name", ["eksft", "ce"])
+def test_chunked_backward_twice_with_retain_graph(name):
+    """A second backward gives the same gradient: eksft has no kept chunk to reuse then and projects
+    every chunk; ce scales the gradient its forward kept, again."""
     hidden, labels, head, ref_hidden, ref_head = make_hidden_batch()
     h = hidden.clone().requires_grad_()
-    loss = build_loss("eksft").chunked(h, head, labels, ref_hidden=ref_hidden, ref_lm_head=ref_head, chunk_tokens=4)
+    loss = build_loss(name).chunked(h, head, labels, ref_hidden=ref_hidden, ref_lm_head=ref_head, chunk_tokens=4)
     (first,) = torch.autograd.grad(loss, h, retain_graph=True)
     (second,) = torch.autograd.grad(loss, h)
     assert first.abs().sum() > 0
