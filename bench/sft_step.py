@@ -43,8 +43,9 @@ from pipeline.training import cache_reference_topk, trainer_config  # noqa: E402
 
 CACHED_K = 64
 CASES = ["ce", "eaft", "dft", "gem", "eksft", "eksft-cached", "eksft-3fwd", "trl"]
-# Dense bf16 peak of the cards MFU is reported for, in FLOP/s (NVIDIA's data sheets, SXM).
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+# Dense bf16 peak of the cards MFU is reported for, in FLOP/s (NVIDIA's data sheets), by a part of
+# the device's name; the first that matches counts (the PCIe and NVL H100s are slower than the SXM).
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 QWEN3_0_6B = {"arch": "qwen3", "hidden": 1024, "layers": 28, "heads": 16, "kv_heads": 8, "head_dim": 128,
               "intermediate": 3072, "vocab": 151936, "tied": True}
 

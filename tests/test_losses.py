@@ -605,6 +605,20 @@ def test_per_token_losses_take_their_gradient_in_the_forward(monkeypatch, name):
     torch.testing.assert_close(3 * h.grad, want_grads[0], rtol=1e-4, atol=1e-5)
 
 
+def test_fused_backward_scales_bf16_gradients_in_float32():
+    """A loss scaled before its backward (gradient accumulation) scales the kept bf16 gradient with a
+    float32 factor: rounding 1/3 to bf16 first would make every gradient 0.2% too large."""
+    hidden, labels, head, _, _ = make_hidden_batch()
+    head16 = torch.nn.Linear(16, 50).bfloat16()
+    head16.load_state_dict(head.state_dict())
+    grads = {}
+    for scale in (1.0, 1 / 3):
+        head16.zero_grad(set_to_none=True)
+        (build_loss("ce").chunked(hidden.bfloat16(), head16, labels, chunk_tokens=4) * scale).backward()
+        grads[scale] = head16.weight.grad.clone()
+    assert torch.equal(grads[1 / 3], (grads[1.0].float() * (1 / 3)).bfloat16())
+
+
 def test_a_gpu_takes_larger_chunks_than_a_cpu():
     from pipeline.losses import tokens_per_chunk
 
