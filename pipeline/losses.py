@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
@@ -364,8 +364,10 @@ class FusedTokenLoss(torch.autograd.Function):
             stats = token_stats(logp, y[start:end], needs)
             parts.append(stats)
             leaves = [f for f in STAT_FIELDS if getattr(stats, f) is not None and f != "topk_entropy"]
-            with torch.enable_grad():  # the stats become leaves: ∂ℓ/∂stats by autograd over [chunk] vectors
-                part, _ = loss_fn(replace(stats, **{f: getattr(stats, f).requires_grad_() for f in leaves}), n)
+            for f in leaves:  # the stats become leaves: ∂ℓ/∂stats by autograd over [chunk] vectors
+                getattr(stats, f).requires_grad_()
+            with torch.enable_grad():
+                part, _ = loss_fn(stats, n)
                 coeffs = torch.autograd.grad(part, [getattr(stats, f) for f in leaves], allow_unused=True)
             loss += part.detach()
             grads = {f: g for f, g in zip(leaves, coeffs) if g is not None}

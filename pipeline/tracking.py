@@ -210,9 +210,8 @@ class Tracker:
             **{f"posttrain.input_run.{k}": m.run_id for k, m in upstream.items() if m.run_id},
         }
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-        params = flatten(settings, "settings.")
-        for start in range(0, len(params), 100):  # MLflow takes 100 parameters a batch
-            self.client.log_batch(run_id, params=[Param(k, v) for k, v in list(params.items())[start:start + 100]])
+        # MlflowClient.log_batch splits into MLflow's batch limits (100 parameters, 1,000 metrics) itself
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(settings, "settings.").items()])
         self.stages[run_id] = (name, settings, upstream, inputs)
         return run_id
 
@@ -233,17 +232,12 @@ class Tracker:
                 self.logged_model("base", inputs["model"], model_read, None, {})  # a model the config names
             self.client.log_inputs(run_id, models=[LoggedModelInput(read)])
         if "model" in manifest.outputs:
-            made = self.logged_model(MODEL_NAMES.get(manifest.stage, manifest.stage), manifest.key,
-                                     manifest.path("model"), run_id, settings)
-            self.client.log_outputs(run_id, [LoggedModelOutput(made, 0)])
-            self.final_model = made, run_id
+            self.client.log_outputs(run_id, [LoggedModelOutput(self.made_model(manifest, run_id, settings), 0)])
         measured = read if manifest.stage == "evaluate" else None
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0, model_id=measured) for k, v in manifest.metrics.items()]
         self.log_pipeline_metrics(name, manifest)
-        self.client.log_batch(run_id, metrics=metrics[:1000], tags=[RunTag(k, v) for k, v in tags.items()])
-        for start in range(1000, len(metrics), 1000):  # MLflow takes 1,000 metrics a batch (lm-eval groups have more)
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_artifact(run_id, str(manifest.folder / MANIFEST))
         for name in manifest.outputs:  # samples, training logs, plots; models stay where they are
             if manifest.path(name).is_file():
@@ -267,11 +261,16 @@ class Tracker:
         producer = made_by.info.run_id
         self.client.set_tag(self.parent_id, f"posttrain.reused.{name}", producer)
         if "model" in manifest.outputs:  # also for results made before models were logged
-            made = self.logged_model(MODEL_NAMES.get(manifest.stage, manifest.stage), manifest.key,
-                                     manifest.path("model"), producer, settings)
-            self.final_model = made, producer
+            self.made_model(manifest, producer, settings)
         self.log_pipeline_metrics(name, manifest)
         return producer
+
+    def made_model(self, manifest: Manifest, run_id: str, settings: dict[str, Any]) -> str:
+        """The LoggedModel of the model a stage made in run `run_id`; the pipeline's final model so far."""
+        made = self.logged_model(MODEL_NAMES.get(manifest.stage, manifest.stage), manifest.key, manifest.path("model"),
+                                 run_id, settings)
+        self.final_model = made, run_id
+        return made
 
     def log_pipeline_metrics(self, name: str, manifest: Manifest) -> None:
         """An evaluation's headline metrics on the pipeline's run, as `<stage>/<metric>`."""
