@@ -23,7 +23,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.stage import free_port  # noqa: E402
+from pipeline.process import free_port  # noqa: E402
 from pipeline.tracking import ui_command  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from flows.pipeline import run_pipeline
 from pipeline.config import EVAL_SUITES, ConfigError, PipelineConfig
 from pipeline.manifest import results_lock
 from pipeline.report import SELECT, ArmRun, write_report
-from pipeline.stage import stop_on_signals
+from pipeline.process import stop_on_signals
 from pipeline.tracking import Tracker
 
 

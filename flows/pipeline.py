@@ -1,41 +1,38 @@
 """Prefect flows: the whole pipeline, and one flow per stage.
 
-Only wiring. Each stage is a method that first asks for its upstream stages, so asking for
-one stage builds just what it needs. A stage's key is a digest of its effective settings
-and of its inputs' keys or digests; a stage whose folder holds a manifest under that key
-is reused, not run again (Prefect's own cache keys include the flow run, so the pipeline
-keeps its own). Every stage runs as a Prefect task that starts the stage's own process.
+Only wiring: which result feeds which input of which stage. Each stage is a method that
+first asks for its upstream stages, so asking for one stage builds just what it needs. Keys,
+reuse, the results store, MLflow and the stage's process are the runtime's (pipeline.runner);
+what a stage's key depends on is its own module's (`STAGE` in stages/<name>.py). Every stage,
+run or reused, is a Prefect task run, a reused one in state Cached. (Prefect's own cache keys
+include the flow run, so the pipeline keeps its own.)
 """
 
 from __future__ import annotations
 
-import shutil
-import time
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
 from prefect import flow, task
+from prefect.context import tags as prefect_tags_context
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
-from pipeline.config import EVAL_SUITES, ConfigError, DataConfig, DataSource, PipelineConfig, load_config
-from pipeline.data import check_data, source_digest
-from pipeline.manifest import MANIFEST, DamagedResult, Manifest, atomic_write_text, digest, results_lock, stage_key
-from pipeline.progress import STAGE_ENV
-from pipeline.stage import StageError, run_in_process, start_fork_server, stop_on_signals
-from pipeline.storage import open_store
-from pipeline.tracking import Tracker, TrackingUnavailable, dataset_input
+from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig, load_config
+from pipeline.contract import Input
+from pipeline.data import check_data
+from pipeline.manifest import Manifest, digest, results_lock
+from pipeline.process import StageError, start_fork_server, stop_on_signals
+from pipeline.runner import NotBuilt, StageResult, StageRunner, StageStatus
+from pipeline.tracking import Tracker, pipeline_run_name
+from stages import demo_data, dpo, evaluate, pairs, pretrain, reference, sample, sft
 
 STAGES = ("demo_data", "pretrain", "evaluate_base", "reference", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")
 DEMO_STAGES = ("demo_data", "pretrain")
 ON_POLICY_STAGES = ("sample", "pairs")  # not run when the config gives data.preference
-# SFTConfig keys that change the tokens or the loss mask of an SFT row
-TOKENIZATION_KEYS = {"max_length", "truncation_mode", "packing", "packing_strategy", "padding_free",
-                     "completion_only_loss", "assistant_only_loss", "chat_template_path", "dataset_text_field",
-                     "eos_token", "pad_token", "dataset_kwargs"}
+MODULES = (demo_data, pretrain, evaluate, reference, sft, sample, pairs, dpo)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -45,150 +42,28 @@ def _transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def execute_stage(module: str, cfg: PipelineConfig, out: Path, inputs: dict[str, str], env: dict[str, str],
-                  paths: dict[str, Path]) -> Manifest:
-    return run_in_process(module, cfg, out, inputs, env, **paths)
+def stage_task(runner: StageRunner, planned) -> StageResult:
+    result = runner.run(planned)
+    # A reused result's task run says so in Prefect's UI, as Prefect's own cache hits do.
+    return Completed(name="Cached", data=result, message=f"reused {result.manifest.folder}") if result.cached else result
 
 
-@dataclass
-class StageResult:
-    name: str
-    manifest: Manifest
-    cached: bool
-    run_id: str  # the stage's MLflow run in this pipeline (a cached result's producer is manifest.run_id)
-    seconds: float  # wall time in this pipeline, MLflow logging and the stage's process included
-    link: str  # the stage's run in the MLflow UI
-
-
-@dataclass
-class StageStatus:
-    name: str
-    # done: a result under the current key; changed: its files are not what its manifest recorded;
-    # damaged: its manifest cannot be read; stale: a result only under an older key; missing
-    status: str
-    key: str
-    manifest: Manifest | None  # the result under the current key, if done
-
-
-class NotBuilt(Exception):
-    """Raised in a dry run (`posttrain status`) by a stage that has no result under its key."""
-
-
-@dataclass
 class PipelineRun:
-    cfg: PipelineConfig
-    tracker: Tracker | None  # None: a dry run, which computes keys and runs nothing
-    force: set[str] = field(default_factory=set)
-    results: list[StageResult] = field(default_factory=list)
-    statuses: dict[str, StageStatus] = field(default_factory=dict)
-    digests: dict[str, str] = field(default_factory=dict)
+    """The stages of one pipeline, wired: each property is a stage's result (a Manifest)."""
 
-    def digest_of(self, source: DataSource) -> str:
-        """A data source's digest, computed once per run (a user's data set can be large)."""
-        name = source.name if source.file else f"{source.hub}:{source.split}"
-        if name not in self.digests:
-            self.digests[name] = source_digest(source)
-        return self.digests[name]
+    def __init__(self, cfg: PipelineConfig, runner: StageRunner):
+        self.cfg, self.runner = cfg, runner
 
-    def latest(self, name: str) -> Path:
-        """Where the key of the stage's latest result is kept, to tell stale from missing."""
-        return self.cfg.results_dir / "latest" / name
-
-    def check_stage(self, name: str, key: str, out: Path) -> Manifest:
-        latest = self.latest(name).read_text() if self.latest(name).is_file() else None
-        try:
-            manifest = Manifest.find(out)
-        except DamagedResult:
-            manifest, status = None, "damaged"
-        else:
-            if manifest is not None:
-                status = "changed" if manifest.changed() else "done"
-            else:
-                status = "stale" if latest and latest != key else "missing"
-        self.statuses[name] = StageStatus(name, status, key, manifest if status == "done" else None)
-        if status != "done":
-            raise NotBuilt(name)
-        return manifest
-
-    def reusable(self, name: str, out: Path) -> Manifest | None:
-        """The result under the stage's key, if it may be reused: not forced, and its files still
-        what its manifest recorded (else it runs again, saying what changed)."""
-        if name in self.force:
-            return None
-        try:
-            manifest = Manifest.find(out)
-        except DamagedResult as error:
-            raise DamagedResult(f"[{name}] {error}: run again with --force {name} to make it anew") from None
-        if manifest is not None and (changed := manifest.changed(full=self.cfg.verify_reuse == "full")):
-            print(f"[{name}] {', '.join(str(manifest.path(c)) for c in changed)} changed since the stage made it "
-                  "(not the digest its manifest recorded): running the stage again", flush=True)
-            return None
-        return manifest
-
-    def run_stage(self, name: str, module: str, cfg: PipelineConfig, settings: Any, upstream: dict[str, Manifest],
-                  inputs: dict[str, str], datasets: dict[str, DataSource], **paths: Path) -> Manifest:
-        """Run one stage in its own process, in a child run in MLflow, or reuse its result if its
-        key matches: the pipeline's run then links the run that made it."""
-        start = time.perf_counter()
-        inputs = {k: m.key for k, m in upstream.items()} | inputs
-        key = stage_key(module, settings, inputs)
-        out = self.cfg.results_dir / module / key
-        if self.tracker is None:
-            return self.check_stage(name, key, out)
-        manifest = self.reusable(name, out)
-        store = open_store(self.cfg.results_store)  # results shared with other machines (docs/storage.md)
-        if manifest is None and store is not None and name not in self.force:
-            manifest = store.download(module, key, out)  # None: not in the store either
-            if manifest is not None:
-                print(f"[{name}] downloaded: {store.uri(module, key)}", flush=True)
-        cached = manifest is not None
-        producer = self.tracker.reuse(name, manifest, settings) if cached else None  # None: not in this store
-        run_id = producer or self.tracker.start_stage(name, key, inputs, upstream, settings)
-        try:
-            if cached:
-                print(f"[{name}] cached: {out} (made by MLflow run {manifest.run_id or 'unknown'})", flush=True)
-            else:
-                # forced, changed or damaged: from scratch, not from its checkpoints
-                if out.exists() and (name in self.force or (out / MANIFEST).exists()):
-                    shutil.rmtree(out)
-                print(f"[{name}] running: {out}", flush=True)
-                env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}
-                manifest = execute_stage.with_options(name=name)(module, cfg, out, inputs, env, paths)
-            if store is not None:  # a cached result too, if an earlier upload of it was cut off
-                if store.upload(out, replace=name in self.force):
-                    print(f"[{name}] uploaded: {store.uri(module, key)}", flush=True)
-                if producer is None:
-                    self.tracker.client.set_tag(run_id, "posttrain.store", store.uri(module, key))
-        except BaseException as error:
-            if producer is None:
-                self.tracker.fail_stage(run_id, error)
-            raise
-        used = [dataset_input(source, self.digest_of(source), context) for context, source in datasets.items()]
-        try:
-            if producer is None:
-                self.tracker.finish_stage(run_id, manifest, used, cached, paths.get("model"))
-        except MlflowException as error:
-            raise TrackingUnavailable(
-                f"stage '{name}' is done and its result kept in {out}, but the MLflow store {self.tracker.uri} "
-                f"stopped answering ({error.message[:200]}): run again once it answers; the result is reused and "
-                "logged then"
-            ) from error
-        atomic_write_text(self.latest(name), key)
-        self.results.append(StageResult(name, manifest, cached, run_id, time.perf_counter() - start,
-                                        self.tracker.link(run_id)))
-        return manifest
-
-    @cached_property
-    def processes(self) -> dict[str, int]:
-        """For a training stage's key: the number of processes multiplies the global batch. (Absent
-        for one process, so that results made before `launch` existed keep their keys.)"""
-        n = self.cfg.launch.num_processes
-        return {"processes": n} if n > 1 else {}
+    def stage(self, name: str, module, inputs: dict[str, Input], cfg: PipelineConfig | None = None) -> Manifest:
+        planned = self.runner.plan(name, module.STAGE, cfg or self.stage_cfg, inputs)
+        if self.runner.tracker is None:
+            return self.runner.check(planned)
+        run = stage_task.with_options(name=name, task_run_name=name, tags=[f"key:{planned.key}"])
+        return run(self.runner, planned, return_state=True).result().manifest  # the state: Cached or Completed
 
     @cached_property
     def demo_data(self) -> Manifest:
-        settings = {"seed": self.cfg.seed, "demo": self.cfg.demo.world_settings()}
-        return self.run_stage("demo_data", "demo_data", self.cfg, settings, {}, {}, {})
+        return self.stage("demo_data", demo_data, {}, self.cfg)
 
     @cached_property
     def data(self) -> DataConfig:
@@ -214,109 +89,53 @@ class PipelineRun:
 
     @cached_property
     def pretrain(self) -> Manifest:
-        # the world's manifest is an input; of `demo`, only the model's own settings and its seed
-        model = self.cfg.demo.model_dump(include=self.cfg.demo.MODEL_FIELDS - {"model_seed"})
-        settings = {"seed": self.cfg.model_seed, "demo": model, "trainer": self.cfg.pretrain.trainer, **self.processes}
         world = self.demo_data
-        general = DataSource(path=str(world.path("general_train")))
-        return self.run_stage("pretrain", "pretrain", self.cfg, settings, {"data": world}, {}, {"train": general},
-                              data=world.folder)
+        return self.stage("pretrain", pretrain, {"tokenizer": Input.output(world, "tokenizer"),
+                                                 "train": Input.output(world, "general_train")}, self.cfg)
 
     @cached_property
-    def base_model(self) -> tuple[Path, dict[str, Manifest], dict[str, str]]:
-        """The starting model's folder, and its identity as upstream manifest or digest."""
+    def base_model(self) -> Input:
+        """The starting model: the demo's pretrained one, or the config's folder or hub id."""
         if self.cfg.is_demo:
-            return self.pretrain.path("model"), {"model": self.pretrain}, {}
+            return Input.output(self.pretrain, "model")
         path = Path(self.cfg.model.path)
-        return path, {}, {"model": digest(path) if path.exists() else f"hub:{self.cfg.model.path}"}
+        return Input(path, digest(path) if path.exists() else f"hub:{self.cfg.model.path}")
 
     @cached_property
     def reference(self) -> Manifest:
-        model, upstream, inputs = self.base_model
-        # The trainer keys that decide the tokens and the loss mask; rows are looked up by their
-        # tokens, so the order (seed, steps) does not matter, and SFT checks every row it gets.
-        tokenization = {k: v for k, v in self.cfg.sft.trainer.items() if k in TOKENIZATION_KEYS}
-        settings = {"topk": self.cfg.sft.reference_topk, "trainer": tokenization,
-                    "data": self.digest_of(self.data.sft), "tokenizer": str(self.cfg.model.tokenizer)}
-        return self.run_stage("reference", "reference", self.stage_cfg, settings, upstream, inputs,
-                              {"train": self.data.sft}, model=model)
+        return self.stage("reference", reference, {"model": self.base_model})
 
     @cached_property
     def sft(self) -> Manifest:
-        model, upstream, inputs = self.base_model
-        # The chunked and full-logits paths give the same loss and gradients (to float tolerance),
-        # and the reference settings matter only when the reference is cached.
-        sft = self.cfg.sft.model_dump(exclude={"chunked_loss", "reference", "reference_topk"})
-        sft["loss"] = self.cfg.sft.loss.resolved()  # a loss's changed default changes the key
-        if self.cfg.sft.cached_reference():
-            sft["reference_topk"] = self.cfg.sft.reference_topk
-        settings = {"seed": self.cfg.seed, "sft": sft, "data": self.digest_of(self.data.sft),
-                    "tokenizer": str(self.cfg.model.tokenizer), **self.processes}
-        paths = {}
-        if self.cfg.sft.cached_reference():
-            upstream, paths = upstream | {"reference": self.reference}, {"reference": self.reference.folder}
-        return self.run_stage("sft", "sft", self.stage_cfg, settings, upstream, inputs, {"train": self.data.sft},
-                              model=model, **paths)
-
-    def evaluate(self, name: str, model: Path, upstream: dict[str, Manifest], inputs: dict[str, str]) -> Manifest:
-        datasets = {suite: getattr(self.data, key) for suite, key in EVAL_SUITES.items()
-                    if getattr(self.data, key) is not None}
-        settings = {
-            "sampling": self.cfg.sampling.key_settings(),
-            "evaluate": self.cfg.evaluate.key_settings(code=any(s.verifier == "code" for s in datasets.values())),
-            "tokenizer": str(self.cfg.model.tokenizer),
-            "measures": 2,  # 2: the answer tokens' entropy too (entropy.json); results without it are redone
-        }
-        settings |= {suite: self.digest_of(source) for suite, source in datasets.items()}
-        paths = {"baseline": upstream["baseline"].folder} if "baseline" in upstream else {}
-        return self.run_stage(name, "evaluate", self.stage_cfg, settings, upstream, inputs, datasets,
-                              model=model, **paths)
+        cached = {"reference": Input.output(self.reference, "topk")} if self.cfg.sft.cached_reference() else {}
+        return self.stage("sft", sft, {"model": self.base_model, **cached})
 
     @cached_property
     def evaluate_base(self) -> Manifest:
-        return self.evaluate("evaluate_base", *self.base_model)
+        return self.stage("evaluate_base", evaluate, {"model": self.base_model})
 
     @cached_property
     def evaluate_sft(self) -> Manifest:
-        upstream = {"model": self.sft, "baseline": self.evaluate_base}
-        return self.evaluate("evaluate_sft", self.sft.path("model"), upstream, {})
+        return self.stage("evaluate_sft", evaluate, {"model": Input.output(self.sft, "model"),
+                                                     "baseline": Input.metrics(self.evaluate_base)})
 
     @cached_property
     def sample(self) -> Manifest:
-        prompts = self.stage_cfg.pair_prompts
-        settings = {"sampling": self.cfg.pairs.sampling(self.cfg.sampling).key_settings(),
-                    "max_prompts": self.cfg.pairs.max_prompts, "prompts": self.digest_of(prompts),
-                    "tokenizer": str(self.cfg.model.tokenizer)}
-        return self.run_stage("sample", "sample", self.stage_cfg, settings, {"model": self.sft}, {},
-                              {"prompts": prompts}, model=self.sft.path("model"))
+        return self.stage("sample", sample, {"model": Input.output(self.sft, "model")})
 
     @cached_property
     def pairs(self) -> Manifest:
-        settings = {"seed": self.cfg.seed, "pairs_per_prompt": self.cfg.pairs.pairs_per_prompt,
-                    "verifier": self.stage_cfg.pair_prompts.verifier}
-        if self.cfg.pairs.reference_chosen:  # absent when off, so that results made before it keep their keys
-            settings["reference_chosen"] = True
-        return self.run_stage("pairs", "pairs", self.stage_cfg, settings, {"samples": self.sample}, {}, {},
-                              samples=self.sample.folder)
+        return self.stage("pairs", pairs, {"samples": Input.output(self.sample, "samples")})
 
     @cached_property
     def dpo(self) -> Manifest:
-        settings = {"seed": self.cfg.seed, "dpo": self.cfg.dpo.model_dump(), "tokenizer": str(self.cfg.model.tokenizer),
-                    **self.processes}
-        upstream: dict[str, Manifest] = {"model": self.sft}
-        if self.data.preference is None:
-            upstream["pairs"] = self.pairs
-            preference, paths = DataSource(path=str(self.pairs.path("pairs"))), {"pairs": self.pairs.path("pairs")}
-        else:
-            preference, paths = self.data.preference, {}
-            settings["preference"] = self.digest_of(preference)
-        return self.run_stage("dpo", "dpo", self.stage_cfg, settings, upstream, {}, {"train": preference},
-                              model=self.sft.path("model"), **paths)
+        on_policy = {"pairs": Input.output(self.pairs, "pairs")} if self.data.preference is None else {}
+        return self.stage("dpo", dpo, {"model": Input.output(self.sft, "model"), **on_policy})
 
     @cached_property
     def evaluate_dpo(self) -> Manifest:
-        upstream = {"model": self.dpo, "baseline": self.evaluate_base}
-        return self.evaluate("evaluate_dpo", self.dpo.path("model"), upstream, {})
+        return self.stage("evaluate_dpo", evaluate, {"model": Input.output(self.dpo, "model"),
+                                                     "baseline": Input.metrics(self.evaluate_base)})
 
 
 def pipeline_stages(cfg: PipelineConfig, *named: str) -> tuple[str, ...]:
@@ -331,30 +150,64 @@ def pipeline_stages(cfg: PipelineConfig, *named: str) -> tuple[str, ...]:
     return stages
 
 
+
 def pipeline_status(cfg: PipelineConfig) -> list[StageStatus]:
-    """Each stage: done, stale or missing, with its key (computable once its upstream is built)."""
-    run = PipelineRun(cfg, tracker=None)
+    """Each stage: done, stale (and what changed), missing, or waiting on the upstream stage that
+    is not built (a key follows its inputs' content, so it is known once they are)."""
+    runner = StageRunner(cfg, tracker=None)
+    run = PipelineRun(cfg, runner)
+    waiting = {}
     for name in pipeline_stages(cfg):
         try:
             getattr(run, name)
-        except NotBuilt:
-            pass
-    return [run.statuses.get(name, StageStatus(name, "missing", "(upstream not built)", None))
+        except NotBuilt as error:
+            waiting[name] = error.name
+    return [runner.statuses.get(name) or StageStatus(name, "waiting", "(not yet known)", None, f"on {waiting[name]}")
             for name in pipeline_stages(cfg)]
 
 
-@flow(name="posttrain")
+def flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return flow_run.parameters["cfg"].name
+
+
+def prefect_tags(cfg: PipelineConfig, run_tags: dict[str, str] | None):
+    """The Prefect tags of a pipeline's flow run and its task runs: the config's name, SFT loss
+    and seed (and a compare arm's learning rate). The flow run exists already: its tags are
+    updated; the task runs get them from the context returned."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    found = {f"config:{cfg.name}", f"loss:{cfg.sft.loss.name}", f"seed:{cfg.seed}"}
+    found |= {f"{k.removeprefix('posttrain.')}:{v}" for k, v in (run_tags or {}).items()}
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted(found | set(flow_run.tags)))
+    return prefect_tags_context(*sorted(found))
+
+
+def stage_rows(results: list[StageResult], metrics: bool = True) -> list[dict[str, Any]]:
+    """One plain (JSON-able) row per stage."""
+    return [{"stage": r.name, "cached": r.cached, "key": r.manifest.key, "folder": str(r.manifest.folder),
+             "run_id": r.run_id, "link": r.link, "seconds": round(r.seconds, 1)}
+            | ({"metrics": r.manifest.metrics} if metrics else {}) for r in results]
+
+
+@flow(name="posttrain", flow_run_name=flow_run_name)
 def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> list[StageResult]:
     """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name.
-    Its MLflow run is nested under `parent_run_id` if given, with `tags` added."""
+    Its MLflow run is nested under `parent_run_id` if given, with `tags` added. In Prefect the
+    flow run is named after the config and tagged with its loss and seed, and its table
+    artifact lists the stages with their MLflow links."""
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
     check_data(cfg)
     if cfg.launch.preload:
-        start_fork_server()  # its imports run while MLflow and Prefect set up
-    with results_lock(cfg.results_dir), stop_on_signals():
+        start_fork_server([module.STAGE for module in MODULES])  # its imports run while MLflow and Prefect set up
+    with results_lock(cfg.results_dir), stop_on_signals(), prefect_tags(cfg, tags):
         tracker = Tracker(cfg, parent_run_id, tags=tags)
-        run = PipelineRun(cfg, tracker, set(force))
+        runner = StageRunner(cfg, tracker, set(force))
+        run = PipelineRun(cfg, runner)
         try:
             for name in [stage] if stage else stages:
                 getattr(run, name)
@@ -364,13 +217,15 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
             tracker.finish(error)
             raise
         tracker.finish()
-    return run.results
+    create_table_artifact(stage_rows(runner.results, metrics=False), key="posttrain-stages",
+                          description=f"posttrain {pipeline_run_name(cfg, tags)}: its stages and their MLflow runs")
+    return runner.results
 
 
 def stage_flow(name: str):
     """A flow that runs one stage (and builds the upstream results it needs)."""
 
-    @flow(name=f"posttrain-{name}")
+    @flow(name=f"posttrain-{name}", flow_run_name=flow_run_name)
     def run_one(cfg: PipelineConfig, force: set[str] = frozenset()) -> list[StageResult]:
         return run_pipeline(cfg, force, name)
 
@@ -386,14 +241,9 @@ def run_config(config: str, stage: str | None = None, force: list[str] | None = 
     `prefect deployment run --param`. `config` is the pipeline's YAML file, a relative path
     being relative to the flow run's working directory (the deployment's pull step sets it);
     `stage` runs only that stage and what it needs, `force` re-runs stages by name. Returns one
-    plain (JSON-able) row per stage, also shown in Prefect's UI as the flow run's table artifact."""
+    plain (JSON-able) row per stage; the pipeline's flow run shows them as its table artifact."""
     cfg = load_config(config)
     forced = set(force or [])
     pipeline_stages(cfg, *([stage] if stage else []), *forced)  # a wrong name fails before any work
     results = STAGE_FLOWS[stage](cfg, forced) if stage else run_pipeline(cfg, forced)
-    rows = [{"stage": r.name, "cached": r.cached, "key": r.manifest.key, "folder": str(r.manifest.folder),
-             "run_id": r.run_id, "link": r.link, "seconds": round(r.seconds, 1), "metrics": r.manifest.metrics}
-            for r in results]
-    create_table_artifact([{k: v for k, v in row.items() if k != "metrics"} for row in rows], key="posttrain-stages",
-                          description=f"posttrain {cfg.name}: the stages of this run and their MLflow runs")
-    return rows
+    return stage_rows(results)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.progress import STAGE_ENV
-from pipeline.stage import TRANSIENT, TransientError
+from pipeline.process import TRANSIENT, TransientError
 
 # Each data-parallel rank is an independent vLLM engine of data_parallel_size 1, and none gets
 # VLLM_DP_* (any the parent has are removed). Those variables make the engines of one model a

@@ -104,7 +104,7 @@ def file_stats(path: Path) -> str:
 
 
 def stage_key(stage: str, settings: Any, inputs: dict[str, str]) -> str:
-    """Key of a stage's result: a digest of its effective settings and of its inputs' digests."""
+    """Key of a stage's result: a digest of its effective settings and of its inputs' content digests."""
     payload = json.dumps({"stage": stage, "settings": settings, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -116,7 +116,9 @@ class Manifest:
     outputs: dict[str, str]  # name -> path relative to the stage folder
     digests: dict[str, str] = field(default_factory=dict)  # name -> content digest
     stats: dict[str, str] = field(default_factory=dict)  # name -> file_stats: what reuse checks first
-    inputs: dict[str, str] = field(default_factory=dict)  # name -> upstream key or digest
+    inputs: dict[str, str] = field(default_factory=dict)  # what its key digests: input or data.<context> -> digest
+    settings: dict[str, Any] = field(default_factory=dict)  # the settings its key digests (to say what changed)
+    samples_key: str | None = None  # the key of its samples alone, for a stage that samples and scores
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None  # the MLflow run that produced it
     seconds: float | None = None  # the stage function's own time, without its process's start and imports

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import SamplingConfig
 from pipeline.engines import device_slices, run_ranks
 from pipeline.progress import stage_bar
-from pipeline.stage import TransientError
+from pipeline.process import TransientError
 
 # torch, transformers and vLLM are imported where used: a data-parallel rank's process imports
 # this module first, and should not pay for them twice or before its devices are set.

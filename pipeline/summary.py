@@ -50,7 +50,7 @@ def duration(seconds: float | None) -> str:
 
 
 def run_summary(results: Iterable) -> Table:
-    """One row per stage of a finished run (flows.pipeline.StageResult): whether it ran or was
+    """One row per stage of a finished run (pipeline.runner.StageResult): whether it ran or was
     cached, its key, its time in this run, its headline metrics and its run in the MLflow UI."""
     table = Table("stage", "status", "key", "time", "headline metrics", link_column(), title="posttrain run")
     for r in results:
@@ -72,14 +72,16 @@ def evaluation_table(evaluations: list) -> Table:
 
 
 def status_table(statuses: Iterable) -> Table:
-    """`posttrain status`: each stage (flows.pipeline.StageStatus) with, where done, what its
-    result took to make, its headline metrics and the MLflow run that made it."""
-    table = Table("stage", "status", "key", "took", "headline metrics", "made by MLflow run")
-    colors = {"done": "green", "stale": "yellow", "changed": "yellow", "damaged": "red", "missing": "red"}
+    """`posttrain status`: each stage (pipeline.runner.StageStatus) with, where done, what its
+    result took to make, its headline metrics and the MLflow run that made it; where not, why
+    (what changed since its latest result, or the upstream stage it waits on)."""
+    table = Table("stage", "status", "key", "took", "headline metrics or why not done", "made by MLflow run")
+    colors = {"done": "green", "stale": "yellow", "changed": "yellow", "damaged": "red", "missing": "red",
+              "waiting": "dim"}
     for s in statuses:
         m = s.manifest
         table.add_row(s.name, f"[{colors[s.status]}]{s.status}[/]", s.key, duration(m.seconds) if m else "",
-                      headline(m.stage, m.metrics) if m else "", (m.run_id or "unknown") if m else "")
+                      headline(m.stage, m.metrics) if m else escape(s.reason), (m.run_id or "unknown") if m else "")
     return table
 
 

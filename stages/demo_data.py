@@ -5,16 +5,23 @@ general replay)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.data import write_jsonl
-from pipeline.demo import build_tokenizer
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest
-from pipeline.stage import stage_main
-from pipeline.tasks import make_splits
+from pipeline.process import stage_main
+
+
+def settings(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"seed": cfg.seed, "demo": cfg.demo.world_settings()}
 
 
 def run(cfg: PipelineConfig, out: Path) -> Manifest:
+    from pipeline.data import write_jsonl
+    from pipeline.demo import build_tokenizer
+    from pipeline.tasks import make_splits
+
     demo = cfg.demo
     splits = make_splits(cfg.seed, demo.train_examples, demo.domain_train_examples, demo.test_examples,
                          demo.val_examples, demo.general_replay)
@@ -29,5 +36,7 @@ def run(cfg: PipelineConfig, out: Path) -> Manifest:
     return Manifest("demo_data", out.name, outputs)
 
 
+STAGE = Stage("demo_data", run, settings, preload=("pipeline.demo", "pipeline.tasks"))
+
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(STAGE)

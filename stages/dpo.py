@@ -4,17 +4,25 @@ reference, on the on-policy pairs (stage `pairs`) or the user's preference data.
 from __future__ import annotations
 
 from pathlib import Path
-
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from typing import Any
 
 from pipeline.config import DataSource, PipelineConfig
-from pipeline.data import PREFERENCE_FIELDS, load_rows
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest
-from pipeline.stage import stage_main
-from pipeline.training import TRAINING_OUTPUTS, train_dpo
+from pipeline.process import stage_main
+
+
+def settings(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"seed": cfg.seed, "dpo": cfg.dpo.model_dump(), "tokenizer": str(cfg.model.tokenizer)}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) -> Manifest:
+    """`model`: the SFT model's folder; `pairs`: the `pairs` stage's file, else `data.preference`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data import PREFERENCE_FIELDS, load_rows
+    from pipeline.training import TRAINING_OUTPUTS, train_dpo
+
     source = DataSource(path=str(pairs)) if pairs else cfg.data.preference
     dataset = load_rows(source, PREFERENCE_FIELDS).select_columns(["prompt", "chosen", "rejected"])
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
@@ -28,5 +36,9 @@ def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) 
     return Manifest("dpo", out.name, TRAINING_OUTPUTS, metrics=metrics)
 
 
+# The on-policy pairs are an input (`pairs`); given preference data is a data set it reads.
+STAGE = Stage("dpo", run, settings, data=lambda cfg: {"train": cfg.data.preference}, input_data={"pairs": "train"},
+              trains=True, preload=("pipeline.training",), system_metrics=True)
+
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(STAGE)

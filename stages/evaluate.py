@@ -4,31 +4,52 @@
 score against the base model's evaluation, and, at the reference answers' tokens of the test
 suites, the model's entropy (its histogram, `entropy.json`, and mean) and the share of tokens
 it is confidently wrong at (`confident_wrong`: the "confident conflicts"); and the lm-eval tasks of
-`evaluate.lm_eval`, with their retention, as part of the general suite."""
+`evaluate.lm_eval`, with their retention, as part of the general suite.
+
+Sampling and scoring have keys of their own: a change of scoring alone (`evaluate.ks`, the
+verifier's settings, the baseline) re-scores an earlier evaluation's saved samples."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from pipeline.answer_entropy import answer_entropy_histograms
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
-from pipeline.data import EVAL_FIELDS, load_rows, reference, scored_fields, write_jsonl
-from pipeline.lm_eval_suite import lm_eval_retention, run_lm_eval
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest, atomic_write_text
-from pipeline.metrics import pass_at_k_table, sample_counts
-from pipeline.plots import entropy_histogram
-from pipeline.sampling import sample
-from pipeline.stage import stage_main
-from pipeline.verifiers import get_verifier
+from pipeline.process import stage_main
 
 TEST_SUITES = ("target", "general")
+LM_EVAL_FILES = ("lm_eval.json", "lm_eval_samples.jsonl.gz")
+
+
+def eval_suites(cfg: PipelineConfig) -> dict[str, DataSource]:
+    """The suites this config evaluates on, by name (target, general, val_target, val_general)."""
+    return {suite: getattr(cfg.data, key) for suite, key in EVAL_SUITES.items() if getattr(cfg.data, key) is not None}
+
+
+def samples_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """What the completions, the answer entropies and the lm-eval results depend on."""
+    lm_eval = cfg.evaluate.lm_eval.key_settings() if cfg.evaluate.lm_eval else None
+    return {"sampling": cfg.sampling.key_settings(), "max_prompts": cfg.evaluate.max_prompts, "lm_eval": lm_eval,
+            "tokenizer": str(cfg.model.tokenizer)}
+
+
+def settings(cfg: PipelineConfig) -> dict[str, Any]:
+    code = any(s.verifier == "code" for s in eval_suites(cfg).values())
+    return {"sampling": cfg.sampling.key_settings(), "evaluate": cfg.evaluate.key_settings(code=code),
+            "tokenizer": str(cfg.model.tokenizer)}
 
 
 def score_suite(rows: list[dict], completions: list[list[str]], source: DataSource, cfg: PipelineConfig) -> list[dict]:
     """One result row per prompt: the completions, which are correct, and the sampling settings."""
+    from pipeline.data import reference
+    from pipeline.verifiers import get_verifier
+
     verify = get_verifier(source.verifier, **cfg.evaluate.verifier_options())
     answers = [reference(row) for row in rows]
     # Threads: a code verdict is a sandboxed process that the thread only waits on.
@@ -47,6 +68,8 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
 
 
 def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, float]:
+    from pipeline.metrics import pass_at_k_table, sample_counts
+
     metrics = {f"{suite}/pass_at_{k}": v for k, v in pass_at_k_table(sample_counts(scored), ks).items()}
     for task in sorted({r["task"] for r in scored if r["task"]}):
         rows = [r for r in scored if r["task"] == task]
@@ -57,15 +80,40 @@ def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, fl
     return metrics
 
 
-def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = None) -> Manifest:
-    suites = {suite: getattr(cfg.data, key) for suite, key in EVAL_SUITES.items() if getattr(cfg.data, key)}
+def saved_completions(samples: Path, rows: dict[str, list[dict]]) -> list[list[str]]:
+    """An earlier evaluation's completions, suite by suite, for the same prompts in the same order."""
+    from pipeline.data import read_jsonl
+
+    completions = []
+    for suite, wanted in rows.items():
+        saved = read_jsonl(samples / f"samples_{suite}.jsonl", [{"prompt", "completions"}])
+        if [r["prompt"] for r in saved] != [r["prompt"] for r in wanted]:
+            raise ValueError(f"{samples / f'samples_{suite}.jsonl'}: not the prompts of this evaluation")
+        completions += [r["completions"] for r in saved]
+    return completions
+
+
+def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = None, samples: Path | None = None) -> Manifest:
+    """`model`: the model's folder; `baseline`: the base model's evaluation, for retention;
+    `samples`: an earlier evaluation of the same model with the same sampling (the runner finds
+    it), whose completions, entropies and lm-eval results are scored again, not made again."""
+    from pipeline.answer_entropy import answer_entropy_histograms
+    from pipeline.data import EVAL_FIELDS, load_rows, scored_fields, write_jsonl
+    from pipeline.lm_eval_suite import lm_eval_metrics, lm_eval_retention, run_lm_eval
+    from pipeline.plots import entropy_histogram
+    from pipeline.sampling import sample
+
+    suites = eval_suites(cfg)
     rows = {suite: list(load_rows(source, scored_fields(source, EVAL_FIELDS)))[: cfg.evaluate.max_prompts]
             for suite, source in suites.items()}
-    # One sampling call for all suites: the engine starts once per stage.
-    prompts = [r["prompt"] for suite in suites for r in rows[suite]]
-    names = [f"data.{EVAL_SUITES[suite]} ({source.name}) row {i + 1}"
-             for suite, source in suites.items() for i in range(len(rows[suite]))]
-    completions = iter(sample(model, prompts, cfg.sampling, cfg.model.tokenizer, names))
+    if samples is None:
+        # One sampling call for all suites: the engine starts once per stage.
+        prompts = [r["prompt"] for suite in suites for r in rows[suite]]
+        names = [f"data.{EVAL_SUITES[suite]} ({source.name}) row {i + 1}"
+                 for suite, source in suites.items() for i in range(len(rows[suite]))]
+        completions = iter(sample(model, prompts, cfg.sampling, cfg.model.tokenizer, names))
+    else:
+        completions = iter(saved_completions(samples, rows))
     metrics: dict[str, float] = {}
     outputs = {}
     for suite, source in suites.items():
@@ -78,14 +126,23 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     references = {suite: [{"prompt": r["prompt"], "answer": r.get("answer", r.get("canonical_solution"))}
                           for r in rows[suite]] for suite in TEST_SUITES if suite in rows}
     references = {suite: refs for suite, refs in references.items() if all(isinstance(r["answer"], str) for r in refs)}
-    entropy = answer_entropy_histograms(model, cfg.model.tokenizer, references)
+    if samples is None:
+        entropy = answer_entropy_histograms(model, cfg.model.tokenizer, references)
+    else:
+        entropy = json.loads((samples / "entropy.json").read_text())
     atomic_write_text(out / "entropy.json", json.dumps(entropy, indent=1))
     entropy_histogram(entropy, out / "entropy.png")
     outputs |= {"entropy": "entropy.json", "entropy_plot": "entropy.png"}
     for suite, h in entropy["suites"].items():
         metrics |= {f"{suite}/answer_entropy": h["mean"], f"{suite}/confident_wrong": h["confident_wrong"]}
     if cfg.evaluate.lm_eval is not None:
-        scores, lm_eval = run_lm_eval(model, cfg.model.tokenizer, cfg, out)
+        if samples is None:
+            scores, lm_eval = run_lm_eval(model, cfg.model.tokenizer, cfg, out)
+        else:
+            for name in LM_EVAL_FILES:
+                shutil.copy2(samples / name, out / name)
+            lm_eval = json.loads((out / "lm_eval.json").read_text())
+            scores = lm_eval_metrics(lm_eval["results"])
         metrics |= scores
         outputs |= {"lm_eval": "lm_eval.json", "lm_eval_samples": "lm_eval_samples.jsonl.gz"}
     if baseline is not None:
@@ -98,5 +155,9 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     return Manifest("evaluate", out.name, outputs, metrics=metrics)
 
 
+STAGE = Stage("evaluate", run, settings, data=eval_suites, samples_settings=samples_settings, scoring_inputs=("baseline",),
+              preload=("pipeline.sampling", "pipeline.answer_entropy", "pipeline.lm_eval_suite", "pipeline.verifiers",
+                       "pipeline.plots"), system_metrics=True)
+
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(STAGE)

@@ -5,20 +5,28 @@ output, so DPO can be run again on the same pairs."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.data import read_jsonl, reference, write_jsonl
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest
-from pipeline.metrics import pass_at_k_table, sample_counts
-from pipeline.preferences import build_pairs
-from pipeline.stage import stage_main
-from pipeline.verifiers import get_verifier
+from pipeline.process import stage_main
+
+
+def settings(cfg: PipelineConfig) -> dict[str, Any]:
+    settings = {"seed": cfg.seed, "pairs_per_prompt": cfg.pairs.pairs_per_prompt, "verifier": cfg.pair_prompts.verifier}
+    return settings | ({"reference_chosen": True} if cfg.pairs.reference_chosen else {})
 
 
 def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
+    """`samples`: the `sample` stage's file of completions."""
+    from pipeline.data import read_jsonl, reference, write_jsonl
+    from pipeline.metrics import pass_at_k_table, sample_counts
+    from pipeline.preferences import build_pairs
+    from pipeline.verifiers import get_verifier
+
     verify = get_verifier(cfg.pair_prompts.verifier, **cfg.evaluate.verifier_options())
-    rows = read_jsonl(samples / "samples.jsonl", [{"prompt", "answer", "completions"},
-                                                  {"prompt", "test", "entry_point", "completions"}])
+    rows = read_jsonl(samples, [{"prompt", "answer", "completions"}, {"prompt", "test", "entry_point", "completions"}])
     for row in rows:
         row["correct"] = [verify(c, reference(row)) for c in row["completions"]]
     pairs, stats = build_pairs(rows, cfg.pairs.pairs_per_prompt, cfg.seed, cfg.pairs.reference_chosen)
@@ -33,5 +41,7 @@ def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
     return Manifest("pairs", out.name, {"pairs": "pairs.jsonl"}, metrics=metrics)
 
 
+STAGE = Stage("pairs", run, settings, preload=("pipeline.data", "pipeline.verifiers", "pipeline.preferences"))
+
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(STAGE)

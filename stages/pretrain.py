@@ -4,25 +4,38 @@ so the model has real skills that SFT on the domain can make it forget."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoTokenizer
-
-from pipeline.config import DataSource, LossConfig, PipelineConfig
-from pipeline.data import SFT_FIELDS, load_rows
-from pipeline.demo import build_model
+from pipeline.config import PipelineConfig
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest
-from pipeline.stage import stage_main
-from pipeline.training import TRAINING_OUTPUTS, train_sft
+from pipeline.process import stage_main
 
 
-def run(cfg: PipelineConfig, out: Path, data: Path) -> Manifest:
-    world = Manifest.read(data)
-    tokenizer = AutoTokenizer.from_pretrained(world.path("tokenizer"))
+def settings(cfg: PipelineConfig) -> dict[str, Any]:
+    # The world is an input; of `demo`, only the model's own settings and its seed.
+    model = cfg.demo.model_dump(include=cfg.demo.MODEL_FIELDS - {"model_seed"})
+    return {"seed": cfg.model_seed, "demo": model, "trainer": cfg.pretrain.trainer}
+
+
+def run(cfg: PipelineConfig, out: Path, tokenizer: Path, train: Path) -> Manifest:
+    """`tokenizer` and `train`: the demo world's tokenizer and general training split (stage `demo_data`)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import DataSource, LossConfig
+    from pipeline.data import SFT_FIELDS, load_rows
+    from pipeline.demo import build_model
+    from pipeline.training import TRAINING_OUTPUTS, train_sft
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     model = build_model(cfg.demo, tokenizer, cfg.model_seed)
-    dataset = load_rows(DataSource(path=str(world.path("general_train"))), SFT_FIELDS)
+    dataset = load_rows(DataSource(path=str(train)), SFT_FIELDS)
     metrics = train_sft(model, tokenizer, dataset, cfg.pretrain.trainer, LossConfig(name="ce"), out, cfg.model_seed)
     return Manifest("pretrain", out.name, TRAINING_OUTPUTS, metrics=metrics)
 
 
+STAGE = Stage("pretrain", run, settings, input_data={"train": "train"}, trains=True, preload=("pipeline.training", "pipeline.demo"),
+              system_metrics=True)
+
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(STAGE)

@@ -4,17 +4,33 @@ once, so that EKSFT with `sft.reference: cached` trains without the reference mo
 from __future__ import annotations
 
 from pathlib import Path
-
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.data import SFT_FIELDS, load_rows
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest
-from pipeline.stage import stage_main
-from pipeline.training import cache_reference_topk
+from pipeline.process import stage_main
+
+# SFTConfig keys that change the tokens or the loss mask of an SFT row
+TOKENIZATION_KEYS = {"max_length", "truncation_mode", "packing", "packing_strategy", "padding_free",
+                     "completion_only_loss", "assistant_only_loss", "chat_template_path", "dataset_text_field",
+                     "eos_token", "pad_token", "dataset_kwargs"}
+
+
+def settings(cfg: PipelineConfig) -> dict[str, Any]:
+    # Only the trainer keys that decide the tokens and the loss mask: rows are looked up by their
+    # tokens, so the order (seed, steps) does not matter, and SFT checks every row it gets.
+    tokenization = {k: v for k, v in cfg.sft.trainer.items() if k in TOKENIZATION_KEYS}
+    return {"topk": cfg.sft.reference_topk, "trainer": tokenization, "tokenizer": str(cfg.model.tokenizer)}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
+    """`model`: the starting model's folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data import SFT_FIELDS, load_rows
+    from pipeline.training import cache_reference_topk
+
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
     reference = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
     dataset = load_rows(cfg.data.sft, SFT_FIELDS)
@@ -23,5 +39,8 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     return Manifest("reference", out.name, {"topk": "topk"}, metrics=metrics)
 
 
+STAGE = Stage("reference", run, settings, data=lambda cfg: {"train": cfg.data.sft}, preload=("pipeline.training",),
+              system_metrics=True)
+
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(STAGE)

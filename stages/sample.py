@@ -5,19 +5,28 @@ answer, so pairs (or any other score) can be built again without sampling again.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.data import TRAIN_PROMPT_FIELDS, load_rows, prompt_and_answer, scored_fields, write_jsonl
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest
-from pipeline.sampling import sample
-from pipeline.stage import stage_main
+from pipeline.process import stage_main
+
+
+def settings(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"sampling": cfg.pairs.sampling(cfg.sampling).key_settings(), "max_prompts": cfg.pairs.max_prompts,
+            "tokenizer": str(cfg.model.tokenizer)}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
-    rows = [prompt_and_answer(row) for row in load_rows(cfg.pair_prompts, scored_fields(cfg.pair_prompts, TRAIN_PROMPT_FIELDS))]
+    """`model`: the SFT model's folder."""
+    from pipeline.data import TRAIN_PROMPT_FIELDS, load_rows, prompt_and_answer, scored_fields, write_jsonl
+    from pipeline.sampling import sample
+
+    source = cfg.pair_prompts
+    rows = [prompt_and_answer(row) for row in load_rows(source, scored_fields(source, TRAIN_PROMPT_FIELDS))]
     rows = rows[: cfg.pairs.max_prompts]
     settings = cfg.pairs.sampling(cfg.sampling)
-    source = cfg.pair_prompts
     names = [f"{source.name} row {i + 1}" for i in range(len(rows))]
     completions = sample(model, [r["prompt"] for r in rows], settings, cfg.model.tokenizer, names)
     samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": settings.model_dump()}
@@ -26,5 +35,8 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     return Manifest("sample", out.name, {"samples": "samples.jsonl"})
 
 
+STAGE = Stage("sample", run, settings, data=lambda cfg: {"prompts": cfg.pair_prompts}, preload=("pipeline.sampling",),
+              system_metrics=True)
+
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(STAGE)

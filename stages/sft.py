@@ -5,31 +5,46 @@ the starting model, or its cached top-K log-probs (stage `reference`)."""
 from __future__ import annotations
 
 from pathlib import Path
-
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.data import SFT_FIELDS, load_rows
-from pipeline.losses import build_loss
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest
-from pipeline.reference import ReferenceTopK
-from pipeline.stage import stage_main
-from pipeline.training import TRAINING_OUTPUTS, train_sft
+from pipeline.process import stage_main
+
+
+def settings(cfg: PipelineConfig) -> dict[str, Any]:
+    # The chunked and full-logits paths give the same loss and gradients (to float tolerance); a
+    # cached reference is an input of its own.
+    sft = cfg.sft.model_dump(exclude={"chunked_loss", "reference", "reference_topk"})
+    sft["loss"] = cfg.sft.loss.resolved()  # a loss's changed default changes the key
+    return {"seed": cfg.seed, "sft": sft, "tokenizer": str(cfg.model.tokenizer)}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path, reference: Path | None = None) -> Manifest:
-    """`reference`: the `reference` stage's folder, when EKSFT's reference is cached."""
+    """`model`: the starting model's folder; `reference`: the `reference` stage's top-K folder,
+    when EKSFT's reference is cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data import SFT_FIELDS, load_rows
+    from pipeline.losses import build_loss
+    from pipeline.reference import ReferenceTopK
+    from pipeline.training import TRAINING_OUTPUTS, train_sft
+
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
     policy = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
     loss = cfg.sft.loss
     needs_model = build_loss(loss.name, **loss.params).needs_reference and reference is None
     ref_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto") if needs_model else None
-    ref_topk = ReferenceTopK(Manifest.read(reference).path("topk")) if reference else None
+    ref_topk = ReferenceTopK(reference) if reference else None
     dataset = load_rows(cfg.data.sft, SFT_FIELDS)
     metrics = train_sft(policy, tokenizer, dataset, cfg.sft.trainer, loss, out, cfg.seed, ref_model, cfg.sft.lora,
                         ref_topk, cfg.sft.chunked_loss)
     return Manifest("sft", out.name, TRAINING_OUTPUTS, metrics=metrics)
 
 
+STAGE = Stage("sft", run, settings, data=lambda cfg: {"train": cfg.data.sft}, trains=True,
+              preload=("pipeline.training", "pipeline.reference"), system_metrics=True)
+
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(STAGE)

@@ -16,14 +16,14 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from flows.pipeline import run_pipeline
-from pipeline.stage import free_port
+from pipeline.process import free_port
 from pipeline.tracking import pipeline_run_name
-from tests.test_mlflow_store import start_server, stop_server
-from tests.test_stages import tiny_config
+from tests.e2e.test_mlflow_store import start_server, stop_server
+from tests.e2e.test_stages import tiny_config
 
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SHOTS = REPO / "test-artifacts" / "mlflow_ui"  # the screenshots, for a person (or a CI that keeps artifacts) to look at
 WAIT = 120  # seconds; a fresh Chromium profile's first page load is slow on a small machine

@@ -14,7 +14,8 @@ from flows.pipeline import pipeline_status, run_pipeline
 from pipeline.config import DemoConfig, parse_config
 from pipeline.data import write_jsonl
 from pipeline.demo import build_model, build_tokenizer
-from pipeline.stage import StageError, stage_command
+from pipeline.process import StageError, stage_command
+from stages import evaluate, pretrain, sft
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -99,7 +100,7 @@ def test_two_processes_ran_and_only_the_first_wrote_and_logged(runs):
 
 def test_a_launched_stage_error_names_the_rank_and_is_not_retried(world, tmp_path):
     cfg = config(world, tmp_path / "results", 2, max_length=3)  # every prompt fills max_length
-    command = stage_command("sft", cfg, tmp_path / "request.json")
+    command = stage_command(sft.STAGE, cfg, tmp_path / "request.json")
     assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[command.index("--num_processes") + 1] == "2"
     with pytest.raises(StageError, match=r"rank [01] DataError: .*max_length") as error:
         run_pipeline(cfg, stage="sft")
@@ -109,11 +110,11 @@ def test_a_launched_stage_error_names_the_rank_and_is_not_retried(world, tmp_pat
 
 def test_only_training_stages_are_launched(world, tmp_path):
     cfg = config(world, tmp_path, 4)
-    assert stage_command("evaluate", cfg, tmp_path / "r.json") is None  # forked from the preloaded server
-    assert "accelerate.commands.launch" in stage_command("pretrain", cfg, tmp_path / "r.json")
+    assert stage_command(evaluate.STAGE, cfg, tmp_path / "r.json") is None  # forked from the preloaded server
+    assert "accelerate.commands.launch" in stage_command(pretrain.STAGE, cfg, tmp_path / "r.json")
     cfg.launch.preload = False
-    assert stage_command("evaluate", cfg, tmp_path / "r.json")[1:] == ["-m", "stages.evaluate", str(tmp_path / "r.json")]
-    assert "accelerate.commands.launch" in stage_command("pretrain", cfg, tmp_path / "r.json")
+    assert stage_command(evaluate.STAGE, cfg, tmp_path / "r.json")[1:] == ["-m", "stages.evaluate", str(tmp_path / "r.json")]
+    assert "accelerate.commands.launch" in stage_command(pretrain.STAGE, cfg, tmp_path / "r.json")
 
 
 def test_the_number_of_processes_is_in_the_training_keys_only(world, tmp_path):

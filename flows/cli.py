@@ -29,7 +29,7 @@ USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "Trackin
 def _fail(error: BaseException, debug: bool) -> None:
     """A user's mistake reads as one line of advice; anything else keeps its traceback."""
     if isinstance(error, KeyboardInterrupt) and not debug:
-        from pipeline.stage import STOP_ADVICE
+        from pipeline.process import STOP_ADVICE
 
         typer.echo(f"{error or 'interrupted'}: {STOP_ADVICE}", err=True)
         raise typer.Exit(128 + getattr(error, "signum", signal.SIGINT))
@@ -43,8 +43,8 @@ STOP_GRACE_S = 10.0  # stopped by SIGTERM or SIGINT, a run ends within this even
 
 
 def _stop_within(seconds: float) -> None:
-    """The command line owns its process, so it may end it: see pipeline.stage.stop_on_signals."""
-    from pipeline import stage
+    """The command line owns its process, so it may end it: see pipeline.process.stop_on_signals."""
+    from pipeline import process as stage
 
     stage.stop_grace_s = seconds
 

@@ -18,10 +18,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline.stage import free_port
-from tests.test_stages import TINY
+from pipeline.process import free_port
+from tests.e2e.test_stages import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]  # the venv's Prefect, and the venv's Python for the stages
 
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest
 
-PRELOADED = "trl" in sys.modules  # at import: in the fork server, after the stage modules brought TRL in
+PRELOADED = "trl" in sys.modules  # at import: in the fork server, after the stages' preloads brought TRL in
 
 
 def run(cfg: PipelineConfig, out: Path) -> Manifest:
@@ -28,3 +29,6 @@ def run(cfg: PipelineConfig, out: Path) -> Manifest:
             "env": {k: os.environ.get(k) for k in ("PROBE_VALUE", "PROBE_UNSET")}}
     (out / "seen.json").write_text(json.dumps(seen))
     return Manifest("probe", out.name, {"seen": "seen.json"})
+
+
+STAGE = Stage("probe", run, lambda cfg: {})

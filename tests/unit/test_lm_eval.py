@@ -16,7 +16,7 @@ from pipeline.lm_eval_suite import (check_lm_eval, lm_eval_metrics, lm_eval_rete
                                     primary_metric, run_lm_eval)
 from pipeline.lm_eval_tasks.suites import general_eval_choices
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROWS = [{"prompt": f"up {w}=", "answer": w.upper(), "task": "upper"} for w in ("ab", "cd", "ef", "gh", "ij")]
 ROWS += [{"prompt": f"rev {w}=", "answer": w[::-1], "task": "reverse"} for w in ("xy", "zw")]
 

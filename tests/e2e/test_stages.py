@@ -18,9 +18,9 @@ from pipeline import answer_entropy
 from pipeline.config import DemoConfig, SamplingConfig, parse_config
 from pipeline.data import DataError, read_jsonl, write_jsonl
 from pipeline.demo import ASSISTANT, USER, build_model, build_tokenizer
-from pipeline.manifest import MANIFEST, DamagedResult, Manifest
+from pipeline.manifest import MANIFEST, DamagedResult, Manifest, digest
 from pipeline.sampling import sample
-from pipeline.stage import StageError
+from pipeline.process import StageError
 from pipeline.verifiers import verify_exact
 
 TINY = {
@@ -82,8 +82,11 @@ def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
         if not r.cached:  # the stage function's own time, inside the pipeline's time for the stage
             assert 0 < manifest.seconds < r.seconds
     by_name = {r.name: r.manifest for r in results}
-    assert by_name["sft"].inputs["model"] == by_name["pretrain"].key  # lineage: SFT starts from the pretrained model
-    assert by_name["dpo"].inputs == {"model": by_name["sft"].key, "pairs": by_name["pairs"].key}
+    # Keys follow content: SFT's input is the pretrained model's digest, DPO's the SFT model's and the pairs'.
+    assert by_name["sft"].inputs == {"model": by_name["pretrain"].digests["model"],
+                                     "data.train": by_name["demo_data"].digests["sft_train"]}
+    assert by_name["dpo"].inputs == {"model": by_name["sft"].digests["model"], "pairs": by_name["pairs"].digests["pairs"]}
+    assert by_name["sft"].settings["sft"]["loss"]["name"] == "ce"  # what the key digests, recorded to say what changed
     evaluation = by_name["evaluate_sft"].metrics
     assert 0.0 <= evaluation["target/pass_at_1"] <= 1.0 and "general/retention" in evaluation
     assert "target/pass_at_1" in by_name["evaluate_dpo"].metrics
@@ -280,8 +283,9 @@ def test_eksft_with_a_cached_reference_runs_the_reference_stage_before_sft(demo_
     assert [(r.name, r.cached) for r in results] == [
         ("demo_data", True), ("pretrain", True), ("reference", False), ("sft", False)]
     reference, sft = results[2].manifest, results[3].manifest
-    assert reference.inputs == {"model": first[1].manifest.key}
-    assert sft.inputs == {"model": first[1].manifest.key, "reference": reference.key}
+    model, data = first[1].manifest.digests["model"], first[0].manifest.digests["sft_train"]
+    assert reference.inputs == {"model": model, "data.train": data}
+    assert sft.inputs == {"model": model, "reference": reference.digests["topk"], "data.train": data}
     assert reference.metrics["topk"] == 8 and reference.metrics["tokens"] > reference.metrics["rows"] > 0
     history = json.loads(sft.path("log_history").read_text())
     assert any("kl" in h and "masked_kl_frac" in h for h in history)
@@ -309,7 +313,7 @@ def test_dpo_on_given_preference_data_skips_the_on_policy_stages(demo_run, tmp_p
     results = run_pipeline(cfg, stage="dpo")
     assert [(r.name, r.cached) for r in results] == [
         ("demo_data", True), ("pretrain", True), ("sft", True), ("dpo", False)]
-    assert results[-1].manifest.inputs == {"model": first[3].manifest.key}
+    assert results[-1].manifest.inputs == {"model": first[3].manifest.digests["model"], "data.train": digest(given)}
     given.write_text('{"prompt": "12*3=", "chosen": "63"}\n')
     with pytest.raises(DataError, match=r"preference\.jsonl:1: missing fields: expected chosen/prompt/rejected"):
         run_pipeline(tiny_config(demo_tmp, data={"preference": {"path": str(given)}}), stage="dpo")
@@ -398,7 +402,7 @@ def test_mlflow_has_parent_and_child_runs_with_lineage(demo_run):
     assert set(children) == set(STAGES)
     sft, pretrain = children["sft"], children["pretrain"]
     assert sft.data.tags["posttrain.key"] == results[3].manifest.key
-    assert sft.data.tags["posttrain.input.model"] == pretrain.data.tags["posttrain.key"]
+    assert sft.data.tags["posttrain.input.model"] == pretrain.data.tags["posttrain.output_digest.model"]
     assert sft.data.tags["posttrain.input_run.model"] == pretrain.info.run_id
     assert sft.data.tags["posttrain.output_digest.model"] == results[3].manifest.digests["model"]
     assert "train_loss" in sft.data.metrics  # the trainer's MLflow callback logged into the stage's run
@@ -486,7 +490,7 @@ def test_lineage_follows_the_dpo_model_back_to_the_data(demo_run):
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from flows.cli import app
 
     tmp_path, results = demo_run
     client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
@@ -554,13 +558,15 @@ def test_status_lists_done_stale_and_missing(demo_run, tmp_path):
     statuses = pipeline_status(tiny_config(demo_tmp))
     assert [(s.name, s.status) for s in statuses] == [(name, "done") for name in STAGES]
     assert statuses[3].key == results[3].manifest.key and statuses[3].manifest == results[3].manifest
-    changed = pipeline_status(tiny_config(demo_tmp, sft={"trainer": {"learning_rate": 0.0123, "max_steps": 2}}))
-    assert [(s.name, s.status) for s in changed] == [
-        ("demo_data", "done"), ("pretrain", "done"), ("evaluate_base", "done"), ("sft", "stale"),
-        *[(name, "missing") for name in STAGES[4:]]]
+    changed = pipeline_status(tiny_config(demo_tmp, sft={"trainer": TINY["sft"]["trainer"] | {"learning_rate": 0.0123}}))
+    # A key follows its inputs' content: the stages after SFT wait on it, and say so.
+    assert [(s.name, s.status, s.reason) for s in changed] == [
+        ("demo_data", "done", ""), ("pretrain", "done", ""), ("evaluate_base", "done", ""),
+        ("sft", "stale", "sft.trainer.learning_rate: (unset) -> 0.0123"),
+        *[(name, "waiting", "on sft") for name in STAGES[4:]]]
     assert changed[3].key != results[3].manifest.key
     fresh = pipeline_status(tiny_config(tmp_path))
-    assert {s.status for s in fresh} == {"missing"}
+    assert [(s.status, s.reason) for s in fresh] == [("missing", "")] + [("waiting", "on demo_data")] * (len(STAGES) - 1)
 
 
 def test_force_reruns_a_cached_stage_under_the_same_key(demo_run):
@@ -573,32 +579,107 @@ def test_force_reruns_a_cached_stage_under_the_same_key(demo_run):
         run_pipeline(tiny_config(tmp_path), {"reward"})
 
 
-def test_transient_stage_failure_is_retried_by_the_flow(demo_run, monkeypatch):
-    import flows.pipeline as pipeline_flow
-    from pipeline.stage import StageError
+def test_force_reruns_downstream_only_where_the_forced_stage_made_other_bytes(demo_run, world_copy, tmp_path,
+                                                                             monkeypatch):
+    """A key digests its inputs' content: a forced SFT that makes the same weights again (a CPU's
+    training is bit-reproducible) leaves every later result valid; one that makes other weights
+    (as a GPU's may) makes exactly the stages that read them run again."""
+    from pipeline import runner
+
+    shutil.copy(demo_run[0] / PAIR_PROMPTS, tmp_path / PAIR_PROMPTS)
+    world_copy = tiny_config(tmp_path)  # with the pairs' prompts, as `demo_run` has them
+    first = run_pipeline(world_copy)
+    assert all(r.cached for r in first)
+    before = {r.name: r.manifest for r in first}
+    same = run_pipeline(world_copy, {"sft"})
+    assert [(r.name, r.cached) for r in same] == [(name, name != "sft") for name in STAGES]
+    real = runner.run_in_process
+
+    def other_weights(stage, cfg, out, *args, **kwargs):
+        manifest = real(stage, cfg, out, *args, **kwargs)
+        if stage.name == "sft":  # one weight's sign flipped, and the manifest written again
+            weights = manifest.path("model") / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 0x80
+            weights.write_bytes(data)
+            manifest.write(out)
+        return manifest
+
+    monkeypatch.setattr(runner, "run_in_process", other_weights)
+    after = {r.name: r for r in run_pipeline(world_copy, {"sft"})}
+    assert after["sft"].manifest.digests["model"] != before["sft"].digests["model"]
+    ran = {name for name, r in after.items() if not r.cached}
+    samples_same = after["sample"].manifest.digests == before["sample"].digests
+    # The pairs are made from the samples only: made again only if the new model sampled otherwise.
+    assert ran == {"sft", "evaluate_sft", "sample", "dpo", "evaluate_dpo"} | (set() if samples_same else {"pairs"})
+
+
+def test_every_stage_is_a_prefect_task_run_a_reused_one_cached(demo_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
     tmp_path, results = demo_run
-    real = pipeline_flow.run_in_process
+    state = run_pipeline(tiny_config(tmp_path), return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert flow_run.name == "tiny" and {"config:tiny", "loss:ce", "seed:0"} <= set(flow_run.tags)
+    assert sorted((r.name, r.state.name) for r in task_runs) == sorted((name, "Cached") for name in STAGES)
+    keys = {r.name: next(t for t in r.tags if t.startswith("key:")) for r in task_runs}
+    assert keys == {r.name: f"key:{r.manifest.key}" for r in results}
+    [table] = [a for a in artifacts if a.key == "posttrain-stages"]
+    assert [row["stage"] for row in json.loads(table.data)] == list(STAGES)
+
+
+def test_a_change_of_scoring_only_rescores_the_saved_samples(world_copy, tmp_path, capsys):
+    sampled = {"n": 2, "temperature": 1.0}
+    first = run_pipeline(tiny_config(tmp_path, sampling=sampled), stage="evaluate_base")[-1]
+    assert not first.cached and "target/pass_at_2" not in first.manifest.metrics
+    capsys.readouterr()
+    rescored = run_pipeline(tiny_config(tmp_path, sampling=sampled, evaluate={"ks": [1, 2]}), stage="evaluate_base")[-1]
+    assert f"re-scoring the samples of {first.manifest.folder}" in capsys.readouterr().out
+    assert not rescored.cached and rescored.manifest.key != first.manifest.key
+    assert rescored.manifest.samples_key == first.manifest.samples_key
+    for suite in ("target", "general"):
+        old, new = (read_jsonl(m.path(f"samples_{suite}")) for m in (first.manifest, rescored.manifest))
+        assert [r["completions"] for r in new] == [r["completions"] for r in old]
+    assert {k: rescored.manifest.digests[k] for k in ("entropy", "lm_eval")} == \
+        {k: first.manifest.digests[k] for k in ("entropy", "lm_eval")}
+    metrics = rescored.manifest.metrics
+    assert metrics["target/pass_at_1"] == first.manifest.metrics["target/pass_at_1"] <= metrics["target/pass_at_2"]
+    assert {k for k in metrics if "lm_eval" in k} == {k for k in first.manifest.metrics if "lm_eval" in k}
+
+
+def test_transient_stage_failure_is_retried_by_the_flow(demo_run, monkeypatch):
+    import flows.pipeline as pipeline_flow
+    from pipeline import runner
+    from pipeline.process import StageError
+
+    tmp_path, results = demo_run
+    real = runner.run_in_process
     calls = []
 
     def flaky(*args, **kwargs):
-        calls.append(args[0])
+        calls.append(args[0].name)
         if len(calls) == 1:
             raise StageError("stage 'evaluate' failed: the vLLM engine did not start", "TransientError")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_flow, "run_in_process", flaky)
-    monkeypatch.setattr(pipeline_flow, "execute_stage", pipeline_flow.execute_stage.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(runner, "run_in_process", flaky)
+    monkeypatch.setattr(pipeline_flow, "stage_task", pipeline_flow.stage_task.with_options(retry_delay_seconds=0))
     rerun = run_pipeline(tiny_config(tmp_path), {"evaluate_base"}, "evaluate_base")
     assert calls == ["evaluate", "evaluate"] and not rerun[-1].cached
 
     calls.clear()
 
     def bad_input(*args, **kwargs):
-        calls.append(args[0])
+        calls.append(args[0].name)
         raise StageError("stage 'evaluate' failed: DataError: bad row", "DataError")
 
-    monkeypatch.setattr(pipeline_flow, "run_in_process", bad_input)
+    monkeypatch.setattr(runner, "run_in_process", bad_input)
     with pytest.raises(StageError, match="bad row"):
         run_pipeline(tiny_config(tmp_path), {"evaluate_base"}, "evaluate_base")
     assert calls == ["evaluate"]  # bad input is not retried

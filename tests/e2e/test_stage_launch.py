@@ -1,4 +1,4 @@
-"""One-process stages fork from a server that imported the libraries once (pipeline.stage):
+"""One-process stages fork from a server that imported the libraries once (pipeline.process):
 the child gets the parent's environment and output, fails like a `python -m` stage, and the
 server's imports never touch CUDA (a CUDA driver initialised before a fork is unusable in
 the children)."""
@@ -6,22 +6,26 @@ the children)."""
 import json
 import multiprocessing
 import os
+from multiprocessing import forkserver
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from pipeline.config import PipelineConfig
 from pipeline.manifest import Manifest
-from pipeline.stage import ERROR, preloaded_modules, run_forked
+from flows.pipeline import MODULES
+from pipeline.process import ERROR, preloaded_modules, run_forked, start_fork_server
+from stages import sft
 
 
 def request(tmp_path):
     out = tmp_path / "probe"
     out.mkdir(parents=True)
     (out / "request.json").write_text(json.dumps({
-        "config": PipelineConfig(name="probe").model_dump(mode="json"), "out": str(out), "inputs": {"x": "1"},
+        "config": PipelineConfig(name="probe").model_dump(mode="json"), "out": str(out), "record": {"inputs": {"x": "1"}},
         "paths": {}}))
     return out
 
@@ -29,10 +33,12 @@ def request(tmp_path):
 def test_a_forked_stage_has_the_parents_environment_and_output(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PROBE_UNSET", "in this process, not in the stage's environment")
     env = {k: v for k, v in os.environ.items() if k != "PROBE_UNSET"} | {"PROBE_VALUE": "42", "OMP_NUM_THREADS": "1"}
+    forkserver._forkserver._stop()  # one an earlier test in this worker started; started afresh with the preload:
+    start_fork_server([module.STAGE for module in MODULES])
     seen = []
     for _ in range(2):
         out = request(tmp_path / str(len(seen)))
-        assert run_forked("tests.stage_probe", out / "request.json", env) == 0
+        assert run_forked("tests.e2e.stage_probe", out / "request.json", env) == 0
         seen.append(json.loads((out / "seen.json").read_text()))
         assert Manifest.read(out).inputs == {"x": "1"}  # written by run_request, as for `python -m`
     captured = capfd.readouterr()
@@ -42,8 +48,8 @@ def test_a_forked_stage_has_the_parents_environment_and_output(tmp_path, monkeyp
     assert all(s["preloaded"] for s in seen)  # TRL was imported before the stage's own module ran
     assert seen[0]["pid"] != seen[1]["pid"] != os.getpid()  # a process per stage
     assert all(s["threads"] == 1 for s in seen)  # OMP_NUM_THREADS set for the stage is honoured
-    # As `python -m tests.stage_probe request.json` would have them:
-    assert [s["argv"] for s in seen] == [["tests.stage_probe", str(tmp_path / d / "probe" / "request.json")]
+    # As `python -m tests.e2e.stage_probe request.json` would have them:
+    assert [s["argv"] for s in seen] == [["tests.e2e.stage_probe", str(tmp_path / d / "probe" / "request.json")]
                                          for d in ("0", "1")]
     assert {s["start_method"] for s in seen} == {multiprocessing.get_start_method()}  # not the server's forkserver
     assert seen[0]["numpy_draw"] != seen[1]["numpy_draw"]  # numpy seeded afresh, not the server's state
@@ -51,7 +57,7 @@ def test_a_forked_stage_has_the_parents_environment_and_output(tmp_path, monkeyp
 
 def test_a_forked_stage_that_fails_exits_nonzero_with_its_error_recorded(tmp_path):
     out = request(tmp_path)
-    assert run_forked("tests.stage_probe", out / "request.json", os.environ | {"PROBE_FAIL": "1"}) == 1
+    assert run_forked("tests.e2e.stage_probe", out / "request.json", os.environ | {"PROBE_FAIL": "1"}) == 1
     assert (out / ERROR).read_text() == "ValueError: the probe was told to fail\n"
     assert "raise ValueError" in (out / "traceback.txt").read_text()
     assert Manifest.find(out) is None
@@ -59,8 +65,8 @@ def test_a_forked_stage_that_fails_exits_nonzero_with_its_error_recorded(tmp_pat
 
 def test_the_fork_servers_imports_never_ask_cuda_anything():
     """Every query that would initialise the CUDA driver raises while the server's modules import."""
-    modules = [m for m in preloaded_modules() if m != "__main__"]
-    assert "stages.sft" in modules and "flows.pipeline" in modules
+    modules = preloaded_modules([module.STAGE for module in MODULES])
+    assert "stages.sft" in modules and "pipeline.training" in modules and "pipeline.sampling" in modules
     probe = textwrap.dedent(f"""
         import torch, torch.cuda
         def refuse(*args, **kwargs):
@@ -77,11 +83,22 @@ def test_the_fork_servers_imports_never_ask_cuda_anything():
 
 
 def test_a_stage_process_killed_before_it_said_why_is_reported_as_killed(tmp_path, monkeypatch):
-    from pipeline import stage
-    from pipeline.stage import StageError, run_in_process
+    from pipeline import process as stage
+    from pipeline.process import StageError, run_in_process
 
     monkeypatch.setattr(stage, "run_forked", lambda *args: -9)  # what the OOM killer leaves: no error, no traceback
     with pytest.raises(StageError, match=r"exit code -9\): no error recorded\n  the process was killed by SIGKILL "
                                          r"before it recorded an error") as error:
-        run_in_process("sft", PipelineConfig(name="x"), tmp_path / "sft", {})
+        run_in_process(sft.STAGE, PipelineConfig(name="x"), tmp_path / "sft", {})
     assert "traceback.txt" not in str(error.value)
+
+
+def test_the_stage_declarations_import_no_torch():
+    """`posttrain status` reads every stage's declaration: torch, transformers and TRL come only
+    with a stage's `run`, in its own process."""
+    probe = (f"import sys\nfor m in {[m.STAGE.name for m in MODULES]!r}: __import__('stages.' + m)\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'datasets') if m in sys.modules))")
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

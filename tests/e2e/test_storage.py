@@ -11,12 +11,12 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from transformers import AutoModelForCausalLM
 
-import flows.pipeline as pipeline_flow
 from flows.pipeline import pipeline_status, run_pipeline
+from pipeline import runner
 from pipeline.config import ConfigError, parse_config
 from pipeline.manifest import MANIFEST, Manifest
 from pipeline.storage import DOWNLOAD_PREFIX, ResultStore, StoreError
-from tests.test_stages import TINY
+from tests.e2e.test_stages import TINY
 
 
 def machine(root: Path, store: Path):
@@ -32,13 +32,13 @@ def store_files(store: Path) -> set[str]:
 def stage_processes(monkeypatch):
     """The stage modules whose process the pipeline starts, in order."""
     started = []
-    real = pipeline_flow.run_in_process
+    real = runner.run_in_process
 
     def spy(stage, *args, **kwargs):
-        started.append(stage)
+        started.append(stage.name)
         return real(stage, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_flow, "run_in_process", spy)
+    monkeypatch.setattr(runner, "run_in_process", spy)
     return started
 
 

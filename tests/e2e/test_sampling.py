@@ -29,7 +29,8 @@ from pipeline.sampling import (
     vllm_engine,
     vllm_engine_args,
 )
-from pipeline.stage import TransientError, run_in_process
+from pipeline.process import TransientError, run_in_process
+from stages import sample as sample_stage
 
 PROMPTS = ["12+3=", [{"role": "user", "content": "2*4="}]]  # a text and a chat
 # Temperature 1 on an untrained model: completions differ from seed to seed.
@@ -100,7 +101,7 @@ def test_sample_stage_writes_rows_with_completions_and_settings(model_dir, tmp_p
     cfg = PipelineConfig(name="t", sampling=SETTINGS, pairs={"prompts": {"path": str(prompts)}, "n": 3,
                                                             "temperature": 0.5, "max_prompts": 2})
     out = tmp_path / "sample"
-    manifest = run_in_process("sample", cfg, out, {}, model=model_dir)
+    manifest = run_in_process(sample_stage.STAGE, cfg, out, {}, model=model_dir)
     assert manifest.stage == "sample" and Manifest.find(out) == manifest
     rows = read_jsonl(manifest.path("samples"))
     assert [r["id"] for r in rows] == ["a", "1"]  # max_prompts: 2
@@ -251,7 +252,7 @@ RANK_1 = r"^vLLM data-parallel rank 1 of 2 \(cores 1\)"
 
 @pytest.mark.parametrize("job, error, message", [
     # An engine that did not start stays transient (the flow retries the stage).
-    ((exec, ("from pipeline.stage import TransientError\n"
+    ((exec, ("from pipeline.process import TransientError\n"
              "raise TransientError('the vLLM engine did not start: no memory')", {})),
      TransientError, RANK_1 + r": the vLLM engine did not start: no memory\n"),
     ((int, ("twelve",)), RuntimeError, RANK_1 + r": ValueError: invalid literal for int\(\) .*'twelve'\n"),

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.manifest import MANIFEST
 from pipeline.training import CHECKPOINT_SEAL, last_complete_checkpoint
-from tests.test_stages import TINY
+from tests.e2e.test_stages import TINY
 
 MAX_STEPS = 80
 
@@ -28,7 +28,7 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
                                   "logging_steps": 10}}}
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--stage", "sft"]
+    command = [sys.executable, "-m", "flows.cli", "run", str(path), "--stage", "sft"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = 10 * random.randint(1, 5)  # a step: the kill lands somewhere else each time
     deadline = time.time() + 600
@@ -82,7 +82,7 @@ def test_sigterm_to_the_run_stops_it_within_15_s_and_it_resumes_after(tmp_path):
                                   "logging_steps": 10}}}
     path = tmp_path / "term.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--stage", "sft"]
+    command = [sys.executable, "-m", "flows.cli", "run", str(path), "--stage", "sft"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     deadline = time.time() + 600

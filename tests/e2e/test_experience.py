@@ -16,12 +16,12 @@ from mlflow.tracking import MlflowClient
 from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from flows.cli import app
 from pipeline.config import ConfigError
 from pipeline.data import read_jsonl
-from tests.test_stages import TINY
+from tests.e2e.test_stages import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ("demo_data", "pretrain", "evaluate_base")  # what `--stage evaluate_base` runs: training and sampling
 MODULES = {"evaluate_base": "evaluate"}
 
@@ -30,7 +30,7 @@ def posttrain(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     # The test session's Prefect server, rather than a temporary one per command (20 s each).
     # Without MLFLOW_TRACKING_URI, the runs go to the store the test reads (results_dir's SQLite).
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PREFECT_API_URL": PREFECT_API_URL.value()}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
 
 
@@ -95,7 +95,7 @@ def test_a_cached_stage_is_one_line_and_shows_no_progress(world):
     assert "running:" not in second.stdout and "step/s" not in second.stderr and "prompt/s" not in second.stderr
 
 
-def test_status_shows_done_and_missing_stages_with_their_metrics(world):
+def test_status_shows_done_missing_and_waiting_stages_with_their_metrics(world):
     tmp, config, first, _, _ = world
     status = posttrain("status", str(config))
     assert status.returncode == 0, status.stderr
@@ -104,7 +104,9 @@ def test_status_shows_done_and_missing_stages_with_their_metrics(world):
         assert rows[stage][1:3] == ["done", ran[stage][2]]
         assert rows[stage][5] == manifest(tmp / "results", stage, ran[stage][2])["run_id"]
     assert rows["evaluate_base"][4] == ran["evaluate_base"][4]
-    assert [rows[s][1] for s in ("sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")] == ["missing"] * 6
+    assert rows["sft"][1] == "missing"  # its key is known: its inputs are built
+    for stage in ("evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo"):  # their keys follow SFT's weights
+        assert rows[stage][1:3] == ["waiting", "(not yet known)"] and rows[stage][4] == "on sft"
 
 
 def test_runs_lists_recent_pipeline_runs_from_mlflow_newest_first(world, tmp_path):

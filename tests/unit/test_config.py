@@ -6,7 +6,7 @@ import yaml
 from pipeline import sandbox
 from pipeline.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -24,7 +24,7 @@ from pipeline.sandbox import SandboxUnavailable, run_untrusted
 from pipeline.verifiers import code_program, get_verifier
 
 SLACK_S = 3.0
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOUBLE = {"prompt": "", "test": "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(5) == 10\n",
           "entry_point": "double"}
 verify = get_verifier("code", allow_untrusted_code=True)

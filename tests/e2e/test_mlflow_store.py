@@ -13,12 +13,12 @@ from prefect.settings import PREFECT_API_URL
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.stage import free_port
+from flows.cli import app
+from pipeline.process import free_port
 from pipeline.tracking import ui_command
-from tests.test_stages import TINY
+from tests.e2e.test_stages import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def start_server(store: Path, port: int, ui: bool = False) -> subprocess.Popen:
@@ -70,7 +70,7 @@ def test_a_lost_tracking_server_never_loses_work_and_results_are_logged_when_it_
     # The test session's Prefect server, rather than a temporary one of its own (20 s to start).
     quick = os.environ | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
                           "PREFECT_API_URL": PREFECT_API_URL.value()}
-    run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--stage", "pretrain"],
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--stage", "pretrain"],
                            cwd=REPO, env=quick, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     for line in run.stdout:

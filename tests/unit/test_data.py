@@ -90,17 +90,3 @@ def test_a_line_longer_than_the_limit_is_an_error_naming_file_and_line(tmp_path)
     with pytest.raises(DataError, match=r"big\.jsonl:2: the line is longer than 1048576 bytes .*raise max_line_bytes"):
         load_rows(DataSource(path=str(path)), SFT_FIELDS)
     assert len(load_rows(DataSource(path=str(path), max_line_bytes=4_000_000), SFT_FIELDS)) == 2
-
-
-def test_a_bad_row_anywhere_stops_the_run_before_any_stage(tmp_path):
-    from flows.pipeline import run_pipeline
-    from pipeline.config import parse_config
-
-    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "1+1=", "answer": "2"}])
-    (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')
-    cfg = parse_config({"name": "x", "results_dir": str(tmp_path / "results"),
-                        "data": {"sft": {"path": str(tmp_path / "sft.jsonl")},
-                                 "target_eval": {"path": str(tmp_path / "test.jsonl")}}})
-    with pytest.raises(DataError, match=r"sft\.jsonl:2: malformed JSON"):
-        run_pipeline(cfg)
-    assert not (tmp_path / "results" / "demo_data").exists()  # nothing ran

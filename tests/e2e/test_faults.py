@@ -99,7 +99,7 @@ def test_dpo_stops_at_a_nan_loss_too(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Runs a stage module as the pipeline does (`python -m stages.<name> request.json`), but the
 # process SIGKILLs itself when it is about to rename `target` into place: the file's whole
@@ -264,3 +264,18 @@ def test_a_checkpoint_cut_off_before_its_state_was_written_is_removed(tmp_path, 
     assert last_complete_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "checkpoint-2"
     assert "checkpoint-4 removed: it was cut off while it was saved" in capsys.readouterr().out
     assert not (tmp_path / "checkpoints" / "checkpoint-4").exists()
+
+
+def test_a_bad_row_anywhere_stops_the_run_before_any_stage(tmp_path):
+    from flows.pipeline import run_pipeline
+    from pipeline.config import parse_config
+    from pipeline.data import DataError, write_jsonl
+
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')
+    cfg = parse_config({"name": "x", "results_dir": str(tmp_path / "results"),
+                        "data": {"sft": {"path": str(tmp_path / "sft.jsonl")},
+                                 "target_eval": {"path": str(tmp_path / "test.jsonl")}}})
+    with pytest.raises(DataError, match=r"sft\.jsonl:2: malformed JSON"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "results" / "demo_data").exists()  # nothing ran

@@ -1,12 +1,12 @@
 """Running a stage in its own process, so its memory (GPU memory too) is returned when it ends.
 
-The parent writes a request (the config and the stage's path arguments) to the stage
-folder. A one-process stage is forked from a server that has imported torch, transformers,
-TRL and the stage modules once (`launch.preload`); without it the stage runs as
-`python -m stages.<name> request.json`, and a training stage whose config asks for several
-processes runs as `accelerate launch ... -m stages.<name> request.json`. A stage function
-takes the config and paths and returns a Manifest; under accelerate every process runs it,
-and only the first writes the manifest, once all have finished.
+The parent writes a request (the config, the stage's input paths and what its manifest records
+of its key) to the stage folder. A one-process stage is forked from a server that has imported
+torch, transformers, TRL and the stages' modules once (`launch.preload`); without it the stage
+runs as `python -m stages.<name> request.json`, and a training stage whose config asks for
+several processes runs as `accelerate launch ... -m stages.<name> request.json`. A stage's `run`
+takes the config and paths and returns a Manifest; under accelerate every process runs it, and
+only the first writes the manifest, once all have finished.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import importlib
 import json
 import multiprocessing
 import os
-import pkgutil
 import re
 import signal
 import socket
@@ -26,18 +25,17 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from multiprocessing import forkserver, reduction
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.contract import Stage
 from pipeline.manifest import Manifest, atomic_write_text
 
 REQUEST = "request.json"
 ERROR = "error.txt"
-SYSTEM_METRICS_STAGES = {"pretrain", "sft", "dpo", "reference", "evaluate", "sample"}  # those that run a model
-# The stages that train: with `launch.num_processes` > 1 they start through `accelerate launch`.
-LAUNCHED_STAGES = ("pretrain", "sft", "dpo")
 
 
 class TransientError(RuntimeError):
@@ -55,15 +53,15 @@ class StageError(RuntimeError):
         self.transient = error_type in TRANSIENT
 
 
-def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str, str],
+def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[str, Any],
                    env: dict[str, str] | None = None, **paths: Path) -> Manifest:
-    """Run `stages.<stage>.run(cfg, out, **paths)` in a child process with `env` added to its
-    environment; `inputs` (upstream keys and digests) are recorded in the manifest for lineage."""
+    """Run `stage.run(cfg, out, **paths)` in a child process with `env` added to its environment;
+    `record` (the key's input digests, settings, samples key) goes into the manifest as is."""
     out.mkdir(parents=True, exist_ok=True)
     request = {
         "config": cfg.model_dump(mode="json"),
         "out": str(out),
-        "inputs": inputs,
+        "record": record,
         "paths": {k: str(v) for k, v in paths.items()},
     }
     atomic_write_text(out / REQUEST, json.dumps(request, indent=2))
@@ -72,7 +70,8 @@ def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str,
     command = stage_command(stage, cfg, out / REQUEST)
     env = os.environ | (env or {})
     if command is None:
-        exit_code = run_forked(f"stages.{stage}", out / REQUEST, env)
+        start_fork_server([stage])  # a no-op where the flow started it with every stage's preload
+        exit_code = run_forked(stage.module, out / REQUEST, env)
     else:
         exit_code = run_launched(command, env)
     if exit_code != 0:
@@ -85,7 +84,7 @@ def run_in_process(stage: str, cfg: PipelineConfig, out: Path, inputs: dict[str,
             by = f" by {signal.Signals(-exit_code).name}" if exit_code < 0 else ""
             where = (f"  the process was killed{by} before it recorded an error (out of memory? the kernel log "
                      "says); run again to resume")
-        raise StageError(f"stage '{stage}' failed (exit code {exit_code}): {reason or 'no error recorded'}\n{where}",
+        raise StageError(f"stage '{stage.name}' failed (exit code {exit_code}): {reason or 'no error recorded'}\n{where}",
                          error_type=re.sub(r"^rank \d+ ", "", reason).split(":", 1)[0])
     return Manifest.read(out)
 
@@ -107,12 +106,12 @@ def run_launched(command: list[str], env: dict[str, str]) -> int:
         raise
 
 
-def stage_command(stage: str, cfg: PipelineConfig, request: Path) -> list[str] | None:
+def stage_command(stage: Stage, cfg: PipelineConfig, request: Path) -> list[str] | None:
     """`python -m stages.<stage> request.json`, through `accelerate launch` for a training stage
     that the config gives more than one process; None: forked from the preloaded server."""
-    module = ["-m", f"stages.{stage}", str(request)]
+    module = ["-m", stage.module, str(request)]
     launch = cfg.launch
-    if stage not in LAUNCHED_STAGES or launch.num_processes == 1:
+    if not stage.trains or launch.num_processes == 1:
         return None if launch.preload else [sys.executable, *module]
     # Without a file: plain DDP (on a machine without GPUs torchrun's processes meet over gloo),
     # with the defaults accelerate would otherwise warn it assumed.
@@ -190,20 +189,16 @@ def process_rank() -> tuple[int, int]:
 # each stage still sets up its own devices and gives all its memory back when it exits.
 
 
-def preloaded_modules() -> list[str]:
-    """What the fork server imports: the stage modules (and through them torch, transformers,
-    TRL, datasets) and the flows (Prefect, MLflow). multiprocessing runs the parent's main
-    module again in each child, as `__mp_main__` (so a script that starts a pipeline needs the
-    usual `if __name__ == "__main__"`); `posttrain`'s imports the flows, which are then loaded."""
-    import stages
-
-    return ["flows.pipeline", *(f"stages.{m.name}" for m in pkgutil.iter_modules(stages.__path__))]
+def preloaded_modules(stages: list[Stage]) -> list[str]:
+    """What the fork server imports: the stages' modules and what their `run`s import (torch,
+    transformers, TRL, datasets through them)."""
+    return sorted({m for stage in stages for m in (stage.module, *stage.preload)})
 
 
-def start_fork_server() -> None:
+def start_fork_server(stages: list[Stage]) -> None:
     """Start the fork server now, so that its imports overlap the parent's own set-up; a no-op
     once it runs."""
-    forkserver.set_forkserver_preload(preloaded_modules())
+    forkserver.set_forkserver_preload(preloaded_modules(stages))
     forkserver.ensure_running()
 
 
@@ -231,7 +226,7 @@ def run_forked(module: str, request: Path, env: dict[str, str]) -> int:
     child = multiprocessing.get_context("forkserver").Process(
         target=forked_stage, args=(module, request, env, ParentFd(1), ParentFd(2)), name=module)
     try:
-        start_fork_server()
+        forkserver.ensure_running()  # preloaded where the flow started it (start_fork_server)
         child.start()
     except (OSError, EOFError) as error:  # the server died (an import failed) or an fd is closed
         raise StageError(f"{module}: the fork server could not start it ({type(error).__name__}: {error}); "
@@ -267,7 +262,7 @@ def forked_stage(module: str, request: Path, env: dict[str, str], stdout: int, s
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # torch read the server's at import
     np.random.seed()  # from the OS, as at a process start, not the server's state
     try:
-        run_request(importlib.import_module(module).run, request)
+        run_request(importlib.import_module(module).STAGE, request)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -281,12 +276,12 @@ def forked_stage(module: str, request: Path, env: dict[str, str], stdout: int, s
 # -------------------------------------------------------------------- a stage's process
 
 
-def stage_main(run: Callable[..., Manifest]) -> None:
+def stage_main(stage: Stage) -> None:
     """Entry point of a stage module: `python -m stages.<name> request.json`."""
-    run_request(run, Path(sys.argv[1]))
+    run_request(stage, Path(sys.argv[1]))
 
 
-def run_request(run: Callable[..., Manifest], request_file: Path) -> None:
+def run_request(stage: Stage, request_file: Path) -> None:
     """Run a stage's request. Writes the returned manifest last, so the stage counts as done only
     once all its outputs exist; a failure exits with 1 after writing error.txt and the traceback."""
     request = json.loads(request_file.read_text())
@@ -294,7 +289,7 @@ def run_request(run: Callable[..., Manifest], request_file: Path) -> None:
     run_id = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow's end_run() unsets it
     rank, processes = process_rank()
     monitor = None
-    if run_id and rank == 0 and run.__module__.rpartition(".")[2] in SYSTEM_METRICS_STAGES:
+    if run_id and rank == 0 and stage.system_metrics:
         # MLflow's own system metrics (CPU, memory, disk, network, GPU), every
         # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default), into the stage's run.
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -304,14 +299,15 @@ def run_request(run: Callable[..., Manifest], request_file: Path) -> None:
     try:
         cfg = PipelineConfig.model_validate(request["config"])
         start = time.perf_counter()
-        manifest = run(cfg, out, **{k: Path(v) for k, v in request["paths"].items()})
+        manifest = stage.run(cfg, out, **{k: Path(v) for k, v in request["paths"].items()})
         if processes > 1:
             import torch.distributed as dist
 
             if dist.is_initialized():  # the first process writes the manifest once every process is done
                 dist.barrier()
         if rank == 0:
-            manifest.inputs = request["inputs"]
+            for name, value in request["record"].items():  # inputs, settings, samples_key
+                setattr(manifest, name, value)
             manifest.run_id = run_id
             manifest.write(out, started=start)
     except Exception as error:

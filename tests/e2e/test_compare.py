@@ -10,16 +10,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from flows.cli import app
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import write_jsonl
 from pipeline.manifest import Manifest
 from pipeline.metrics import mean_interval, paired_bootstrap, pass_at_k_table, sample_counts
 from pipeline.report import (ArmRun, build_report, interval, matched_levels, matched_retention, pareto, render_markdown,
                              retention_at, select_learning_rates, verdict, write_report)
-from tests.test_stages import TINY
+from tests.e2e.test_stages import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARMS, SEEDS = ("ce", "eaft"), (0, 1)
 
 

@@ -1,0 +1,57 @@
+"""The code's layers: `pipeline/` is the library and imports neither the stages nor the flows;
+a stage imports only the library; each stage module declares its stage (pipeline.contract)
+under its own name. (That reading the declarations imports no torch takes a process:
+tests/e2e/test_stage_launch.py.)"""
+
+import ast
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import stages
+from pipeline.contract import Stage
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGE_MODULES = sorted(m.name for m in pkgutil.iter_modules(stages.__path__))
+
+
+def imported(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside a function (a lazy import is an import too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def top_packages(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imported(path)}
+
+
+@pytest.mark.parametrize("file", sorted((ROOT / "pipeline").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_library_imports_no_stage_and_no_flow(file):
+    assert not top_packages(file) & {"stages", "flows"}, f"{file} imports upward: {sorted(imported(file))}"
+
+
+@pytest.mark.parametrize("file", sorted((ROOT / "stages").glob("*.py")), ids=lambda p: p.name)
+def test_a_stage_imports_only_the_library(file):
+    assert not top_packages(file) & {"stages", "flows", "tests"}, f"{file}: {sorted(imported(file))}"
+
+
+def test_the_walk_sees_lazy_imports(tmp_path):
+    """The check above would pass vacuously if it missed imports inside functions."""
+    module = tmp_path / "m.py"
+    module.write_text("import os\n\ndef f():\n    from flows.pipeline import run_pipeline\n")
+    assert top_packages(module) == {"os", "flows"}
+
+
+def test_each_stage_module_declares_its_stage_under_its_own_name():
+    import importlib
+
+    for name in STAGE_MODULES:
+        stage = importlib.import_module(f"stages.{name}").STAGE
+        assert isinstance(stage, Stage) and stage.name == name and stage.module == f"stages.{name}"
+        assert stage.run.__module__ == f"stages.{name}"
