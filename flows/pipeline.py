@@ -11,7 +11,6 @@ include the flow run, so the pipeline keeps its own.)
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -23,7 +22,7 @@ from prefect.states import Completed
 from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig, load_config
 from pipeline.contract import Input
 from pipeline.data import check_data
-from pipeline.manifest import Manifest, digest, results_lock
+from pipeline.manifest import Manifest, results_lock
 from pipeline.process import StageError, start_fork_server, stop_on_signals
 from pipeline.runner import NotBuilt, StageResult, StageRunner, StageStatus
 from pipeline.tracking import Tracker, pipeline_run_name
@@ -96,10 +95,7 @@ class PipelineRun:
     @cached_property
     def base_model(self) -> Input:
         """The starting model: the demo's pretrained one, or the config's folder or hub id."""
-        if self.cfg.is_demo:
-            return Input.output(self.pretrain, "model")
-        path = Path(self.cfg.model.path)
-        return Input(path, digest(path) if path.exists() else f"hub:{self.cfg.model.path}")
+        return Input.output(self.pretrain, "model") if self.cfg.is_demo else Input.model(self.cfg.model.path)
 
     @cached_property
     def reference(self) -> Manifest:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataSource, PipelineConfig
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, digest
 
 
 def no_data(cfg: PipelineConfig) -> dict[str, DataSource]:
@@ -43,6 +43,9 @@ class Stage:
     # whose samples match is re-scored from them (input `samples`) instead of sampling again.
     samples_settings: Callable[[PipelineConfig], dict[str, Any]] | None = None
     scoring_inputs: tuple[str, ...] = ()  # inputs that change the scores only, not the samples
+    # Raised when the stage's code changes what it makes from the same settings and inputs, so
+    # that results made before are not reused (and their samples not re-scored).
+    version: int = 1
     inputs: dict[str, bool] = field(init=False)  # name -> required
 
     def __post_init__(self) -> None:
@@ -75,6 +78,12 @@ class Input:
     def output(cls, manifest: Manifest, name: str) -> Input:
         """One output of an upstream result, by the digest its manifest recorded."""
         return cls(manifest.path(name), manifest.digests[name], manifest)
+
+    @classmethod
+    def model(cls, path_or_hub_id: str) -> Input:
+        """A model the config names: a local folder by its files' digest, else a hub id as is."""
+        path = Path(path_or_hub_id)
+        return cls(path, digest(path) if path.exists() else f"hub:{path_or_hub_id}")
 
     @classmethod
     def metrics(cls, manifest: Manifest) -> Input:

@@ -173,8 +173,9 @@ class Manifest:
             manifest = cls(**json.loads(path.read_bytes()), folder=folder)
         except (ValueError, TypeError) as error:  # cut off, not JSON, not UTF-8, `{}`, unknown fields
             raise DamagedResult(f"{path} is damaged ({str(error).splitlines()[0][:120]})") from None
-        if not all(isinstance(m, dict) for m in (manifest.outputs, manifest.digests, manifest.stats)):
-            raise DamagedResult(f"{path} is damaged (its outputs, digests or stats are not a mapping)")
+        if not all(isinstance(m, dict) for m in (manifest.outputs, manifest.digests, manifest.stats, manifest.inputs,
+                                                 manifest.settings)):
+            raise DamagedResult(f"{path} is damaged (its outputs, digests, stats, inputs or settings are not a mapping)")
         return manifest
 
     @classmethod

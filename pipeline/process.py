@@ -190,9 +190,9 @@ def process_rank() -> tuple[int, int]:
 
 
 def preloaded_modules(stages: list[Stage]) -> list[str]:
-    """What the fork server imports: the stages' modules and what their `run`s import (torch,
-    transformers, TRL, datasets through them)."""
-    return sorted({m for stage in stages for m in (stage.module, *stage.preload)})
+    """What the fork server imports: the stages' modules, what their `run`s import (torch,
+    transformers, TRL, datasets through them), and MLflow, which every stage logs with."""
+    return sorted({"mlflow", *(m for stage in stages for m in (stage.module, *stage.preload))})
 
 
 def start_fork_server(stages: list[Stage]) -> None:

@@ -96,6 +96,7 @@ class StageRunner:
     tracker: Any | None  # pipeline.tracking.Tracker; None: a dry run, which computes keys and runs nothing
     force: set[str] = field(default_factory=set)
     results: list[StageResult] = field(default_factory=list)
+    cleared: set[str] = field(default_factory=set)  # forced stages whose old result this run removed
     statuses: dict[str, StageStatus] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
 
@@ -116,8 +117,8 @@ class StageRunner:
         samples_key = None
         if stage.samples_settings is not None:
             sampled = {k: v for k, v in digests.items() if k not in stage.scoring_inputs}
-            samples_key = stage_key(f"{stage.name}/samples", stage.samples_settings(cfg), sampled)
-        key = stage_key(stage.name, settings, digests)
+            samples_key = stage_key(f"{stage.name}/v{stage.version}/samples", stage.samples_settings(cfg), sampled)
+        key = stage_key(f"{stage.name}/v{stage.version}", settings, digests)
         return Planned(name, stage, cfg, inputs, settings, digests, key, samples_key,
                        self.cfg.results_dir / stage.name / key)
 
@@ -239,8 +240,10 @@ class StageRunner:
         """Run the stage's process: forced, changed or damaged results go first (a fresh start,
         not from their checkpoints); a stale one's reason is said."""
         name, out = planned.name, planned.out
-        if out.exists() and (name in self.force or (out / MANIFEST).exists()):
+        # Once per run: a retried (transient) failure resumes from the checkpoints the first try saved.
+        if out.exists() and ((name in self.force and name not in self.cleared) or (out / MANIFEST).exists()):
             shutil.rmtree(out)
+        self.cleared |= {name} & self.force
         old = self.latest_manifest(planned)
         print(f"[{name}] running: {out}" + (f" ({what_changed(old, planned)})" if old else ""), flush=True)
         paths = {n: i.path for n, i in planned.inputs.items()}

@@ -279,6 +279,9 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
         if not merge:
             # The Trainer's save gathers FSDP / ZeRO-3 shards, and writes from the main process only.
             trainer.save_model(str(out / "model"))
+            # Its pickled TrainingArguments hold this folder's absolute path: the model's digest, which
+            # later stages' keys digest, would depend on where the results live. The log keeps them.
+            (out / "model" / "training_args.bin").unlink(missing_ok=True)
         elif trainer.is_world_process_zero():
             # Merged, so every later stage (sampling, DPO and its reference) loads plain weights.
             trainer.model.merge_and_unload().save_pretrained(out / "model")

@@ -40,8 +40,10 @@ def samples_settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
-    code = any(s.verifier == "code" for s in eval_suites(cfg).values())
+    suites = eval_suites(cfg)
+    code = any(s.verifier == "code" for s in suites.values())
     return {"sampling": cfg.sampling.key_settings(), "evaluate": cfg.evaluate.key_settings(code=code),
+            "verifiers": {suite: source.verifier for suite, source in suites.items()},  # scoring only
             "tokenizer": str(cfg.model.tokenizer)}
 
 

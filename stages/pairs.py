@@ -15,6 +15,8 @@ from pipeline.process import stage_main
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
     settings = {"seed": cfg.seed, "pairs_per_prompt": cfg.pairs.pairs_per_prompt, "verifier": cfg.pair_prompts.verifier}
+    if cfg.pair_prompts.verifier == "code":  # what a program may do and for how long decides what passes
+        settings["code"] = cfg.evaluate.model_dump(include={"allow_untrusted_code", "code_timeout_s"})
     return settings | ({"reference_chosen": True} if cfg.pairs.reference_chosen else {})
 
 

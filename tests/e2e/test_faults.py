@@ -141,10 +141,10 @@ def stage_inputs(tmp_path_factory):
 def test_a_stage_killed_while_writing_is_not_done_and_runs_again(stage_inputs, stage, target, output):
     tmp, cfg = stage_inputs
     out = tmp / f"{stage}-{target}"
-    paths = {"sample": {"model": str(tmp / "model")}, "pairs": {"samples": str(tmp / "samples")}}[stage]
+    paths = {"sample": {"model": str(tmp / "model")}, "pairs": {"samples": str(tmp / "samples" / "samples.jsonl")}}[stage]
     out.mkdir()
     (out / "request.json").write_text(json.dumps(
-        {"config": cfg.model_dump(mode="json"), "out": str(out), "inputs": {}, "paths": paths}))
+        {"config": cfg.model_dump(mode="json"), "out": str(out), "record": {}, "paths": paths}))
     killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_RENAME, target, f"stages.{stage}", str(out / "request.json")],
                             cwd=REPO)
     assert killed.returncode == -9

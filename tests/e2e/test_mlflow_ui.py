@@ -103,7 +103,7 @@ def test_experiment_page_shows_the_pipeline_run_with_its_stage_runs_under_it(ui,
         screenshot(ui.driver, "experiment.png", capsys)
 
 
-@pytest.mark.parametrize("stage, input_name, upstream", [("pretrain", "data", "demo_data"),
+@pytest.mark.parametrize("stage, input_name, upstream", [("pretrain", "train", "demo_data"),
                                                          ("evaluate_base", "model", "pretrain")])
 def test_stage_run_page_shows_its_metrics_and_lineage_tags(ui, stage, input_name, upstream, capsys):
     """A stage run's page shows its parent run, every metric with its value, and every posttrain

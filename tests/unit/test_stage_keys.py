@@ -1,0 +1,81 @@
+"""What a stage's key digests (pipeline.contract, pipeline.runner), without running a stage."""
+
+import json
+
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.contract import Input
+from pipeline.manifest import DamagedResult, Manifest
+from pipeline.runner import StageRunner, what_changed
+from stages import evaluate, pairs, sft
+
+
+def config(tmp_path, **sections):
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    data = {"sft": {"path": str(suite)}, "target_eval": {"path": str(suite)}, **sections.pop("data", {})}
+    return parse_config({"name": "keys", "results_dir": str(tmp_path / "results"), "data": data, **sections})
+
+
+def planned(tmp_path, module, inputs=None, **sections):
+    return StageRunner(config(tmp_path), tracker=None).plan("x", module.STAGE, config(tmp_path, **sections),
+                                                            {"model": Input(tmp_path, "m")} if inputs is None else inputs)
+
+
+def test_a_suites_verifier_changes_the_evaluation_key_but_not_its_samples_key(tmp_path):
+    exact = planned(tmp_path, evaluate)
+    math = planned(tmp_path, evaluate, data={"target_eval": {"path": str(tmp_path / "suite.jsonl"), "verifier": "math"}})
+    assert math.key != exact.key and math.samples_key == exact.samples_key  # re-scored, not sampled again
+    more = planned(tmp_path, evaluate, sampling={"max_tokens": 7})
+    assert more.key != exact.key and more.samples_key != exact.samples_key
+    other_baseline = planned(tmp_path, evaluate, {"model": Input(tmp_path, "m"), "baseline": Input(tmp_path, "b")})
+    assert other_baseline.key != exact.key and other_baseline.samples_key == exact.samples_key
+
+
+def test_the_code_verifiers_limits_are_in_the_pairs_key_only_for_code(tmp_path):
+    samples = {"samples": Input(tmp_path, "s")}
+    exact, longer = (planned(tmp_path, pairs, samples, evaluate={"code_timeout_s": t}) for t in (10, 20))
+    assert exact.key == longer.key
+    code = {"pairs": {"prompts": {"path": str(tmp_path / "suite.jsonl"), "verifier": "code"}}}
+    short, long = (planned(tmp_path, pairs, samples, evaluate={"code_timeout_s": t, "allow_untrusted_code": True,
+                                                               "code_isolation": "none"}, **code) for t in (10, 20))
+    assert short.key != long.key
+
+
+def test_a_key_follows_its_inputs_content_and_its_data(tmp_path):
+    one, same, other = (planned(tmp_path, sft, {"model": Input(tmp_path / p, d)}) for p, d in
+                        (("a", "d1"), ("b", "d1"), ("a", "d2")))
+    assert one.key == same.key != other.key  # where a model lies does not matter, what it holds does
+    assert one.digests["data.train"] and set(one.digests) == {"model", "data.train"}
+
+
+def test_a_model_the_config_names_is_keyed_by_its_files_or_its_hub_id(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    before = Input.model(str(tmp_path / "model")).digest
+    (tmp_path / "model" / "config.json").write_text('{"changed": 1}')
+    assert Input.model(str(tmp_path / "model")).digest != before
+    assert Input.model("org/model").digest == "hub:org/model"
+
+
+def test_the_wiring_must_hand_over_the_inputs_run_takes(tmp_path):
+    with pytest.raises(TypeError, match=r"stage 'sft': inputs \['model'\] are missing"):
+        planned(tmp_path, sft, {})
+    with pytest.raises(TypeError, match=r"inputs \['tokenizer'\] are not parameters of its run"):
+        planned(tmp_path, sft, {"model": Input(tmp_path, "m"), "tokenizer": Input(tmp_path, "t")})
+
+
+def test_what_changed_names_the_settings_and_inputs_or_an_older_manifest(tmp_path):
+    now = planned(tmp_path, sft, sft={"trainer": {"learning_rate": 1e-4}})
+    old = Manifest("sft", "k", {}, inputs={**now.digests, "model": "other"},
+                   settings={**now.settings, "sft": {**now.settings["sft"], "trainer": {"learning_rate": 1e-5}}})
+    assert what_changed(old, now) == "sft.trainer.learning_rate: 1e-05 -> 0.0001; model changed"
+    assert "made before stages recorded their settings" in what_changed(Manifest("sft", "k", {}), now)
+
+
+def test_a_manifest_whose_inputs_or_settings_are_not_a_mapping_is_damaged(tmp_path):
+    body = {"stage": "sft", "key": "k", "outputs": {}, "inputs": None}
+    (tmp_path / "manifest.json").write_text(json.dumps(body))
+    with pytest.raises(DamagedResult, match="inputs or settings are not a mapping"):
+        Manifest.read(tmp_path)
