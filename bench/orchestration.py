@@ -9,16 +9,21 @@ temporary local server without one): once with every stage a fresh `python -m st
 with every stage cached. Per stage, the overhead is the wall time the pipeline spent on it
 minus the time the stage function itself ran (recorded in its manifest): the process's start
 and imports, the Prefect task, the MLflow run and its logging. The cached run's per-stage
-time is orchestration alone.
+time is orchestration alone. Then the commands a user types on that config, each in a fresh
+process as from a shell: `posttrain validate`, `posttrain status` and a fully cached
+`posttrain run`, against the targets of issue 21 (2 s, 3 s, 8 s).
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,11 +45,13 @@ def main() -> None:
     preference = work / "preference.jsonl"
     preference.write_text('{"prompt": "12*3=", "chosen": "63", "rejected": "36"}\n' * 8)
 
-    def config(preload: bool) -> PipelineConfig:
+    def settings(preload: bool) -> dict:
         results = work / ("results" if preload else "results-fresh")
-        return parse_config({"name": "orchestration", "results_dir": str(results), **TINY,
-                             "launch": {"preload": preload}, "data": {"preference": {"path": str(preference)}},
-                             "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"}})
+        return {"name": "orchestration", "results_dir": str(results), **TINY, "launch": {"preload": preload},
+                "data": {"preference": {"path": str(preference)}}, "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"}}
+
+    def config(preload: bool) -> PipelineConfig:
+        return parse_config(settings(preload))
 
     fresh = run_pipeline(config(preload=False))
     start = time.perf_counter()
@@ -68,6 +75,14 @@ def main() -> None:
           f" ({len(first)} stages; preloaded pipeline {first_wall:.0f} s, of which stage work "
           f"{sum(r.manifest.seconds for r in first):.0f} s)")
     print(f"all cached: {cached_wall:.1f} s in all, {max(r.seconds for r in cached):.2f} s per stage at most")
+
+    config_file = work / "orchestration.yaml"
+    config_file.write_text(yaml.safe_dump(settings(preload=True)))
+    for command, target in (("validate", 2.0), ("status", 3.0), ("run", 8.0)):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "flows.cli", command, str(config_file)], check=True, capture_output=True)
+        took = time.perf_counter() - start
+        print(f"posttrain {command} (all cached): {took:.1f} s, {took / target:.1f}x its {target:.0f} s target")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ class DataConfig(Section):
 
 
 class LossConfig(Section):
-    model_config = ConfigDict(extra="allow")  # the loss's own parameters, checked by build_loss
+    model_config = ConfigDict(extra="allow")  # the loss's own parameters (pipeline.loss_params)
     name: str = "ce"
 
     @property
@@ -207,9 +207,16 @@ class LossConfig(Section):
     def resolved(self) -> dict[str, Any]:
         """The name and every parameter, defaults filled in: for stage keys, so that a changed
         default is a changed key, not a silently reused result."""
-        from pipeline.losses import loss_params
+        from pipeline.loss_params import loss_params
 
         return {"name": self.name, **loss_params(self.name, **self.params)}
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss needs the starting model as its reference (EKSFT's KL)."""
+        from pipeline.loss_params import LOSS_PARAMS
+
+        return LOSS_PARAMS[self.name].needs_reference
 
 
 class LoraConfig(Section):
@@ -236,9 +243,7 @@ class SFTStageConfig(TrainStage):
 
     def cached_reference(self) -> bool:
         """Whether the `reference` stage runs: the loss needs a reference, and it is to be cached."""
-        from pipeline.losses import build_loss
-
-        return self.reference == "cached" and build_loss(self.loss.name, **self.loss.params).needs_reference
+        return self.reference == "cached" and self.loss.needs_reference
 
 
 class PairsConfig(Section):

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline.loss_params import LOSS_PARAMS, loss_params
 
 IGNORE_INDEX = -100
 CONFLICT_QUANTILE = 0.15  # the "confident conflict" diagnostic, logged under every loss
@@ -467,42 +469,20 @@ def gem_loss(s: TokenStats, n: Tensor) -> tuple[Tensor, Diagnostics]:
 # -------------------------------------------------------------------------- public API
 
 
-def _number(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[[Any], bool]:
-    def ok(v: Any) -> bool:
-        is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
-        return is_num and (lo < v if lo_open else lo <= v) and v <= hi
-
-    return ok
-
-
 # Losses that are a sum of per-token terms, each a function of its own token's stats only: their
 # gradient is taken in the forward on the chunked path (FusedTokenLoss). masked and eksft pick
 # their tokens by quantiles over the whole micro-batch, so they take the two-pass path.
 PER_TOKEN_LOSSES = frozenset({"ce", "dft", "eaft", "gem"})
 
-# name -> (function, default parameters, what it needs per token given its parameters)
-LOSSES: dict[str, tuple[LossFn, dict[str, Any], Callable[[dict[str, Any]], Needs]]] = {
-    "ce": (ce_loss, {}, lambda p: Needs()),
-    "dft": (dft_loss, {}, lambda p: Needs()),
-    "eaft": (eaft_loss, {"topk": 20, "alpha": 1.0}, lambda p: Needs(topk=p["topk"])),
-    "masked": (masked_loss, {"quantile": 0.15}, lambda p: Needs()),
-    "eksft": (eksft_loss, {"ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05, "normalize": "kept"},
-              lambda p: Needs(reference=True)),
-    "gem": (gem_loss, {"beta": 0.7, "h": "linear"}, lambda p: Needs(gem=(p["beta"], p["h"]))),
-}
-
-# parameter -> (check, what is allowed)
-PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "topk": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an int >= 2"),
-    "alpha": (_number(0), "a number >= 0"),
-    "quantile": (_number(0, 1), "a number in [0, 1]"),
-    "ratio": (_number(0, 1), "a number in [0, 1]"),
-    "union": (lambda v: isinstance(v, bool), "True or False"),
-    "lambda_entropy": (_number(0), "a number >= 0"),
-    "lambda_kl": (_number(0), "a number >= 0"),
-    "beta": (_number(0, lo_open=True), "a number > 0"),
-    "h": (lambda v: v in ("linear", "logsigmoid"), "'linear' or 'logsigmoid'"),
-    "normalize": (lambda v: v in ("kept", "all"), "'kept' or 'all'"),
+# name -> (function, what it needs per token given its parameters); the parameters are
+# pipeline.loss_params's, which also says whether a loss needs the reference model.
+LOSSES: dict[str, tuple[LossFn, Callable[[dict[str, Any]], Needs]]] = {
+    "ce": (ce_loss, lambda p: Needs()),
+    "dft": (dft_loss, lambda p: Needs()),
+    "eaft": (eaft_loss, lambda p: Needs(topk=p["topk"])),
+    "masked": (masked_loss, lambda p: Needs()),
+    "eksft": (eksft_loss, lambda p: Needs()),
+    "gem": (gem_loss, lambda p: Needs(gem=(p["beta"], p["h"]))),
 }
 
 
@@ -597,24 +577,9 @@ class TokenLoss:
                                 "confident_conflict_frac": mean(conflicts.float()), **diag}
 
 
-def loss_params(name: str, **params: Any) -> dict[str, Any]:
-    """The loss's parameters, checked, with its defaults filled in (what it runs with)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; allowed: {sorted(LOSSES)}")
-    defaults = LOSSES[name][1]
-    unknown = set(params) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {sorted(unknown)} for loss {name!r}; allowed: {sorted(defaults)}")
-    params = {**defaults, **params}
-    for key, value in params.items():
-        check, allowed = PARAM_CHECKS[key]
-        if not check(value):
-            raise ValueError(f"loss {name!r}: {key}={value!r} is invalid; allowed: {allowed}")
-    return params
-
-
 def build_loss(name: str, **params: Any) -> TokenLoss:
     params = loss_params(name, **params)
-    fn, _, needs = LOSSES[name]
+    fn, needs = LOSSES[name]
     own = inspect.signature(fn).parameters  # GEM's beta and h shape only its per-token term
-    return TokenLoss(name, partial(fn, **{k: v for k, v in params.items() if k in own}), needs(params))
+    needs = replace(needs(params), reference=LOSS_PARAMS[name].needs_reference)
+    return TokenLoss(name, partial(fn, **{k: v for k, v in params.items() if k in own}), needs)

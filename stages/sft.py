@@ -27,14 +27,13 @@ def run(cfg: PipelineConfig, out: Path, model: Path, reference: Path | None = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.data import SFT_FIELDS, load_rows
-    from pipeline.losses import build_loss
     from pipeline.reference import ReferenceTopK
     from pipeline.training import TRAINING_OUTPUTS, train_sft
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
     policy = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
     loss = cfg.sft.loss
-    needs_model = build_loss(loss.name, **loss.params).needs_reference and reference is None
+    needs_model = loss.needs_reference and reference is None
     ref_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto") if needs_model else None
     ref_topk = ReferenceTopK(reference) if reference else None
     dataset = load_rows(cfg.data.sft, SFT_FIELDS)
