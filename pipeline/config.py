@@ -766,6 +766,13 @@ def _format_errors(error: ValidationError, source: str, lines: dict[tuple, int])
     return "invalid config:\n  " + "\n  ".join(messages)
 
 
+def dotted(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as `a.b.c` keys: MLflow's parameters, and what changed between two keys."""
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in dotted(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
 def parse_config(data: dict[str, Any], source: str = "<config>", text: str | None = None) -> PipelineConfig:
     lines = _key_lines(text) if text else {}
     try:

@@ -40,7 +40,8 @@ class EKSFT(LossParams):
 
     needs_reference: ClassVar[bool] = True
     ratio: float = Field(0.2, ge=0, le=1, description="share of tokens each mask selects")
-    union: bool = Field(True, description="mask the union of the high-entropy and high-KL tokens, else the intersection")
+    union: bool = Field(True, description="mask the union of the high-entropy and high-KL tokens, else their "
+                        "intersection")
     lambda_entropy: float = Field(0.05, ge=0)
     lambda_kl: float = Field(0.05, ge=0)
     normalize: Literal["kept", "all"] = Field("kept", description="average over the kept tokens, or all of them")
@@ -64,7 +65,8 @@ def loss_params(name: str, **params: Any) -> dict[str, Any]:
     model = LOSS_PARAMS[name]
     unknown = set(params) - set(model.model_fields)
     if unknown:
-        raise ValueError(f"unknown parameter(s) {sorted(unknown)} for loss {name!r}; allowed: {sorted(model.model_fields)}")
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)} for loss {name!r}; "
+                         f"allowed: {sorted(model.model_fields)}")
     try:
         return model(**params).model_dump()
     except ValidationError as error:

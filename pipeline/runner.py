@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DataSource, PipelineConfig
+from pipeline.config import DataSource, PipelineConfig, dotted
 from pipeline.contract import Input, Stage
 from pipeline.data import source_digest
 from pipeline.manifest import MANIFEST, DamagedResult, Manifest, atomic_write_text, stage_key
@@ -31,6 +31,7 @@ class Planned:
     stage: Stage
     cfg: PipelineConfig  # the effective config (the demo's data filled in)
     inputs: dict[str, Input]
+    data: dict[str, DataSource]  # the data sets it reads, by context
     settings: dict[str, Any]
     digests: dict[str, str]  # what the key digests besides settings: input name or data.<context> -> digest
     key: str
@@ -76,18 +77,12 @@ def what_changed(old: Manifest, planned: Planned) -> str:
     """Why the latest result of a stage is not the one its key asks for now: the settings and inputs that differ."""
     if not old.settings:
         return "its latest result was made before stages recorded their settings (an older posttrain): it runs again"
-    before, now = flatten(old.settings), flatten(planned.settings)
+    before, now = dotted(old.settings), dotted(planned.settings)
     changes = [f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
                for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
     changes += [f"{k} changed" for k in sorted(old.inputs.keys() | planned.digests.keys())
                 if old.inputs.get(k) != planned.digests.get(k)]
     return "; ".join(changes) or "its key recipe changed"
-
-
-def flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(settings, dict):
-        return {prefix.rstrip("."): settings}
-    return {k: v for name, value in settings.items() for k, v in flatten(value, f"{prefix}{name}.").items()}
 
 
 @dataclass
@@ -119,7 +114,7 @@ class StageRunner:
             sampled = {k: v for k, v in digests.items() if k not in stage.scoring_inputs}
             samples_key = stage_key(f"{stage.name}/v{stage.version}/samples", stage.samples_settings(cfg), sampled)
         key = stage_key(f"{stage.name}/v{stage.version}", settings, digests)
-        return Planned(name, stage, cfg, inputs, settings, digests, key, samples_key,
+        return Planned(name, stage, cfg, inputs, data, settings, digests, key, samples_key,
                        self.cfg.results_dir / stage.name / key)
 
     def latest(self, name: str) -> Path:
@@ -217,8 +212,7 @@ class StageRunner:
             if producer is None:
                 tracker.fail_stage(run_id, error)
             raise
-        data = {c: s for c, s in planned.stage.data(planned.cfg).items() if s is not None}
-        used = [dataset_input(source, self.digest_of(source), context) for context, source in data.items()]
+        used = [dataset_input(source, planned.digests[f"data.{c}"], c) for c, source in planned.data.items()]
         used += [dataset_input(DataSource(path=str(planned.inputs[name].path)), planned.inputs[name].digest, context)
                  for name, context in planned.stage.input_data.items() if name in planned.inputs]
         model = planned.inputs.get("model")

@@ -34,7 +34,7 @@ from mlflow.entities import (DatasetInput, InputTag, LoggedModelInput, LoggedMod
                              Param, RunStatus, RunTag)
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import DataSource, PipelineConfig
+from pipeline.config import DataSource, PipelineConfig, dotted
 from pipeline.manifest import MANIFEST, Manifest
 
 MAX_PARAM_LENGTH = 250  # MLflow refuses longer parameter values
@@ -78,9 +78,7 @@ def ui_command(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     """A nested config as `a.b.c` parameters, values cut to MLflow's length limit."""
-    if isinstance(data, dict):
-        return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): json.dumps(data, default=str)[:MAX_PARAM_LENGTH]}
+    return {k: json.dumps(v, default=str)[:MAX_PARAM_LENGTH] for k, v in dotted(data, prefix).items()}
 
 
 def pipeline_run_name(cfg: PipelineConfig, tags: dict[str, str] | None) -> str:
