@@ -205,10 +205,12 @@ def ui(config: Path = CONFIG, port: int = typer.Option(None, help="the port to s
     cfg, uri, client = _store(config)
     port = port or cfg.tracking.ui_port
     command, env = ui_command(uri, port)
-    # The experiment's runs, not MLflow's landing page (the GenAI overview).
+    # The experiment's runs in MLflow's "Model training" view (Runs, Models, the registry), not its
+    # landing page, the GenAI overview.
     page = f"http://127.0.0.1:{port}/#/experiments"
     experiment = client and client.get_experiment_by_name(cfg.tracking.experiment)
     page += f"/{experiment.experiment_id}/runs" if experiment else ""
+    page += "?workflowType=machine_learning"
     typer.echo(f"MLflow UI for {uri}: {page}")
     subprocess.run(command, env=os.environ | env)
 

@@ -163,9 +163,10 @@ def pipeline_status(cfg: PipelineConfig) -> list[StageStatus]:
 
 
 def flow_run_name() -> str:
+    """The MLflow parent run's name: one name for a pipeline run in both UIs."""
     from prefect.runtime import flow_run
 
-    return flow_run.parameters["cfg"].name
+    return pipeline_run_name(flow_run.parameters["cfg"], flow_run.parameters.get("tags"))
 
 
 def prefect_tags(cfg: PipelineConfig, run_tags: dict[str, str] | None):

@@ -12,6 +12,7 @@ MLflow callback does so by itself); the parent logs the manifest once the stage 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -82,9 +83,20 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 def pipeline_run_name(cfg: PipelineConfig, tags: dict[str, str] | None) -> str:
-    """`<name>/<sft loss>/seed<seed>`, so that runs of one config tell apart in the UI; a compare
-    arm's name says its loss, learning rate and seed already."""
-    return cfg.name if tags and "posttrain.arm" in tags else f"{cfg.name}/{cfg.sft.loss.name}/seed{cfg.seed}"
+    """`<name>/<sft loss>/seed<seed> <config digest>`: runs of one config share a name and runs of
+    two configs never do, so two pipeline runs tell apart in the UI's runs table and on its compare
+    page (whose parameters show what differs). A compare arm's name says its loss, learning rate
+    and seed already."""
+    if tags and "posttrain.arm" in tags:
+        return cfg.name
+    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    return f"{cfg.name}/{cfg.sft.loss.name}/seed{cfg.seed} {hashlib.sha256(config.encode()).hexdigest()[:6]}"
+
+
+def curve_metrics(log_history: Path, timestamp: int) -> list[Metric]:
+    """A training's logged values (the Trainer's log_history.json) as metrics at their steps."""
+    return [Metric(k, float(v), timestamp, int(logs["step"])) for logs in json.loads(log_history.read_text())
+            for k, v in logs.items() if k not in ("step", "epoch") and isinstance(v, int | float)]
 
 
 def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput:
@@ -233,7 +245,12 @@ class Tracker:
             self.client.log_outputs(run_id, [LoggedModelOutput(self.made_model(manifest, run_id, settings), 0)])
         measured = read if manifest.stage == "evaluate" else None
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0, model_id=measured) for k, v in manifest.metrics.items()]
+        # `final/*` are the last points of the training curves, which the run holds already: as
+        # single values they would open the run's charts above the curves.
+        metrics = [Metric(k, float(v), now, 0, model_id=measured) for k, v in manifest.metrics.items()
+                   if not k.startswith("final/")]
+        if cached and "log_history" in manifest.outputs:  # made without this run: its curves, at their steps
+            metrics += [m for m in curve_metrics(manifest.path("log_history"), now) if m.key not in manifest.metrics]
         self.log_pipeline_metrics(name, manifest)
         self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_artifact(run_id, str(manifest.folder / MANIFEST))

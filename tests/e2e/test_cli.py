@@ -93,8 +93,9 @@ def test_ui_serves_the_store_with_one_worker_and_opens_on_the_experiments_runs(t
     monkeypatch.setattr(subprocess, "run", lambda command, env: started.append((command, env)))
     result = runner.invoke(app, ["ui", str(path), "--port", "5077"])
     assert result.exit_code == 0, result.output
-    assert f"MLflow UI for sqlite:///{results / 'mlflow.db'}: http://127.0.0.1:5077/#/experiments/{experiment}/runs" \
-        in result.output  # the port it was given, and the runs rather than MLflow's GenAI landing page
+    assert (f"MLflow UI for sqlite:///{results / 'mlflow.db'}: http://127.0.0.1:5077/#/experiments/{experiment}/runs"
+            "?workflowType=machine_learning\n" in result.output)  # the port it was given, and the runs in the
+    # "Model training" view rather than MLflow's GenAI landing page
     (command, env), = started
     assert command[1:4] == ["-m", "mlflow", "server"] and command[command.index("--port") + 1] == "5077"
     assert command[command.index("--workers") + 1] == "1" and env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"

@@ -21,6 +21,7 @@ from pipeline.demo import ASSISTANT, USER, build_model, build_tokenizer
 from pipeline.manifest import MANIFEST, DamagedResult, Manifest, digest
 from pipeline.sampling import sample
 from pipeline.process import StageError
+from pipeline.tracking import pipeline_run_name
 from pipeline.verifiers import verify_exact
 
 TINY = {
@@ -468,7 +469,10 @@ def test_models_are_logged_models_with_their_inputs_outputs_and_evaluations(demo
         assert linked["general/lm_eval/posttrain_general_exact/exact_match"] == \
             by_name[stage].manifest.metrics["general/lm_eval/posttrain_general_exact/exact_match"]
     parent = client.get_run(run("dpo").data.tags["mlflow.parentRunId"])
-    assert parent.info.run_name == "tiny/ce/seed0"
+    name = pipeline_run_name(tiny_config(tmp_path), None)
+    # its config's name, loss, seed and digest: another config's run is named apart
+    assert name.startswith("tiny/ce/seed0 ") and parent.info.run_name == name
+    assert pipeline_run_name(tiny_config(tmp_path, sampling={"temperature": 0.5}), None) != name
     for stage in ("evaluate_base", "evaluate_sft", "evaluate_dpo"):
         metrics = by_name[stage].manifest.metrics
         assert parent.data.metrics[f"{stage}/target/pass_at_1"] == metrics["target/pass_at_1"]
@@ -626,7 +630,7 @@ def test_every_stage_is_a_prefect_task_run_a_reused_one_cached(demo_run):
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    assert flow_run.name == "tiny" and {"config:tiny", "loss:ce", "seed:0"} <= set(flow_run.tags)
+    assert flow_run.name == pipeline_run_name(tiny_config(tmp_path), None) and {"config:tiny", "loss:ce", "seed:0"} <= set(flow_run.tags)
     assert sorted((r.name, r.state.name) for r in task_runs) == sorted((name, "Cached") for name in STAGES)
     keys = {r.name: next(t for t in r.tags if t.startswith("key:")) for r in task_runs}
     assert keys == {r.name: f"key:{r.manifest.key}" for r in results}
