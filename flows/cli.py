@@ -246,11 +246,11 @@ def lineage(
 def validate(config: Path = CONFIG) -> None:
     """Check a config (keys, types, files, trainer options, every row of its local data sets)
     without running anything."""
-    from pipeline.data import check_data
+    from pipeline.data import check_inputs
 
     cfg = _load(config)
     try:
-        check_data(cfg)
+        check_inputs(cfg)
     except Exception as error:  # noqa: BLE001 - user errors become one readable line
         _fail(error, debug=False)
     typer.echo(f"{config}: valid ({'demo world' if cfg.is_demo else cfg.model.path}, sft loss {cfg.sft.loss.name})")

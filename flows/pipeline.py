@@ -21,7 +21,7 @@ from prefect.states import Completed
 
 from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig, load_config
 from pipeline.contract import Input
-from pipeline.data import check_data
+from pipeline.data import check_inputs
 from pipeline.manifest import Manifest, results_lock
 from pipeline.process import StageError, start_fork_server, stop_on_signals
 from pipeline.runner import NotBuilt, StageResult, StageRunner, StageStatus
@@ -198,7 +198,7 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
     flow run is named after the config and tagged with its loss and seed, and its table
     artifact lists the stages with their MLflow links."""
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
-    check_data(cfg)
+    check_inputs(cfg)
     if cfg.launch.preload:
         start_fork_server([module.STAGE for module in MODULES])  # its imports run while MLflow and Prefect set up
     with results_lock(cfg.results_dir), stop_on_signals(), prefect_tags(cfg, tags):

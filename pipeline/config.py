@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import importlib.resources
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -59,24 +60,31 @@ class ModelConfig(Section):
         folder = Path(value)
         if (folder / "adapter_config.json").is_file():
             return value  # a PEFT adapter: its base model is named inside, and checked when loaded
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            config = None
-        if not isinstance(config, dict):
-            raise ValueError(f"{folder} has no readable config.json: not a Hugging Face model folder")
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
-        kinds = config.get("architectures") or []
-        # A saved BertModel has a model_type that has a causal class, but no language-model head to load.
-        if causal is None or (kinds and not any(k == causal or k.endswith(("ForCausalLM", "LMHeadModel"))
-                                                for k in kinds)):
-            raise ValueError(f"{folder} holds a {', '.join(kinds) or config.get('model_type')}, not a causal language "
-                             "model that AutoModelForCausalLM loads with its head")
+        if (problem := causal_lm_problem(folder / "config.json", str(folder))) is not None:
+            raise ValueError(problem)
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
             raise ValueError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")
         return value
+
+
+def causal_lm_problem(config_file: Path, where: str) -> str | None:
+    """Why a model whose config.json this is would not load as a causal language model with its
+    head (it would be given an untrained one), or None."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        return f"{where} has no readable config.json: not a Hugging Face model"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    kinds = config.get("architectures") or []
+    # A saved BertModel has a model_type that has a causal class, but no language-model head to load.
+    if causal is None or (kinds and not any(k == causal or k.endswith(("ForCausalLM", "LMHeadModel")) for k in kinds)):
+        return (f"{where} holds a {', '.join(kinds) or config.get('model_type')}, not a causal language model that "
+                "AutoModelForCausalLM loads with its head")
+    return None
 
 
 class DemoConfig(Section):
@@ -666,26 +674,26 @@ def _simple_types(hint: Any) -> tuple[type, ...] | None:
     return tuple(args) if all(a in plain for a in args) else None
 
 
-# TRL's configs check few of their numbers, and only once a trainer starts: these are refused at
-# `validate`, naming the key.
-POSITIVE_TRAINER_KEYS = {"learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+# TRL's configs check few of their numbers, and only once a trainer starts. Every number of theirs
+# is refused at `validate`, naming the key, unless finite and 0 or more, or the negative default
+# that means "off" (max_steps: -1). These are held to more.
+POSITIVE_TRAINER_KEYS = {"max_steps", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                          "gradient_accumulation_steps", "num_train_epochs", "max_length", "max_prompt_length",
                          "max_completion_length", "logging_steps", "save_steps", "eval_steps", "adam_epsilon", "beta"}
-NON_NEGATIVE_TRAINER_KEYS = {"weight_decay", "warmup_steps", "max_grad_norm", "save_total_limit", "seed",
-                             "dataloader_num_workers"}
 UNIT_TRAINER_KEYS = {"adam_beta1", "adam_beta2", "label_smoothing_factor"}  # in [0, 1)
 
 
-def _out_of_range(key: str, value: Any) -> str | None:
+def _out_of_range(key: str, value: Any, default: Any) -> str | None:
     """What a trainer number must be, where `value` is not; None when it is fine (or not a number)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
-    if key == "max_steps" and not (value == -1 or value > 0):
-        return "a positive number of steps, or -1 (train num_train_epochs instead)"
+    off = default if isinstance(default, int | float) and not isinstance(default, bool) and default < 0 else None
+    if value == off:
+        return None
+    if not math.isfinite(value) or value < 0:
+        return "a finite number, 0 or more" + (f" (or {off}: off)" if off is not None else "")
     if key in POSITIVE_TRAINER_KEYS and not value > 0:
         return "greater than 0"
-    if key in NON_NEGATIVE_TRAINER_KEYS and not value >= 0:
-        return "0 or more"
     if key in UNIT_TRAINER_KEYS and not 0 <= value < 1:
         return "in [0, 1)"
     return None
@@ -694,7 +702,8 @@ def _out_of_range(key: str, value: Any) -> str | None:
 def check_trainer_args(args: dict[str, Any], config_cls: type, key_path: str, owned: set[str]) -> None:
     """Check trainer settings against TRL's own config dataclass: names, and simple value types."""
     hints = typing.get_type_hints(config_cls)
-    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.init}
+    fields = set(defaults)
     for key, value in args.items():
         if key in owned:
             raise ConfigError(f"{key_path}.{key}: set by the pipeline, remove it from the config")
@@ -710,7 +719,7 @@ def check_trainer_args(args: dict[str, Any], config_cls: type, key_path: str, ow
         if widened and not isinstance(value, widened) or (isinstance(value, bool) and allowed and bool not in allowed):
             names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
             raise ConfigError(f"{key_path}.{key}: expected {names}, got {value!r}")
-        if (expected := _out_of_range(key, value)) is not None:
+        if (expected := _out_of_range(key, value, defaults[key])) is not None:
             raise ConfigError(f"{key_path}.{key}: must be {expected}, got {value!r}")
 
 

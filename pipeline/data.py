@@ -16,6 +16,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
+from pipeline.hub import check_hub_models
 from pipeline.lm_eval_suite import check_lm_eval
 from pipeline.manifest import atomic_write_text, digest
 
@@ -138,10 +139,10 @@ def prompt_and_answer(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "messages"} | {"prompt": messages[:-1], "answer": messages[-1]["content"]}
 
 
-def check_data(cfg: PipelineConfig) -> None:
-    """Read every local data set of the config, row by row, so that a bad row is an error before
-    any stage runs (hub data sets are checked when their stage loads them); check the lm-eval
-    tasks' names and that their data can be read."""
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Everything a run reads, checked before any stage runs: every local data set of the config,
+    row by row (hub data sets are checked when their stage loads them); the models and tokenizer
+    named by hub id; the lm-eval tasks' names and that their data can be read."""
     sources = [(cfg.data.sft, SFT_FIELDS), (cfg.data.preference, PREFERENCE_FIELDS),
                (cfg.pairs.prompts, TRAIN_PROMPT_FIELDS)]
     sources += [(getattr(cfg.data, key), EVAL_FIELDS) for key in EVAL_SUITES.values()]
@@ -149,6 +150,7 @@ def check_data(cfg: PipelineConfig) -> None:
         if source is not None and source.file is not None:
             for _ in iter_jsonl(source.file, scored_fields(source, fields), source.max_line_bytes):
                 pass
+    check_hub_models(cfg)
     check_lm_eval(cfg)
 
 

@@ -13,15 +13,13 @@ import gzip
 import json
 import logging
 import math
-import os
 import re
-import socket
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from pipeline.config import ConfigError, LmEvalConfig, PipelineConfig, SamplingConfig
+from pipeline.hub import dataset_cached, hub_reachable
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -130,39 +128,7 @@ def unavailable_data(task: dict) -> str | None:
         return f"the file {absent[0]}" if absent else None
     if Path(path).expanduser().exists():
         return None
-    return None if hub_cached(path) or hub_reachable() else f"the hub data set {path}"
-
-
-def hub_cached(dataset: str) -> bool:
-    """Whether `datasets` has the hub data set in its cache (its files or its prepared Arrow tables)."""
-    from datasets import config
-    from huggingface_hub import constants
-
-    return (Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").is_dir() or \
-        (Path(config.HF_DATASETS_CACHE) / dataset.replace("/", "___")).is_dir()
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the hub can be reached: not switched off, and its host answers (cached per process)."""
-    global _REACHABLE
-    if _REACHABLE is None:
-        from huggingface_hub import constants
-
-        off = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-        _REACHABLE = not off and _answers(host, timeout_s)
-    return _REACHABLE
-
-
-def _answers(host: str, timeout_s: float) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
-
-
-_REACHABLE: bool | None = None
+    return None if dataset_cached(path) or hub_reachable() else f"the hub data set {path}"
 
 
 def vllm_backend_usable() -> bool:

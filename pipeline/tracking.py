@@ -219,7 +219,16 @@ class Tracker:
             **{f"posttrain.input.{k}": v for k, v in inputs.items()},
             **{f"posttrain.input_run.{k}": m.run_id for k, m in upstream.items() if m.run_id},
         }
+        # Earlier tries at this result that were killed or failed: linked both ways, so that the
+        # killed run's page says which run took the stage up (and holds its whole curve).
+        tried = self.client.search_runs([self.experiment_id], f"tags.`posttrain.key` = '{key}' and tags."
+                                        f"`posttrain.results_dir` = '{self.results_dir}' and attributes.status != "
+                                        "'FINISHED' and attributes.status != 'RUNNING'", max_results=10)
+        if tried:
+            tags["posttrain.takes_up"] = ",".join(r.info.run_id for r in tried)
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        for earlier in tried:
+            self.client.set_tag(earlier.info.run_id, "posttrain.taken_up_by", run_id)
         # MlflowClient.log_batch splits into MLflow's batch limits (100 parameters, 1,000 metrics) itself
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(settings, "settings.").items()])
         self.stages[run_id] = (name, settings, upstream, inputs)

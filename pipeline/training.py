@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,8 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why training cannot resume from a checkpoint, or None. The Trainer writes
     `trainer_state.json` after the weights, optimizer, scheduler and RNG state, and the seal
     comes after that: without a readable state it was cut off mid-save; with a seal, each file
-    must still be what was saved. (A checkpoint cut off between the state and the seal, or
-    made before seals existed, is trusted on its state alone.)"""
+    must still be what was saved. A checkpoint without a seal (cut off between the state and the
+    seal, or made before seals existed) must at least hold whole files."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError):
@@ -93,13 +94,37 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     try:
         seal = json.loads((checkpoint / CHECKPOINT_SEAL).read_text())
     except FileNotFoundError:
-        return None
+        return next(filter(None, (file_problem(f) for f in sorted(checkpoint.rglob("*")) if f.is_file())), None)
     except (OSError, ValueError):
         return f"its {CHECKPOINT_SEAL} is damaged"
     for name, saved in seal.items():
         if not (checkpoint / name).is_file() or digest(checkpoint / name) != saved:
             return f"its {name} is not the file that was saved"
     return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Whether a checkpoint's file is whole, from its own structure (no digest to compare with):
+    a safetensors file as long as its header says, a torch.save archive (a zip) with its
+    directory at the end, JSON that parses. Cut-off files fail; altered bytes need the seal."""
+    try:
+        if path.suffix == ".safetensors":
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            whole = path.stat().st_size == 8 + size + end
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path) as archive:  # reads the directory at the file's end
+                whole = all(i.header_offset + i.compress_size <= path.stat().st_size for i in archive.infolist())
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+            whole = True
+        else:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile):
+        whole = False
+    return None if whole else f"its {path.name} is cut off or damaged"
 
 
 def drop_damaged_checkpoints(folder: Path) -> Path | None:

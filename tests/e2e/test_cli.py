@@ -2,9 +2,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.pipeline import run_pipeline
+from pipeline.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -60,14 +63,35 @@ def test_a_second_run_on_the_same_results_folder_is_refused(tmp_path):
         holder.wait()
 
 
+def test_a_hub_model_that_cannot_be_read_fails_validate_and_run_before_any_stage(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipeline import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and an empty cache
+    monkeypatch.setattr(hub, "_REACHABLE", None)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "1+1=", "answer": "2", "completion": "2"}\n')
+    path = tmp_path / "hub-model.yaml"
+    path.write_text(f"name: x\nresults_dir: {tmp_path / 'results'}\nmodel: {{path: org/absent}}\ndata:\n"
+                    f"  sft: {{path: {rows}}}\n  target_eval: {{path: {rows}}}\n  general_eval: {{path: {rows}}}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "model.path: org/absent is neither in the local Hugging Face cache" in result.output
+    with pytest.raises(ConfigError, match=r"model\.path: org/absent is neither in the local Hugging Face cache"):
+        run_pipeline(load_config(path))  # `run`: the flow checks before its first stage
+    assert not list((tmp_path / "results").glob("*/*"))  # no stage began
+
+
 def test_hub_only_lm_eval_tasks_fail_validate_and_run_offline_before_any_stage(tmp_path, monkeypatch):
     from datasets import config
     from huggingface_hub import constants
 
-    from pipeline import lm_eval_suite
+    from pipeline import hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and empty caches: the hub's data sets are nowhere
-    monkeypatch.setattr(lm_eval_suite, "_REACHABLE", None)
+    monkeypatch.setattr(hub, "_REACHABLE", None)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     path = tmp_path / "hub.yaml"

@@ -239,8 +239,13 @@ def train_tiny(folder: Path, max_steps: int) -> TokenLossSFTTrainer:
     return trainer
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "truncated optimizer", "altered weights"])
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated optimizer", "altered weights",
+                                    "truncated weights, no seal", "truncated optimizer, no seal"])
 def test_a_damaged_newest_checkpoint_is_skipped_and_training_resumes_from_the_one_before(tmp_path, damage, capsys):
+    """Sealed checkpoints are checked against their digests; unsealed ones (made before seals
+    existed, or cut off before the seal) by their files' own structure, and a whole one is used."""
+    from pipeline.training import CHECKPOINT_SEAL
+
     train_tiny(tmp_path, max_steps=6)
     newest = tmp_path / "checkpoints" / "checkpoint-6"
     target = newest / ("optimizer.pt" if "optimizer" in damage else "model.safetensors")
@@ -249,10 +254,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_training_resumes_from_the_on
         target.write_bytes(data[: len(data) // 2])
     else:  # the same size, one weight's sign flipped
         target.write_bytes(data[:-1] + bytes([data[-1] ^ 0x80]))
+    if "no seal" in damage:
+        for seal in (tmp_path / "checkpoints").glob(f"*/{CHECKPOINT_SEAL}"):
+            seal.unlink()
     trainer = train_tiny(tmp_path, max_steps=8)
     out = capsys.readouterr().out
-    assert f"checkpoint {newest} removed: its {target.name} is not the file that was saved" in out
-    assert "resumed from step 4" in out and trainer.state.global_step == 8
+    problem = "is cut off or damaged" if "no seal" in damage else "is not the file that was saved"
+    assert f"checkpoint {newest} removed: its {target.name} {problem}" in out
+    assert "resumed from step 4" in out and trainer.state.global_step == 8  # the unsealed, whole step 4
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == list(range(1, 9))
 
 

@@ -64,6 +64,9 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     finished_sft = next(r for r in runs if r.data.tags.get("posttrain.stage") == "sft" and r.info.status == "FINISHED")
     steps = [m.step for m in client.get_metric_history(finished_sft.info.run_id, "loss")]
     assert sorted(steps) == list(range(10, MAX_STEPS + 1, 10))
+    killed_sft = next(r for r in runs if r.data.tags.get("posttrain.stage") == "sft" and r.info.status == "KILLED")
+    assert killed_sft.data.tags["posttrain.taken_up_by"] == finished_sft.info.run_id  # linked both ways
+    assert finished_sft.data.tags["posttrain.takes_up"] == killed_sft.info.run_id
 
     # The same stage run again from scratch, never killed: the same weights (fixed seeds, CPU).
     straight = subprocess.run(command + ["--force", "sft"], capture_output=True, text=True)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pipeline import sandbox
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -204,14 +204,50 @@ def test_engine_layout_is_not_part_of_the_sampling_key():
 
 
 @pytest.mark.parametrize("trainer, error", [
-    ("max_steps: -5", r"sft\.trainer\.max_steps: must be a positive number of steps, or -1"),
-    ("learning_rate: -1.0e-4", r"sft\.trainer\.learning_rate: must be greater than 0, got -0\.0001"),
+    ("max_steps: -5", r"sft\.trainer\.max_steps: must be a finite number, 0 or more \(or -1: off\), got -5"),
+    ("max_steps: 0", r"sft\.trainer\.max_steps: must be greater than 0"),
+    ("learning_rate: -1.0e-4", r"sft\.trainer\.learning_rate: must be a finite number, 0 or more, got -0\.0001"),
+    ("learning_rate: 0", r"sft\.trainer\.learning_rate: must be greater than 0, got 0"),
     ("per_device_train_batch_size: 0", r"sft\.trainer\.per_device_train_batch_size: must be greater than 0"),
     ("adam_beta2: 1.5", r"sft\.trainer\.adam_beta2: must be in \[0, 1\)"),
 ])
 def test_trainer_numbers_out_of_range_are_refused_naming_the_key(tmp_path, trainer, error):
     with pytest.raises(ConfigError, match=error):
         load_config(write(tmp_path, f"name: x\nsft:\n  trainer:\n    {trainer}\n"))
+
+
+def numeric_trainer_fields():
+    """Every number a user may set in TRL's SFTConfig and DPOConfig, with its type and default."""
+    import dataclasses
+    import typing
+
+    from trl import DPOConfig, SFTConfig
+
+    from pipeline.config import PIPELINE_OWNED_TRAINER_KEYS, _simple_types
+
+    for stage, cls in (("sft", SFTConfig), ("dpo", DPOConfig)):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            types = _simple_types(hints.get(f.name)) or ()
+            if f.init and f.name not in PIPELINE_OWNED_TRAINER_KEYS[stage] and bool not in types and \
+                    (int in types or float in types):
+                yield stage, f.name, float in types, f.default
+
+
+def test_every_trainer_number_is_range_checked_naming_the_key():
+    """Not a list of keys someone thought of: every numeric field of TRL's configs refuses a
+    negative value (but its own negative default, -1 for 'off') and, where it is a float, NaN and
+    infinity; its default passes."""
+    fields = list(numeric_trainer_fields())
+    assert len(fields) > 40 and ("dpo", "beta", True, 0.1) in fields
+    for stage, key, is_float, default in fields:
+        bad = [-3.5, float("nan"), float("inf")] if is_float else [-3]
+        if isinstance(default, int | float) and default < 0:
+            bad.append(default - 1)
+            parse_config({"name": "x", stage: {"trainer": {key: default}}})  # "off" is fine
+        for value in bad:
+            with pytest.raises(ConfigError, match=rf"{stage}\.trainer\.{key}: must be .*, got {value}"):
+                parse_config({"name": "x", stage: {"trainer": {key: value}}})
 
 
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
@@ -241,7 +277,7 @@ def test_a_data_path_that_is_a_folder_or_too_large_is_named_so(tmp_path):
 
 
 @pytest.mark.parametrize("files, error", [
-    ({}, "has no readable config.json: not a Hugging Face model folder"),
+    ({}, "has no readable config.json: not a Hugging Face model"),
     ({"config.json": "[]"}, "has no readable config.json"),
     ({"config.json": '{"model_type": "bert", "architectures": ["BertModel"]}', "model.safetensors": ""},
      r"holds a BertModel, not a causal language model"),

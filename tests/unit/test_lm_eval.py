@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import lm_eval_suite
+from pipeline import hub, lm_eval_suite
 from pipeline.config import ConfigError, EvaluateConfig, LmEvalConfig, parse_config
 from pipeline.data import read_jsonl, write_jsonl
 from pipeline.lm_eval_suite import (check_lm_eval, lm_eval_metrics, lm_eval_retention, metric_name, model_backend,
@@ -148,7 +148,7 @@ def offline(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(lm_eval_suite, "_REACHABLE", None)
+    monkeypatch.setattr(hub, "_REACHABLE", None)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     return tmp_path

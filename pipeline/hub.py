@@ -1,0 +1,85 @@
+"""The Hugging Face Hub, as the checks before any stage see it: can it be reached, and can a
+model or data set it names be read here (from the local cache, or from a reachable hub)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline.config import ConfigError, PipelineConfig, causal_lm_problem
+
+_REACHABLE: bool | None = None
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub can be reached: not switched off, and its host answers (cached per process)."""
+    global _REACHABLE
+    if _REACHABLE is None:
+        from huggingface_hub import constants
+
+        off = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        endpoint = urlparse(constants.ENDPOINT)
+        host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        _REACHABLE = not off and _answers(host, port, timeout_s)
+    return _REACHABLE
+
+
+def _answers(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def dataset_cached(dataset: str) -> bool:
+    """Whether `datasets` has the hub data set in its cache (its files or its prepared Arrow tables)."""
+    from datasets import config
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").is_dir() or \
+        (Path(config.HF_DATASETS_CACHE) / dataset.replace("/", "___")).is_dir()
+
+
+def hub_file(repo_id: str, filename: str, key: str) -> Path | None:
+    """A file of a hub model repository, from the local cache or, where the hub is reachable,
+    downloaded (a config or tokenizer file: kilobytes). None when the repository exists without
+    that file. Raises ConfigError naming `key` when the repository cannot be read here."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=constants.HF_HUB_CACHE,
+                                    local_files_only=not hub_reachable()))
+    except LocalEntryNotFoundError:
+        raise ConfigError(f"{key}: {repo_id} is neither in the local Hugging Face cache ({constants.HF_HUB_CACHE}) nor "
+                         f"on a hub this machine reaches: download it where the hub is reachable (`hf download "
+                         f"{repo_id}`), or give a local folder") from None
+    except GatedRepoError:
+        raise ConfigError(f"{key}: {repo_id} is gated on the hub: accept its terms on its page and log in "
+                         "(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}: there is no model {repo_id} on the hub (or it is private: log in with "
+                         "`hf auth login`)") from None
+    except EntryNotFoundError:
+        return None
+    except (HfHubHTTPError, OSError) as error:
+        raise ConfigError(f"{key}: {repo_id} could not be read from the hub ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]})") from None
+
+
+def check_hub_models(cfg: PipelineConfig) -> None:
+    """The models and tokenizer the config names by hub id resolve, before any stage: readable
+    here, and a model's config that of a causal language model (a local folder is checked when
+    the config is read)."""
+    for key, repo_id, filename in (("model.path", cfg.model.path, "config.json"),
+                                   ("model.tokenizer", cfg.model.tokenizer, "tokenizer_config.json")):
+        if repo_id is None or Path(repo_id).expanduser().is_dir():
+            continue
+        found = hub_file(repo_id, filename, key)
+        if filename == "config.json" and (problem := causal_lm_problem(found, f"{key}: {repo_id}") if found
+                                          else f"{key}: {repo_id} has no config.json: not a transformers model"):
+            raise ConfigError(problem)
