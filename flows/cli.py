@@ -106,7 +106,8 @@ def run(
 
     Stages: demo_data, pretrain (demo world only), evaluate_base, sft, evaluate_sft, sample,
     pairs (on-policy pairs only), dpo, evaluate_dpo."""
-    from flows.pipeline import STAGE_FLOWS, pipeline_stages, run_pipeline
+    from flows.pipeline import STAGE_FLOWS, run_pipeline
+    from flows.wiring import pipeline_stages
     from pipeline.summary import evaluation_table, run_summary
 
     cfg = _load(config, debug)
@@ -151,7 +152,7 @@ def compare(
 def status(config: Path = CONFIG) -> None:
     """List each stage as done, stale (its result is for an older config) or missing, with its
     key, what it took and its headline metrics."""
-    from flows.pipeline import pipeline_status
+    from flows.wiring import pipeline_status
     from pipeline.summary import status_table
 
     _print(status_table(pipeline_status(_load(config))))

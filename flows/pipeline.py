@@ -1,16 +1,10 @@
-"""Prefect flows: the whole pipeline, and one flow per stage.
-
-Only wiring: which result feeds which input of which stage. Each stage is a method that
-first asks for its upstream stages, so asking for one stage builds just what it needs. Keys,
-reuse, the results store, MLflow and the stage's process are the runtime's (pipeline.runner);
-what a stage's key depends on is its own module's (`STAGE` in stages/<name>.py). Every stage,
-run or reused, is a Prefect task run, a reused one in state Cached. (Prefect's own cache keys
-include the flow run, so the pipeline keeps its own.)
+"""Prefect flows: the whole pipeline, and one flow per stage, over the wiring of
+flows/wiring.py. Every stage, run or reused, is a Prefect task run, a reused one in state
+Cached. (Prefect's own cache keys include the flow run, so the pipeline keeps its own.)
 """
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any
 
 from prefect import flow, task
@@ -19,20 +13,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig, load_config
-from pipeline.contract import Input
+from flows.wiring import MODULES, STAGES, PipelineRun, pipeline_stages
+from pipeline.config import PipelineConfig, load_config
 from pipeline.data import check_inputs
 from pipeline.manifest import Manifest, results_lock
 from pipeline.process import StageError, start_fork_server, stop_on_signals
-from pipeline.runner import NotBuilt, StageResult, StageRunner, StageStatus
+from pipeline.runner import Planned, StageResult, StageRunner
 from pipeline.tracking import Tracker, pipeline_run_name
-from stages import demo_data, dpo, evaluate, pairs, pretrain, reference, sample, sft
-
-STAGES = ("demo_data", "pretrain", "evaluate_base", "reference", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")
-DEMO_STAGES = ("demo_data", "pretrain")
-ON_POLICY_STAGES = ("sample", "pairs")  # not run when the config gives data.preference
-MODULES = (demo_data, pretrain, evaluate, reference, sft, sample, pairs, dpo)
-
 
 def _transient(task, task_run, state) -> bool:
     """Retry only failures marked transient (an engine that failed to start), never bad input."""
@@ -47,119 +34,14 @@ def stage_task(runner: StageRunner, planned) -> StageResult:
     return Completed(name="Cached", data=result, message=f"reused {result.manifest.folder}") if result.cached else result
 
 
-class PipelineRun:
-    """The stages of one pipeline, wired: each property is a stage's result (a Manifest)."""
+def submit_stage(runner: StageRunner):
+    """Each stage as a Prefect task run named after it and tagged with its key."""
 
-    def __init__(self, cfg: PipelineConfig, runner: StageRunner):
-        self.cfg, self.runner = cfg, runner
-
-    def stage(self, name: str, module, inputs: dict[str, Input], cfg: PipelineConfig | None = None) -> Manifest:
-        planned = self.runner.plan(name, module.STAGE, cfg or self.stage_cfg, inputs)
-        if self.runner.tracker is None:
-            return self.runner.check(planned)
+    def submit(name: str, planned: Planned) -> Manifest:
         run = stage_task.with_options(name=name, task_run_name=name, tags=[f"key:{planned.key}"])
-        return run(self.runner, planned, return_state=True).result().manifest  # the state: Cached or Completed
+        return run(runner, planned, return_state=True).result().manifest  # the state: Cached or Completed
 
-    @cached_property
-    def demo_data(self) -> Manifest:
-        return self.stage("demo_data", demo_data, {}, self.cfg)
-
-    @cached_property
-    def data(self) -> DataConfig:
-        """The data sets, with the demo world's generated ones where the user gave none."""
-        if not self.cfg.is_demo:
-            return self.cfg.data
-        world = self.demo_data
-        generated = {
-            "sft": DataSource(path=str(world.path("sft_train"))),
-            "target_eval": DataSource(path=str(world.path("domain_test"))),
-            "general_eval": DataSource(path=str(world.path("general_test"))),
-        }
-        if self.cfg.demo.val_examples:
-            generated |= {"target_val": DataSource(path=str(world.path("domain_val"))),
-                          "general_val": DataSource(path=str(world.path("general_val")))}
-        return self.cfg.data.model_copy(update={k: getattr(self.cfg.data, k) or v for k, v in generated.items()})
-
-    @cached_property
-    def stage_cfg(self) -> PipelineConfig:
-        """The effective config the stages see: the data filled in. (The demo's tokenizer
-        needs no filling: the pretrained model's folder holds it.)"""
-        return self.cfg.model_copy(update={"data": self.data})
-
-    @cached_property
-    def pretrain(self) -> Manifest:
-        world = self.demo_data
-        return self.stage("pretrain", pretrain, {"tokenizer": Input.output(world, "tokenizer"),
-                                                 "train": Input.output(world, "general_train")}, self.cfg)
-
-    @cached_property
-    def base_model(self) -> Input:
-        """The starting model: the demo's pretrained one, or the config's folder or hub id."""
-        return Input.output(self.pretrain, "model") if self.cfg.is_demo else Input.model(self.cfg.model.path)
-
-    @cached_property
-    def reference(self) -> Manifest:
-        return self.stage("reference", reference, {"model": self.base_model})
-
-    @cached_property
-    def sft(self) -> Manifest:
-        cached = {"reference": Input.output(self.reference, "topk")} if self.cfg.sft.cached_reference() else {}
-        return self.stage("sft", sft, {"model": self.base_model, **cached})
-
-    @cached_property
-    def evaluate_base(self) -> Manifest:
-        return self.stage("evaluate_base", evaluate, {"model": self.base_model})
-
-    @cached_property
-    def evaluate_sft(self) -> Manifest:
-        return self.stage("evaluate_sft", evaluate, {"model": Input.output(self.sft, "model"),
-                                                     "baseline": Input.metrics(self.evaluate_base)})
-
-    @cached_property
-    def sample(self) -> Manifest:
-        return self.stage("sample", sample, {"model": Input.output(self.sft, "model")})
-
-    @cached_property
-    def pairs(self) -> Manifest:
-        return self.stage("pairs", pairs, {"samples": Input.output(self.sample, "samples")})
-
-    @cached_property
-    def dpo(self) -> Manifest:
-        on_policy = {"pairs": Input.output(self.pairs, "pairs")} if self.data.preference is None else {}
-        return self.stage("dpo", dpo, {"model": Input.output(self.sft, "model"), **on_policy})
-
-    @cached_property
-    def evaluate_dpo(self) -> Manifest:
-        return self.stage("evaluate_dpo", evaluate, {"model": Input.output(self.dpo, "model"),
-                                                     "baseline": Input.metrics(self.evaluate_base)})
-
-
-def pipeline_stages(cfg: PipelineConfig, *named: str) -> tuple[str, ...]:
-    """The stages of this pipeline (no demo stages for a real model, no on-policy pairs for
-    given preference data); named ones must be among them."""
-    left_out = ((() if cfg.is_demo else DEMO_STAGES) + (() if cfg.data.preference is None else ON_POLICY_STAGES)
-                + (() if cfg.sft.cached_reference() else ("reference",)))
-    stages = tuple(name for name in STAGES if name not in left_out)
-    for name in named:
-        if name not in stages:
-            raise ConfigError(f"unknown stage '{name}'; the stages of this pipeline are: {', '.join(stages)}")
-    return stages
-
-
-
-def pipeline_status(cfg: PipelineConfig) -> list[StageStatus]:
-    """Each stage: done, stale (and what changed), missing, or waiting on the upstream stage that
-    is not built (a key follows its inputs' content, so it is known once they are)."""
-    runner = StageRunner(cfg, tracker=None)
-    run = PipelineRun(cfg, runner)
-    waiting = {}
-    for name in pipeline_stages(cfg):
-        try:
-            getattr(run, name)
-        except NotBuilt as error:
-            waiting[name] = error.name
-    return [runner.statuses.get(name) or StageStatus(name, "waiting", "(not yet known)", None, f"on {waiting[name]}")
-            for name in pipeline_stages(cfg)]
+    return submit
 
 
 def flow_run_name() -> str:
@@ -204,7 +86,7 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
     with results_lock(cfg.results_dir), stop_on_signals(), prefect_tags(cfg, tags):
         tracker = Tracker(cfg, parent_run_id, tags=tags)
         runner = StageRunner(cfg, tracker, set(force))
-        run = PipelineRun(cfg, runner)
+        run = PipelineRun(cfg, runner, submit_stage(runner))
         try:
             for name in [stage] if stage else stages:
                 getattr(run, name)

@@ -7,13 +7,11 @@ dataclass before any work starts. Relative paths are relative to the working dir
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import importlib.resources
 import json
 import math
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.sandbox import SandboxUnavailable, require_isolation
+from pipeline.trainer_options import SIMPLE_TYPES, trainer_options
 
 
 class ConfigError(ValueError):
@@ -667,13 +666,6 @@ SFT_OWNED_KEYS = {"output_dir", "loss_type", "completion_only_loss"}
 PIPELINE_OWNED_TRAINER_KEYS = {"pretrain": SFT_OWNED_KEYS, "sft": SFT_OWNED_KEYS, "dpo": {"output_dir"}}
 
 
-def _simple_types(hint: Any) -> tuple[type, ...] | None:
-    """The plain types a hint allows (int, float, str, bool, None), or None if it is not that simple."""
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    plain = (int, float, str, bool, type(None))
-    return tuple(args) if all(a in plain for a in args) else None
-
-
 # TRL's configs check few of their numbers, and only once a trainer starts. Every number of theirs
 # is refused at `validate`, naming the key, unless finite and 0 or more, or the negative default
 # that means "off" (max_steps: -1). These are held to more.
@@ -699,27 +691,26 @@ def _out_of_range(key: str, value: Any, default: Any) -> str | None:
     return None
 
 
-def check_trainer_args(args: dict[str, Any], config_cls: type, key_path: str, owned: set[str]) -> None:
-    """Check trainer settings against TRL's own config dataclass: names, and simple value types."""
-    hints = typing.get_type_hints(config_cls)
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.init}
-    fields = set(defaults)
+def check_trainer_args(args: dict[str, Any], config_name: str, key_path: str, owned: set[str]) -> None:
+    """Check trainer settings against TRL's own config dataclass (`SFTConfig`, `DPOConfig`): names,
+    simple value types and numbers' ranges."""
+    options = trainer_options(config_name)
     for key, value in args.items():
         if key in owned:
             raise ConfigError(f"{key_path}.{key}: set by the pipeline, remove it from the config")
-        if key not in fields:
-            hint = difflib.get_close_matches(key, fields, n=3)
+        if key not in options:
+            hint = difflib.get_close_matches(key, options, n=3)
             raise ConfigError(
-                f"{key_path}.{key}: not an option of TRL's {config_cls.__name__}"
+                f"{key_path}.{key}: not an option of TRL's {config_name}"
                 + (f" (did you mean {', '.join(hint)}?)" if hint else "")
             )
-        allowed = _simple_types(hints.get(key))
+        allowed = tuple(SIMPLE_TYPES[t] for t in options[key]["types"] or ())
         # YAML gives 1 where a float is meant, and bool is an int: accept what the trainer accepts.
         widened = allowed and (allowed + (int,) if float in allowed else allowed)
         if widened and not isinstance(value, widened) or (isinstance(value, bool) and allowed and bool not in allowed):
             names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
             raise ConfigError(f"{key_path}.{key}: expected {names}, got {value!r}")
-        if (expected := _out_of_range(key, value, defaults[key])) is not None:
+        if (expected := _out_of_range(key, value, options[key]["default"])) is not None:
             raise ConfigError(f"{key_path}.{key}: must be {expected}, got {value!r}")
 
 
@@ -788,11 +779,9 @@ def parse_config(data: dict[str, Any], source: str = "<config>", text: str | Non
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_errors(error, source, lines)) from None
-    from trl import DPOConfig, SFTConfig
-
-    for stage, config_cls in (("pretrain", SFTConfig), ("sft", SFTConfig), ("dpo", DPOConfig)):
+    for stage, config_name in (("pretrain", "SFTConfig"), ("sft", "SFTConfig"), ("dpo", "DPOConfig")):
         try:
-            check_trainer_args(getattr(cfg, stage).trainer, config_cls, f"{stage}.trainer",
+            check_trainer_args(getattr(cfg, stage).trainer, config_name, f"{stage}.trainer",
                                PIPELINE_OWNED_TRAINER_KEYS[stage])
         except ConfigError as error:
             line = lines.get((stage, "trainer", str(error).split(":")[0].split(".")[-1]))

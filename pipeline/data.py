@@ -12,13 +12,15 @@ import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
-
-from datasets import Dataset, load_dataset
+from typing import TYPE_CHECKING
 
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
 from pipeline.hub import check_hub_models
 from pipeline.lm_eval_suite import check_lm_eval
 from pipeline.manifest import atomic_write_text, digest
+
+if TYPE_CHECKING:  # `datasets` takes most of a second to import; checking data does not need it
+    from datasets import Dataset
 
 SFT_FIELDS = [{"prompt", "completion"}, {"messages"}]
 EVAL_FIELDS = [{"prompt", "answer"}]
@@ -114,6 +116,8 @@ def reference(row: dict) -> str | dict:
 
 
 def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
+    from datasets import Dataset, load_dataset
+
     if source.file is not None:
         return Dataset.from_list(read_jsonl(source.file, accepted, source.max_line_bytes))
     dataset = load_dataset(source.hub, split=source.split)

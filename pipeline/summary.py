@@ -6,14 +6,17 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 from rich.markup import escape
 from rich.table import Column, Table
 from rich.tree import Tree
 
 from pipeline.lm_eval_suite import headline_metrics as lm_eval_headline
+
+if TYPE_CHECKING:  # MLflow takes a second to import; the tables `status` prints do not need it
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 # Per stage (by module), the metrics worth a glance and their short names; the rest is in MLflow.
 HEADLINE = {

@@ -10,7 +10,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from flows.pipeline import pipeline_status, run_pipeline
+from flows.pipeline import run_pipeline
+from flows.wiring import pipeline_status
 from pipeline.config import DemoConfig, parse_config
 from pipeline.data import write_jsonl
 from pipeline.demo import build_model, build_tokenizer

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import PipelineConfig
 from pipeline.manifest import Manifest
-from flows.pipeline import MODULES
+from flows.wiring import MODULES
 from pipeline.process import ERROR, preloaded_modules, run_forked, start_fork_server
 from stages import sft
 
@@ -102,3 +102,24 @@ def test_the_stage_declarations_import_no_torch():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command, heavy", [
+    ("validate", ("torch", "transformers", "trl", "vllm", "prefect", "mlflow")),
+    ("status", ("torch", "transformers", "trl", "vllm", "datasets", "prefect", "mlflow")),
+])
+def test_validate_and_status_import_no_ml_framework_prefect_or_mlflow(tmp_path, command, heavy):
+    """The commands that run nothing answer at once: once TRL's options are cached (the first
+    check of a config reads them), neither imports torch, TRL, Prefect or MLflow."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: x\nresults_dir: {tmp_path / 'results'}\n")
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    repo = Path(__file__).resolve().parents[2]
+    probe = (f"import sys\nfrom typer.testing import CliRunner\nfrom flows.cli import app\n"
+             f"result = CliRunner().invoke(app, [{command!r}, {str(config)!r}])\nassert result.exit_code == 0, result.output\n"
+             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(config)], env=env, check=True, cwd=repo,
+                   capture_output=True)  # fills the cache
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

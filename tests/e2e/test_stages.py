@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from flows.pipeline import pipeline_stages, pipeline_status, run_pipeline
+from flows.pipeline import run_pipeline
+from flows.wiring import pipeline_stages, pipeline_status
 from pipeline import answer_entropy
 from pipeline.config import DemoConfig, SamplingConfig, parse_config
 from pipeline.data import DataError, read_jsonl, write_jsonl
@@ -556,7 +557,7 @@ def test_failed_stage_run_ends_failed_in_mlflow(demo_run):
 
 
 def test_status_lists_done_stale_and_missing(demo_run, tmp_path):
-    from flows.pipeline import pipeline_status
+    from flows.wiring import pipeline_status
 
     demo_tmp, results = demo_run
     statuses = pipeline_status(tiny_config(demo_tmp))
@@ -731,7 +732,7 @@ def test_full_verification_catches_a_change_that_kept_size_and_mtime(world_copy)
 
 @pytest.mark.parametrize("damage", ["cut", "{}"])
 def test_a_damaged_manifest_is_a_clear_error_and_force_makes_the_stage_anew(world_copy, damage):
-    from flows.pipeline import pipeline_status
+    from flows.wiring import pipeline_status
 
     manifest = run_pipeline(world_copy, stage="sft")[-1].manifest.folder / MANIFEST
     text = manifest.read_text()

@@ -11,7 +11,8 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from transformers import AutoModelForCausalLM
 
-from flows.pipeline import pipeline_status, run_pipeline
+from flows.pipeline import run_pipeline
+from flows.wiring import pipeline_status
 from pipeline import runner
 from pipeline.config import ConfigError, parse_config
 from pipeline.manifest import MANIFEST, Manifest

@@ -217,21 +217,24 @@ def test_trainer_numbers_out_of_range_are_refused_naming_the_key(tmp_path, train
 
 
 def numeric_trainer_fields():
-    """Every number a user may set in TRL's SFTConfig and DPOConfig, with its type and default."""
+    """Every number a user may set in TRL's SFTConfig and DPOConfig, with its type and default,
+    read from TRL's dataclasses here (not from the pipeline's cache of them)."""
     import dataclasses
+    import types
     import typing
 
     from trl import DPOConfig, SFTConfig
 
-    from pipeline.config import PIPELINE_OWNED_TRAINER_KEYS, _simple_types
+    from pipeline.config import PIPELINE_OWNED_TRAINER_KEYS
 
     for stage, cls in (("sft", SFTConfig), ("dpo", DPOConfig)):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            types = _simple_types(hints.get(f.name)) or ()
-            if f.init and f.name not in PIPELINE_OWNED_TRAINER_KEYS[stage] and bool not in types and \
-                    (int in types or float in types):
-                yield stage, f.name, float in types, f.default
+            hint = hints.get(f.name)
+            args = set(typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,))
+            if f.init and f.name not in PIPELINE_OWNED_TRAINER_KEYS[stage] and args & {int, float} and \
+                    args <= {int, float, type(None)}:
+                yield stage, f.name, float in args, f.default
 
 
 def test_every_trainer_number_is_range_checked_naming_the_key():
