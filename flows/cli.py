@@ -6,6 +6,9 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -86,6 +89,49 @@ def _print(table: RenderableType) -> None:
     console.print(table)
 
 
+# Prefect's own default port: a server the user started with `prefect server start` is used too.
+PREFECT_PORT = int(os.environ.get("POSTTRAIN_PREFECT_PORT", "4200"))
+
+
+@contextmanager
+def _prefect_api():
+    """The Prefect API the command's flows report to: the configured one (PREFECT_API_URL), else a
+    local Prefect server kept running between commands (started in the background by the first,
+    `prefect server stop` stops it), so that a command does not wait for Prefect's temporary
+    server to start and stop each time, and the runs stay in the server's UI afterwards.
+    POSTTRAIN_PREFECT_SERVER=temporary (or a port taken by something else) keeps Prefect's
+    temporary server per command; POSTTRAIN_PREFECT_PORT moves the kept one."""
+    import requests
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value() or os.environ.get("POSTTRAIN_PREFECT_SERVER", "keep") == "temporary":
+        yield
+        return
+    url = f"http://127.0.0.1:{PREFECT_PORT}/api"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{url}/health", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    if not healthy():
+        prefect = Path(sys.executable).parent / "prefect"
+        subprocess.run([str(prefect), "server", "start", "--background", "--host", "127.0.0.1", "--port",
+                        str(PREFECT_PORT)], capture_output=True)
+        deadline = time.monotonic() + 60
+        while not healthy() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not healthy():
+            typer.echo(f"no Prefect server answers on port {PREFECT_PORT}: this run uses a temporary one", err=True)
+            yield
+            return
+        typer.echo(f"a Prefect server now runs at {url.removesuffix('/api')} (its UI lists the runs), kept for the "
+                   "next commands: `prefect server stop` stops it", err=True)
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield
+
+
 def _load(config: Path, debug: bool = False):
     from pipeline.config import ConfigError, load_config
 
@@ -106,7 +152,7 @@ def run(
 
     Stages: demo_data, pretrain (demo world only), evaluate_base, sft, evaluate_sft, sample,
     pairs (on-policy pairs only), dpo, evaluate_dpo."""
-    from flows.pipeline import STAGE_FLOWS, run_pipeline
+    from flows.pipeline import run_pipeline, stage_flow
     from flows.wiring import pipeline_stages
     from pipeline.summary import evaluation_table, run_summary
 
@@ -115,7 +161,8 @@ def run(
     _stop_within(STOP_GRACE_S)
     try:
         pipeline_stages(cfg, *([stage] if stage else []), *force)
-        results = STAGE_FLOWS[stage](cfg, set(force)) if stage else run_pipeline(cfg, set(force))
+        with _prefect_api():
+            results = stage_flow(stage)(cfg, set(force)) if stage else run_pipeline(cfg, set(force))
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - user errors become one readable line
         _fail(error, debug)
         return
@@ -140,7 +187,8 @@ def compare(
     _quiet_prefect_tracebacks(debug)
     _stop_within(STOP_GRACE_S)
     try:
-        folder = run_compare(cfg)
+        with _prefect_api():
+            folder = run_compare(cfg)
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - user errors become one readable line
         _fail(error, debug)
         return

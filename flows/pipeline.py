@@ -5,6 +5,7 @@ Cached. (Prefect's own cache keys include the flow run, so the pipeline keeps it
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from prefect import flow, task
@@ -13,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from flows.wiring import MODULES, STAGES, PipelineRun, pipeline_stages
+from flows.wiring import MODULES, PipelineRun, pipeline_stages
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data import check_inputs
 from pipeline.manifest import Manifest, results_lock
@@ -101,17 +102,17 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
     return runner.results
 
 
+@functools.cache
 def stage_flow(name: str):
-    """A flow that runs one stage (and builds the upstream results it needs)."""
+    """A flow that runs one stage (and builds the upstream results it needs). Made when first
+    asked for: making a flow derives its parameters' schema from PipelineConfig, a fifth of a
+    second each."""
 
     @flow(name=f"posttrain-{name}", flow_run_name=flow_run_name)
     def run_one(cfg: PipelineConfig, force: set[str] = frozenset()) -> list[StageResult]:
         return run_pipeline(cfg, force, name)
 
     return run_one
-
-
-STAGE_FLOWS = {name: stage_flow(name) for name in STAGES}
 
 
 @flow(name="posttrain-config")
@@ -124,5 +125,5 @@ def run_config(config: str, stage: str | None = None, force: list[str] | None = 
     cfg = load_config(config)
     forced = set(force or [])
     pipeline_stages(cfg, *([stage] if stage else []), *forced)  # a wrong name fails before any work
-    results = STAGE_FLOWS[stage](cfg, forced) if stage else run_pipeline(cfg, forced)
+    results = stage_flow(stage)(cfg, forced) if stage else run_pipeline(cfg, forced)
     return stage_rows(results)

@@ -673,6 +673,9 @@ POSITIVE_TRAINER_KEYS = {"max_steps", "learning_rate", "per_device_train_batch_s
                          "gradient_accumulation_steps", "num_train_epochs", "max_length", "max_prompt_length",
                          "max_completion_length", "logging_steps", "save_steps", "eval_steps", "adam_epsilon", "beta"}
 UNIT_TRAINER_KEYS = {"adam_beta1", "adam_beta2", "label_smoothing_factor"}  # in [0, 1)
+# Numbers whose negative values mean something: the alpha of DPO's alpha-divergence (any but 1),
+# and a max_grad_norm at or below 0, which turns clipping off.
+SIGNED_TRAINER_KEYS = {"f_alpha_divergence_coef", "max_grad_norm"}
 
 
 def _out_of_range(key: str, value: Any, default: Any) -> str | None:
@@ -682,7 +685,9 @@ def _out_of_range(key: str, value: Any, default: Any) -> str | None:
     off = default if isinstance(default, int | float) and not isinstance(default, bool) and default < 0 else None
     if value == off:
         return None
-    if not math.isfinite(value) or value < 0:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    if value < 0 and key not in SIGNED_TRAINER_KEYS:
         return "a finite number, 0 or more" + (f" (or {off}: off)" if off is not None else "")
     if key in POSITIVE_TRAINER_KEYS and not value > 0:
         return "greater than 0"

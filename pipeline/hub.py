@@ -44,31 +44,44 @@ def dataset_cached(dataset: str) -> bool:
 
 
 def hub_file(repo_id: str, filename: str, key: str) -> Path | None:
-    """A file of a hub model repository, from the local cache or, where the hub is reachable,
-    downloaded (a config or tokenizer file: kilobytes). None when the repository exists without
-    that file. Raises ConfigError naming `key` when the repository cannot be read here."""
+    """A file of a hub model repository, from the hub where it is reachable (a config or tokenizer
+    file: kilobytes), else from the local cache. None when the repository exists without that
+    file. Raises ConfigError naming `key` when the repository cannot be read here."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=constants.HF_HUB_CACHE,
                                     local_files_only=not hub_reachable()))
+    except HFValidationError:
+        raise ConfigError(f"{key}: {repo_id} is neither a local folder nor a hub id (org/name); a relative folder "
+                          "starts with ./") from None
     except LocalEntryNotFoundError:
-        raise ConfigError(f"{key}: {repo_id} is neither in the local Hugging Face cache ({constants.HF_HUB_CACHE}) nor "
-                         f"on a hub this machine reaches: download it where the hub is reachable (`hf download "
-                         f"{repo_id}`), or give a local folder") from None
+        if model_cached(repo_id):
+            return None  # the repository is here, without that file
+        raise ConfigError(f"{key}: {repo_id} is neither in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                          f"nor on a hub this machine reaches: download it where the hub is reachable (`hf download "
+                          f"{repo_id}`), or give a local folder") from None
     except GatedRepoError:
         raise ConfigError(f"{key}: {repo_id} is gated on the hub: accept its terms on its page and log in "
-                         "(`hf auth login`)") from None
+                          "(`hf auth login`)") from None
     except RepositoryNotFoundError:
         raise ConfigError(f"{key}: there is no model {repo_id} on the hub (or it is private: log in with "
-                         "`hf auth login`)") from None
+                          "`hf auth login`)") from None
     except EntryNotFoundError:
         return None
-    except (HfHubHTTPError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - the hub client's network and HTTP errors, of several libraries
         raise ConfigError(f"{key}: {repo_id} could not be read from the hub ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200]})") from None
+                          f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+
+
+def model_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of the model repository."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 def check_hub_models(cfg: PipelineConfig) -> None:
@@ -80,6 +93,11 @@ def check_hub_models(cfg: PipelineConfig) -> None:
         if repo_id is None or Path(repo_id).expanduser().is_dir():
             continue
         found = hub_file(repo_id, filename, key)
-        if filename == "config.json" and (problem := causal_lm_problem(found, f"{key}: {repo_id}") if found
-                                          else f"{key}: {repo_id} has no config.json: not a transformers model"):
+        if filename != "config.json":
+            continue
+        if found is None:  # a PEFT adapter names its base model, checked when it is loaded (as a local adapter)
+            if hub_file(repo_id, "adapter_config.json", key) is not None:
+                continue
+            raise ConfigError(f"{key}: {repo_id} has no config.json: not a transformers model")
+        if (problem := causal_lm_problem(found, f"{key}: {repo_id}")) is not None:
             raise ConfigError(problem)

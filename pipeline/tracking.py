@@ -89,14 +89,17 @@ def pipeline_run_name(cfg: PipelineConfig, tags: dict[str, str] | None) -> str:
     and seed already."""
     if tags and "posttrain.arm" in tags:
         return cfg.name
-    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    # What the user set, not the defaults: a later version's new setting renames no run.
+    config = json.dumps(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=True, default=str)
     return f"{cfg.name}/{cfg.sft.loss.name}/seed{cfg.seed} {hashlib.sha256(config.encode()).hexdigest()[:6]}"
 
 
 def curve_metrics(log_history: Path, timestamp: int) -> list[Metric]:
-    """A training's logged values (the Trainer's log_history.json) as metrics at their steps."""
-    return [Metric(k, float(v), timestamp, int(logs["step"])) for logs in json.loads(log_history.read_text())
-            for k, v in logs.items() if k not in ("step", "epoch") and isinstance(v, int | float)]
+    """A training's logged values (the Trainer's log_history.json) as metrics at their steps, named
+    as transformers' MLflow callback names them when it logs them live."""
+    return [Metric(re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", k), float(v), timestamp, int(logs["step"]))
+            for logs in json.loads(log_history.read_text()) for k, v in logs.items()
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)]
 
 
 def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput:
@@ -224,6 +227,7 @@ class Tracker:
         tried = self.client.search_runs([self.experiment_id], f"tags.`posttrain.key` = '{key}' and tags."
                                         f"`posttrain.results_dir` = '{self.results_dir}' and attributes.status != "
                                         "'FINISHED' and attributes.status != 'RUNNING'", max_results=10)
+        tried = [r for r in tried if "posttrain.taken_up_by" not in r.data.tags]  # not those a run took up already
         if tried:
             tags["posttrain.takes_up"] = ",".join(r.info.run_id for r in tried)
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
@@ -258,8 +262,11 @@ class Tracker:
         # single values they would open the run's charts above the curves.
         metrics = [Metric(k, float(v), now, 0, model_id=measured) for k, v in manifest.metrics.items()
                    if not k.startswith("final/")]
-        if cached and "log_history" in manifest.outputs:  # made without this run: its curves, at their steps
-            metrics += [m for m in curve_metrics(manifest.path("log_history"), now) if m.key not in manifest.metrics]
+        if "log_history" in manifest.outputs:  # curve points the run lacks: a result made without it, or a store
+            # that stopped answering mid-stage and is back
+            logged = {m.step for m in self.client.get_metric_history(run_id, "loss")}
+            metrics += [m for m in curve_metrics(manifest.path("log_history"), now)
+                        if m.step not in logged and m.key not in manifest.metrics]
         self.log_pipeline_metrics(name, manifest)
         self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_artifact(run_id, str(manifest.folder / MANIFEST))

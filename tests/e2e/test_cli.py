@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,34 @@ def test_lineage_without_a_store_says_so_and_creates_none(tmp_path):
     result = runner.invoke(app, ["lineage", "m-0000", str(path)])
     assert result.exit_code == 2 and f"no MLflow store at sqlite:///{tmp_path / 'results' / 'mlflow.db'}" in result.output
     assert not (tmp_path / "results" / "mlflow.db").exists()
+
+
+def test_run_keeps_one_local_prefect_server_for_the_next_commands(tmp_path):
+    """With no Prefect API configured, the first `posttrain run` starts a local server in the
+    background and later ones use it: both runs are in its API afterwards, and it answers
+    until `prefect server stop`."""
+    import requests
+
+    from pipeline.process import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {
+        "POSTTRAIN_PREFECT_SERVER": "keep", "POSTTRAIN_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect")}
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: kept\nresults_dir: {tmp_path / 'results'}\n")
+    command = [sys.executable, "-m", "flows.cli", "run", str(config), "--stage", "demo_data"]
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        first = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert f"a Prefect server now runs at http://127.0.0.1:{port}" in first.stderr
+        second = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert "a Prefect server now runs" not in second.stderr and "Starting temporary server" not in second.stderr
+        runs = requests.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+        commands = [r for r in runs if r["name"].startswith("kept/") and r["parent_task_run_id"] is None]
+        assert [r["state"]["type"] for r in commands] == ["COMPLETED", "COMPLETED"]  # each with its pipeline subflow
+    finally:
+        subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "stop"], env=env, capture_output=True)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{api}/health", timeout=2)

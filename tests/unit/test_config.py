@@ -241,10 +241,16 @@ def test_every_trainer_number_is_range_checked_naming_the_key():
     """Not a list of keys someone thought of: every numeric field of TRL's configs refuses a
     negative value (but its own negative default, -1 for 'off') and, where it is a float, NaN and
     infinity; its default passes."""
+    from pipeline.config import SIGNED_TRAINER_KEYS
+
     fields = list(numeric_trainer_fields())
     assert len(fields) > 40 and ("dpo", "beta", True, 0.1) in fields
     for stage, key, is_float, default in fields:
-        bad = [-3.5, float("nan"), float("inf")] if is_float else [-3]
+        bad = [float("nan"), float("inf")] if is_float else []
+        if key in SIGNED_TRAINER_KEYS:  # the few whose negative values mean something
+            parse_config({"name": "x", stage: {"trainer": {key: -0.5}}})
+        else:
+            bad.append(-3.5 if is_float else -3)
         if isinstance(default, int | float) and default < 0:
             bad.append(default - 1)
             parse_config({"name": "x", stage: {"trainer": {key: default}}})  # "off" is fine

@@ -51,7 +51,8 @@ def offline(cache, monkeypatch):
 def fake_hub(cache, monkeypatch):
     """A hub on localhost: org/tiny-llama is a causal LM, org/bert is not, org/gated is gated,
     every other repository does not exist."""
-    repos = {"org/tiny-llama": {"config.json": LLAMA, "tokenizer_config.json": {}}, "org/bert": {"config.json": BERT}}
+    repos = {"org/tiny-llama": {"config.json": LLAMA, "tokenizer_config.json": {}}, "org/bert": {"config.json": BERT},
+             "org/adapter": {"adapter_config.json": {"base_model_name_or_path": "org/tiny-llama"}}}
 
     class Hub(http.server.BaseHTTPRequestHandler):
         def answer(self, body: bool) -> None:
@@ -114,6 +115,7 @@ def test_a_cached_hub_model_is_checked_offline_to_be_a_causal_lm(offline):
         check_hub_models(config_naming("org/bert"))
     with pytest.raises(ConfigError, match=r"^model\.tokenizer: org/other-tokenizer is neither in the local"):
         check_hub_models(config_naming("org/tiny-llama", tokenizer="org/other-tokenizer"))
+    check_hub_models(config_naming("org/tiny-llama", tokenizer="org/bert"))  # cached, without a tokenizer_config.json
 
 
 def test_on_a_reachable_hub_a_model_is_found_or_refused_for_what_the_hub_says(fake_hub):
@@ -127,3 +129,9 @@ def test_on_a_reachable_hub_a_model_is_found_or_refused_for_what_the_hub_says(fa
         check_hub_models(config_naming("org/bert"))
     # a tokenizer repository without tokenizer_config.json exists, and that is all a tokenizer needs here
     check_hub_models(config_naming("org/tiny-llama", tokenizer="org/bert"))
+    check_hub_models(config_naming("org/adapter"))  # a PEFT adapter, as a local adapter folder is accepted
+
+
+def test_a_path_that_is_neither_a_folder_nor_a_hub_id_is_named_so(offline):
+    with pytest.raises(ConfigError, match=r"^model\.path: results/sft/final is neither a local folder nor a hub id"):
+        check_hub_models(config_naming("results/sft/final"))
