@@ -682,7 +682,7 @@ def _out_of_range(key: str, value: Any, default: Any) -> str | None:
     """What a trainer number must be, where `value` is not; None when it is fine (or not a number)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
-    off = default if isinstance(default, int | float) and not isinstance(default, bool) and default < 0 else None
+    off = default if default is not None and default < 0 else None  # trainer_options keeps numeric defaults only
     if value == off:
         return None
     if isinstance(value, float) and not math.isfinite(value):

@@ -112,7 +112,7 @@ def file_problem(path: Path) -> str | None:
             with path.open("rb") as f:
                 size = int.from_bytes(f.read(8), "little")
                 if size > path.stat().st_size - 8:  # a length that cannot be (cut off, or not a length)
-                    return f"its {path.name} is cut off or damaged"
+                    raise ValueError(f"header of {size} bytes")
                 header = json.loads(f.read(size))
             end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
             whole = path.stat().st_size == 8 + size + end
