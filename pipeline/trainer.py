@@ -12,17 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import shutil
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import PreTrainedModel, ProgressCallback, Trainer
 from transformers.integrations import MLflowCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import DPOTrainer, SFTTrainer
 
 from pipeline.losses import TokenLoss
+from pipeline.manifest import atomic_write_text, digest
 from pipeline.progress import stage_bar
 from pipeline.reference import ReferenceTopK
 
@@ -97,7 +104,58 @@ def show_stage_progress(trainer: Trainer) -> None:
         trainer.add_callback(StageProgress())
 
 
-class FiniteLossDPOTrainer(DPOTrainer):
+CHECKPOINT_SEAL = "posttrain-seal.json"  # a checkpoint's file digests, written after its files
+CHECKPOINT_STAGING = ".saving"  # where a checkpoint is written before it takes its name
+
+
+def seal_checkpoint(folder: Path) -> None:
+    """Write the digests of a checkpoint's files into it, so that resume can tell a checkpoint
+    damaged since it was saved."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKPOINT_SEAL)
+    atomic_write_text(folder / CHECKPOINT_SEAL, json.dumps({str(p.relative_to(folder)): digest(p) for p in files},
+                                                           indent=1))
+
+
+class AtomicCheckpoints(Trainer):
+    """Checkpoints that appear whole or not at all. transformers writes `checkpoint-N` in place, so
+    a crash mid-save would leave a half-written folder under the name resume looks for; here the
+    Trainer writes it under `<output_dir>/.saving/`, it is sealed there, and one rename names it.
+    Mixed in before TRL's trainer class."""
+
+    _staging = False
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return str(Path(run_dir) / CHECKPOINT_STAGING) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = run_dir / CHECKPOINT_STAGING / name, run_dir / name
+        if self.args.should_save:
+            shutil.rmtree(staged.parent, ignore_errors=True)  # what a cut-off save left
+        PartialState().wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        PartialState().wait_for_everyone()  # every process has written its part (RNG state, shards)
+        if not self.args.should_save:
+            return
+        if self.state.best_model_checkpoint == str(staged):  # the Trainer named the best one where it was written
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        seal_checkpoint(staged)
+        if final.exists():  # the same step saved by a run that was cut off later
+            shutil.rmtree(final)
+        staged.rename(final)
+        staged.parent.rmdir()
+        # The Trainer rotated the staging folder; the named checkpoints are rotated here, as it would.
+        rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+
+class FiniteLossDPOTrainer(AtomicCheckpoints, DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         check_finite(result[0] if return_outputs else result, self)
@@ -141,7 +199,7 @@ def last_hidden_states(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.
     return captured[-1]
 
 
-class TokenLossSFTTrainer(SFTTrainer):
+class TokenLossSFTTrainer(AtomicCheckpoints, SFTTrainer):
     def __init__(self, *args, token_loss: TokenLoss, ref_model: PreTrainedModel | None = None,
                  reference_topk: ReferenceTopK | None = None, chunked: bool = True, **kwargs):
         super().__init__(*args, **kwargs)

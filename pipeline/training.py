@@ -24,8 +24,9 @@ from pipeline.manifest import atomic_write_text, digest
 from pipeline.plots import loss_curve
 from pipeline.sampling import check_vocabulary
 from pipeline.reference import ReferenceTopK, write_reference_topk
-from pipeline.trainer import (FiniteLossDPOTrainer, StageMLflowCallback, TokenLossSFTTrainer,
-                              chunked_lm_head_applies, last_hidden_states, show_stage_progress)
+from pipeline.trainer import (CHECKPOINT_SEAL, CHECKPOINT_STAGING, FiniteLossDPOTrainer, StageMLflowCallback,
+                              TokenLossSFTTrainer, chunked_lm_head_applies, last_hidden_states,
+                              show_stage_progress)
 
 
 # What `train_sft` writes in a stage's folder: name -> path, as a manifest lists its outputs.
@@ -61,32 +62,15 @@ def stage_callbacks(trainer_args: dict[str, Any]) -> list[TrainerCallback]:
     return []
 
 
-CHECKPOINT_SEAL = "posttrain-seal.json"  # a checkpoint's file digests, written after its files
-
-
 def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))
 
 
-class SealCheckpoints(TrainerCallback):
-    """After the Trainer saved a checkpoint, writes the digests of its files into it, last and
-    atomically, so that resume can tell a checkpoint damaged since it was saved."""
-
-    def on_save(self, args, state, control, **kwargs):
-        PartialState().wait_for_everyone()  # every process has written its part (RNG state, shards)
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKPOINT_SEAL)
-            seal = {str(p.relative_to(folder)): digest(p) for p in files}
-            atomic_write_text(folder / CHECKPOINT_SEAL, json.dumps(seal, indent=1))
-
-
 def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why training cannot resume from a checkpoint, or None. The Trainer writes
-    `trainer_state.json` after the weights, optimizer, scheduler and RNG state, and the seal
-    comes after that: without a readable state it was cut off mid-save; with a seal, each file
-    must still be what was saved. A checkpoint without a seal (cut off between the state and the
-    seal, or made before seals existed) must at least hold whole files."""
+    """Why training cannot resume from a checkpoint, or None. A checkpoint takes its name only
+    once whole and sealed (`AtomicCheckpoints`), so with a seal each file must still be what was
+    saved. One written in place (by an earlier version, or by a plain Trainer) has the Trainer's
+    `trainer_state.json`, written after everything else, and must at least hold whole files."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError):
@@ -132,6 +116,9 @@ def file_problem(path: Path) -> str | None:
 def drop_damaged_checkpoints(folder: Path) -> Path | None:
     """Remove the newest checkpoints that are cut off or damaged, saying why, so that neither
     resume nor the Trainer's checkpoint rotation trusts them; the newest whole one."""
+    if (staging := folder / CHECKPOINT_STAGING).exists():
+        print(f"checkpoint {next(staging.iterdir(), staging)} removed: it was cut off while it was saved", flush=True)
+        shutil.rmtree(staging)
     for checkpoint in sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=checkpoint_step, reverse=True):
         if (problem := checkpoint_problem(checkpoint)) is None:
             return checkpoint
@@ -295,7 +282,6 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     the trainer's summary and the last logged value of each curve. Under `accelerate launch`
     every process trains and only the first writes."""
     show_stage_progress(trainer)
-    trainer.add_callback(SealCheckpoints())
     checkpoints = out / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
     if last is not None and trainer.is_world_process_zero():

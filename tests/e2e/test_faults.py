@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from trl import SFTConfig
 
 from pipeline.config import DemoConfig, LossConfig, parse_config
@@ -19,7 +19,7 @@ from pipeline.manifest import Manifest, digest
 from pipeline.demo import build_model, build_tokenizer
 from pipeline.losses import build_loss
 from pipeline.trainer import NonFiniteLoss, TokenLossSFTTrainer
-from pipeline.training import fit, trainer_defaults
+from pipeline.training import CHECKPOINT_SEAL, fit, trainer_defaults
 
 TINY = DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=64)
 
@@ -169,7 +169,7 @@ from pipeline.config import DemoConfig
 from pipeline.demo import build_model, build_tokenizer
 from pipeline.losses import build_loss
 from pipeline.trainer import TokenLossSFTTrainer
-from pipeline.training import fit, trainer_defaults
+from pipeline.training import CHECKPOINT_SEAL, fit, trainer_defaults
 
 out = Path(sys.argv[1])
 tokenizer = build_tokenizer()
@@ -226,17 +226,63 @@ def test_a_disk_that_fills_before_the_first_checkpoint_is_a_clear_error_too(tmp_
     assert "training starts over" in results[0]
 
 
-def train_tiny(folder: Path, max_steps: int) -> TokenLossSFTTrainer:
+def train_tiny(folder: Path, max_steps: int, **options) -> TokenLossSFTTrainer:
     tokenizer = build_tokenizer()
     rows = [{"prompt": f"{a}*3=", "completion": str(3 * a)[::-1]} for a in range(10, 42)]
     args = SFTConfig(output_dir=str(folder / "checkpoints"), **(trainer_defaults(0) | {
         "max_steps": max_steps, "save_steps": 2, "save_total_limit": 3, "per_device_train_batch_size": 8,
-        "logging_steps": 1}))
+        "logging_steps": 1} | options))
     trainer = TokenLossSFTTrainer(model=build_model(TINY, tokenizer, seed=0), args=args,
                                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                  eval_dataset=Dataset.from_list(rows[:8]) if options else None,
                                   token_loss=build_loss("ce"))
     fit(trainer, tokenizer, folder, merge=False)
     return trainer
+
+
+class CutOff(BaseException):
+    """The process lost mid-save, as SIGKILL leaves it: nothing of the stage's own clean-up runs."""
+
+
+def test_a_checkpoint_cut_off_mid_save_never_has_its_name_and_resume_takes_the_one_before(tmp_path, monkeypatch,
+                                                                                         capsys):
+    save_rng_state = Trainer._save_rng_state
+
+    def cut_off_at_step_6(self, output_dir):  # after the weights and the optimizer, before the RNG and the state
+        if self.state.global_step == 6:
+            raise CutOff
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", cut_off_at_step_6)
+    with pytest.raises(CutOff):
+        train_tiny(tmp_path, max_steps=8)
+    checkpoints, staged = tmp_path / "checkpoints", tmp_path / "checkpoints" / ".saving" / "checkpoint-6"
+
+    def folders():  # TRL's model card aside
+        return sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
+
+    assert folders() == [".saving", "checkpoint-2", "checkpoint-4"]
+    assert (staged / "optimizer.pt").is_file()  # the half-written one exists, but not under its name
+    monkeypatch.undo()
+    trainer = train_tiny(tmp_path, max_steps=8)
+    out = capsys.readouterr().out
+    assert f"checkpoint {staged} removed: it was cut off while it was saved" in out
+    assert "resumed from step 4" in out and trainer.state.global_step == 8
+    # named once sealed, and rotated as the Trainer would (save_total_limit 3)
+    assert folders() == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert all((checkpoints / f"checkpoint-{step}" / CHECKPOINT_SEAL).is_file() for step in (6, 8))
+
+
+def test_the_best_checkpoint_is_named_where_it_ends_up(tmp_path):
+    """The Trainer records the best checkpoint where it wrote it; it must be the renamed folder,
+    in the trainer state, in the checkpoint's own copy of it and for load_best_model_at_end."""
+    trainer = train_tiny(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                         metric_for_best_model="eval_loss", save_total_limit=1)
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.parent == tmp_path / "checkpoints" and best.is_dir()
+    assert json.loads((best / "trainer_state.json").read_text())["best_model_checkpoint"] == str(best)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert kept == sorted({best.name, "checkpoint-4"})  # the best one is kept as well as the last
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "truncated optimizer", "altered weights",
@@ -244,8 +290,6 @@ def train_tiny(folder: Path, max_steps: int) -> TokenLossSFTTrainer:
 def test_a_damaged_newest_checkpoint_is_skipped_and_training_resumes_from_the_one_before(tmp_path, damage, capsys):
     """Sealed checkpoints are checked against their digests; unsealed ones (made before seals
     existed, or cut off before the seal) by their files' own structure, and a whole one is used."""
-    from pipeline.training import CHECKPOINT_SEAL
-
     train_tiny(tmp_path, max_steps=6)
     newest = tmp_path / "checkpoints" / "checkpoint-6"
     target = newest / ("optimizer.pt" if "optimizer" in damage else "model.safetensors")
