@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Argument(..., help="the pipeline's YAML file, e.g. configs/demo.yaml")
+OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...", show_default=False,
+                           help="settings over the YAML's, by dotted key: sft.trainer.learning_rate=1e-5 seed=1")
 USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "TrackingUnavailable", "StoreError",
                "DamagedResult")
 
@@ -132,11 +134,11 @@ def _prefect_api():
         yield
 
 
-def _load(config: Path, debug: bool = False):
+def _load(config: Path, overrides: list[str] | None = None, debug: bool = False):
     from pipeline.config import ConfigError, load_config
 
     try:
-        return load_config(config)
+        return load_config(config, overrides or [])
     except ConfigError as error:
         _fail(error, debug)
 
@@ -144,6 +146,7 @@ def _load(config: Path, debug: bool = False):
 @app.command()
 def run(
     config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
     stage: str = typer.Option(None, "--stage", help="run only this stage, building the upstream results it needs"),
     force: list[str] = typer.Option([], "--force", help="re-run this stage even if its result is cached (repeatable)"),
     debug: bool = typer.Option(False, "--debug", help="show full tracebacks"),
@@ -156,7 +159,7 @@ def run(
     from flows.wiring import pipeline_stages
     from pipeline.summary import evaluation_table, run_summary
 
-    cfg = _load(config, debug)
+    cfg = _load(config, overrides, debug)
     _quiet_prefect_tracebacks(debug)
     _stop_within(STOP_GRACE_S)
     try:
@@ -175,6 +178,7 @@ def run(
 @app.command()
 def compare(
     config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
     debug: bool = typer.Option(False, "--debug", help="show full tracebacks"),
 ) -> None:
     """Run the pipeline once per arm (SFT loss), learning rate and seed of the config's `compare`
@@ -183,7 +187,7 @@ def compare(
     JSON, plots; also logged to MLflow)."""
     from flows.compare import run_compare
 
-    cfg = _load(config, debug)
+    cfg = _load(config, overrides, debug)
     _quiet_prefect_tracebacks(debug)
     _stop_within(STOP_GRACE_S)
     try:
@@ -197,13 +201,13 @@ def compare(
 
 
 @app.command()
-def status(config: Path = CONFIG) -> None:
+def status(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """List each stage as done, stale (its result is for an older config) or missing, with its
     key, what it took and its headline metrics."""
     from flows.wiring import pipeline_status
     from pipeline.summary import status_table
 
-    _print(status_table(pipeline_status(_load(config))))
+    _print(status_table(pipeline_status(_load(config, overrides))))
 
 
 def _store(config: Path | None):
@@ -292,12 +296,12 @@ def lineage(
 
 
 @app.command()
-def validate(config: Path = CONFIG) -> None:
+def validate(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """Check a config (keys, types, files, trainer options, every row of its local data sets)
     without running anything."""
     from pipeline.data import check_inputs
 
-    cfg = _load(config)
+    cfg = _load(config, overrides)
     try:
         check_inputs(cfg)
     except Exception as error:  # noqa: BLE001 - user errors become one readable line

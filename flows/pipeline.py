@@ -116,13 +116,15 @@ def stage_flow(name: str):
 
 
 @flow(name="posttrain-config")
-def run_config(config: str, stage: str | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
+def run_config(config: str, stage: str | None = None, force: list[str] | None = None,
+               overrides: list[str] | None = None) -> list[dict[str, Any]]:
     """The deployable entry point (`prefect.yaml`): what a user types in Prefect's UI or in
     `prefect deployment run --param`. `config` is the pipeline's YAML file, a relative path
     being relative to the flow run's working directory (the deployment's pull step sets it);
-    `stage` runs only that stage and what it needs, `force` re-runs stages by name. Returns one
+    `stage` runs only that stage and what it needs, `force` re-runs stages by name, `overrides`
+    sets `dotted.key=value` settings over the file's, as on the command line. Returns one
     plain (JSON-able) row per stage; the pipeline's flow run shows them as its table artifact."""
-    cfg = load_config(config)
+    cfg = load_config(config, overrides or [])
     forced = set(force or [])
     pipeline_stages(cfg, *([stage] if stage else []), *forced)  # a wrong name fails before any work
     results = stage_flow(stage)(cfg, forced) if stage else run_pipeline(cfg, forced)

@@ -12,6 +12,7 @@ import hashlib
 import importlib.resources
 import json
 import math
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -739,29 +740,41 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys allowed at `loc` (a pydantic error location) in the schema."""
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+def _schema_field(path: tuple) -> tuple[type[BaseModel] | None, Any]:
+    """Where a key path (a pydantic error location, or a dotted key) leads in the schema: the
+    section it opens (None past the sections) and the annotation of its last key (None for a
+    key that is not there)."""
+    model: type[BaseModel] | None = PipelineConfig
+    annotation: Any = None
+    for part in path:
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
         annotation = field.annotation if field else None
         candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        sub = next((a for a in candidates if issubclass(a, BaseModel)), None)
-        if sub is None:
-            return []
-        model = sub
-    return list(model.model_fields)
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+    return model, annotation
 
 
-def _format_errors(error: ValidationError, source: str, lines: dict[tuple, int]) -> str:
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys allowed at `loc` in the schema."""
+    model, _ = _schema_field(loc)
+    return list(model.model_fields) if model else []
+
+
+def _where(source: str, line: int | str | None) -> str:
+    """A line of the YAML file, or the command-line override that set the key."""
+    return line if isinstance(line, str) else f"{source}:{line}" if line else source
+
+
+def _format_errors(error: ValidationError, source: str, lines: dict[tuple, int | str]) -> str:
     messages = []
     for err in error.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(top level)"
         line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
-        where = f"{source}:{line}" if line else source
+        where = _where(source, line)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(PipelineConfig, loc[:-1])
+            allowed = _allowed_keys(loc[:-1])
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key; allowed here: {', '.join(allowed)}"
             msg += f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -778,8 +791,17 @@ def dotted(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def parse_config(data: dict[str, Any], source: str = "<config>", text: str | None = None) -> PipelineConfig:
-    lines = _key_lines(text) if text else {}
+def parse_config(data: dict[str, Any], source: str = "<config>", text: str | None = None,
+                 overrides: list[str] = ()) -> PipelineConfig:
+    """The config from a YAML mapping (its text, for the lines errors name), with the command
+    line's `key=value` overrides set over it."""
+    lines: dict[tuple, int | str] = _key_lines(text) if text else {}
+    for item in overrides:
+        key = apply_override(data, item)
+        # Errors under the key name the override, not the YAML lines it replaced; so do errors
+        # about the sections it made.
+        lines = {k: v for k, v in lines.items() if k[:len(key)] != key}
+        lines |= {key[:i]: f"override {item}" for i in range(1, len(key) + 1) if key[:i] not in lines}
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as error:
@@ -790,8 +812,44 @@ def parse_config(data: dict[str, Any], source: str = "<config>", text: str | Non
                                PIPELINE_OWNED_TRAINER_KEYS[stage])
         except ConfigError as error:
             line = lines.get((stage, "trainer", str(error).split(":")[0].split(".")[-1]))
-            raise ConfigError(f"{source}{f':{line}' if line else ''}: {error}") from None
+            raise ConfigError(f"{_where(source, line)}: {error}") from None
     return cfg
+
+
+def apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Set one `dotted.key=value` from the command line into the YAML's mapping; its key path.
+    The value is read as YAML (numbers, booleans, lists, null; `1e-5` too, which YAML 1.1 leaves
+    text), except where the schema wants text: `name=0123` stays the string it was given."""
+    key, sep, text = item.partition("=")
+    path = tuple(key.strip().split("."))
+    if not sep or not all(path):
+        raise ConfigError(f"override '{item}': expected key=value with a dotted key, e.g. "
+                          "sft.trainer.learning_rate=1e-5")
+    _, annotation = _schema_field(path)
+    wants_text = annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and
+                                       {a for a in typing.get_args(annotation)} <= {str, type(None)})
+    if wants_text and text.strip() not in ("null", "~"):
+        value: Any = text
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override '{item}': the value is not valid YAML: {str(error).splitlines()[0]}") from None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+    node = data
+    for depth, part in enumerate(path[:-1], start=1):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"override '{item}': {'.'.join(path[:depth])} is {node[part]!r}, not a section "
+                              "with keys")
+        node = node[part]
+    node[path[-1]] = value
+    return path
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -813,7 +871,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str | Path) -> PipelineConfig:
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """A YAML config file, with `key=value` overrides from the command line set over it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -827,4 +886,4 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return parse_config(data, str(path), text)
+    return parse_config(data, str(path), text, overrides)

@@ -35,6 +35,22 @@ def test_bad_config_is_one_line_of_advice_without_traceback(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_overrides_on_the_command_line_reach_the_stage_keys_and_name_themselves_in_errors(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(f"name: x\nresults_dir: {tmp_path / 'results'}\ndemo:\n  train_examples: 100\n")
+
+    def demo_data_key(*overrides):
+        result = runner.invoke(app, ["status", str(path), *overrides], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        return next(line.split("│")[3].strip() for line in result.output.splitlines() if "demo_data" in line)
+
+    assert demo_data_key("demo.train_examples=200") != demo_data_key() == demo_data_key("demo.train_examples=100")
+    result = runner.invoke(app, ["run", str(path), "sampling.n=many", "--stage", "sft"])
+    assert result.exit_code == 2 and "override sampling.n=many: sampling.n: " in result.output
+    result = runner.invoke(app, ["validate", str(path), "demo.train_examples=0"])
+    assert result.exit_code == 2 and "override demo.train_examples=0: demo.train_examples:" in result.output
+
+
 def test_unknown_stage_names_the_stages(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(f"name: x\nresults_dir: {tmp_path / 'results'}\n")

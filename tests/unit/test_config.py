@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,33 @@ def test_a_model_folder_must_hold_a_causal_lm(tmp_path, files, error):
         return
     with pytest.raises(ConfigError, match=rf"model\.path: .*{error}"):
         load_config(write(tmp_path, text))
+
+
+def test_command_line_overrides_set_dotted_keys_typed_by_the_schema(tmp_path):
+    path = write(tmp_path, "name: x\nsft:\n  trainer:\n    learning_rate: 1.0e-4\n    max_steps: 10\n")
+    cfg = load_config(path, ["sft.trainer.learning_rate=1e-5", "name=0123", "evaluate.ks=[1, 4]", "seed=3",
+                             "dpo.trainer.beta=0.3", "sft.loss.name=eksft", "sampling.n=4"])
+    assert cfg.sft.trainer == {"learning_rate": 1e-5, "max_steps": 10}  # YAML 1.1 leaves 1e-5 text; a number here
+    assert cfg.name == "0123" and cfg.seed == 3 and cfg.evaluate.ks == [1, 4]  # text where the schema wants text
+    assert cfg.dpo.trainer["beta"] == 0.3 and cfg.sft.loss.name == "eksft"
+    assert load_config(path, ["sft.lora.r=8"]).sft.lora.r == 8  # a section the YAML lacks is made
+    assert load_config(path, ["sft.lora.r=8", "sft.lora=null"]).sft.lora is None  # null takes one away
+
+
+@pytest.mark.parametrize("override, error", [
+    ("seed", r"^override 'seed': expected key=value"),
+    ("seed.x=1", r"^override seed.x=1: seed: Input should be a valid integer"),
+    ("sft.loss.name.x=1", r"^override 'sft.loss.name.x=1': sft.loss.name is 'ce', not a section with keys"),
+    ("sft.trainr.x=1", r"override sft.trainr.x=1: sft.trainr: unknown key; allowed here: trainer.*did you mean"),
+    ("sampling.n=many", r"override sampling.n=many: sampling.n: .*integer.*'many'"),
+    ("sft.trainer.learning_rate=-1", r"^override sft.trainer.learning_rate=-1: sft.trainer.learning_rate: must be"),
+    ("sft.trainer.max_steps=[1", r"^override 'sft.trainer.max_steps=\[1': the value is not valid YAML"),
+])
+def test_a_bad_override_is_an_error_naming_the_override_not_a_yaml_line(tmp_path, override, error):
+    path = write(tmp_path, "name: x\nsft:\n  loss: {name: ce}\n  trainer:\n    learning_rate: 1.0e-4\n"
+                           "sampling:\n  n: 2\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, [override])
+    message = str(raised.value).removeprefix("invalid config:\n  ")
+    assert re.search(error, message), message
+    assert f"{path}:" not in message  # the YAML's line of the key it replaced is not the place at fault
