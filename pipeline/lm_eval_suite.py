@@ -62,9 +62,9 @@ def check_lm_eval(cfg: PipelineConfig) -> None:
         return
     general = cfg.data.general_eval
     for i, spec in enumerate(settings.tasks):
-        if spec.task in SHIPPED and general is not None and (general.file is None or general.verifier == "code"):
+        if spec.task in SHIPPED and general is not None and (not general.as_is or general.verifier == "code"):
             raise ConfigError(f"evaluate.lm_eval.tasks[{i}] ({spec.task}) reads data.general_eval as prompt/answer "
-                              f"rows of a local file, and {general.name} is not one: use lm-eval tasks of its own")
+                              f"rows of a local JSONL file read as it is, and {general.name} is not one: use lm-eval tasks of its own")
     manager = task_manager(settings, None)
     index = manager.task_index
     for i, spec in enumerate(settings.tasks):

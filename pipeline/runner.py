@@ -97,7 +97,7 @@ class StageRunner:
 
     def digest_of(self, source: DataSource) -> str:
         """A data source's digest, computed once per run (a user's data set can be large)."""
-        name = source.name if source.file else f"{source.hub}:{source.split}"
+        name = source.model_dump_json()
         if name not in self.digests:
             self.digests[name] = source_digest(source)
         return self.digests[name]

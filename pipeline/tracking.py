@@ -107,7 +107,7 @@ def dataset_input(source: DataSource, digest: str, context: str) -> DatasetInput
         # MLflow registers its local artifact source twice and warns, for every local file,
         # that the path could be either of them.
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
-        origin = (HuggingFaceDatasetSource(path=source.hub, split=source.split) if source.hub
+        origin = (HuggingFaceDatasetSource(path=source.hub, config_name=source.subset, split=source.split) if source.hub
                   else resolve_dataset_source(os.path.abspath(source.file)))
     name = source.hub or source.suite or os.path.basename(source.path)
     dataset = MetaDataset(origin, name=name, digest=digest[:36])

@@ -24,7 +24,8 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     from pipeline.sampling import sample
 
     source = cfg.pair_prompts
-    rows = [prompt_and_answer(row) for row in load_rows(source, scored_fields(source, TRAIN_PROMPT_FIELDS))]
+    rows = [prompt_and_answer(row, source.answer_pattern, f"{source.name} row {i + 1}")
+            for i, row in enumerate(load_rows(source, scored_fields(source, TRAIN_PROMPT_FIELDS)))]
     rows = rows[: cfg.pairs.max_prompts]
     settings = cfg.pairs.sampling(cfg.sampling)
     names = [f"{source.name} row {i + 1}" for i in range(len(rows))]

@@ -101,6 +101,38 @@ def test_a_hub_model_that_cannot_be_read_fails_validate_and_run_before_any_stage
     assert not list((tmp_path / "results").glob("*/*"))  # no stage began
 
 
+def test_the_gsm8k_example_validates_with_the_hub_replaced_by_local_folders_of_the_same_layout(tmp_path, monkeypatch):
+    """configs/qwen3-gsm8k.yaml reads GSM8K from the hub as it is there (a subset, its own column
+    names, worked solutions ending in `#### 72`): validate reads every row and names the key of a
+    data set whose columns or answers do not fit."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pipeline.data import write_jsonl
+    from tests.unit.test_data import gsm8k_layout
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "Qwen3-4B-Base"  # the architecture, at a size that takes no time
+    Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=16, vocab_size=256)).save_pretrained(model)
+    gsm8k = gsm8k_layout(tmp_path / "gsm8k")
+    write_jsonl(tmp_path / "data" / "general_mix.jsonl", [{"prompt": "2+2=", "answer": "4"}])
+    (tmp_path / "configs").symlink_to(REPO / "configs")  # the accelerate config
+    path = tmp_path / "gsm8k.yaml"
+    path.write_text((REPO / "configs" / "qwen3-gsm8k.yaml").read_text().replace("Qwen/Qwen3-4B-Base", str(model))
+                    .replace("openai/gsm8k", str(gsm8k)))
+    hub_free = "evaluate.lm_eval=null"  # its lm-eval tasks (MMLU, IFEval) read the hub's data sets
+
+    result = runner.invoke(app, ["validate", str(path), hub_free])
+    assert result.exit_code == 0 and "valid" in result.output, result.output
+    result = runner.invoke(app, ["validate", str(path), hub_free, "data.target_eval.columns.prompt=problem"])
+    assert result.exit_code == 2, result.output
+    assert "data.target_eval: " in result.output and "gsm8k (main, test): no column problem (for prompt): its " \
+        "columns are question, answer" in result.output
+    result = runner.invoke(app, ["validate", str(path), hub_free, "data.sft.answer_pattern=answer: (\\d+)"])
+    assert result.exit_code == 2 and "data.sft: " in result.output, result.output
+    assert "gsm8k (main, train) row 1: the answer does not match answer_pattern" in result.output
+
+
 def test_hub_only_lm_eval_tasks_fail_validate_and_run_offline_before_any_stage(tmp_path, monkeypatch):
     from datasets import config
     from huggingface_hub import constants

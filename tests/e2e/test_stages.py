@@ -321,6 +321,44 @@ def test_dpo_on_given_preference_data_skips_the_on_policy_stages(demo_run, tmp_p
         run_pipeline(tiny_config(demo_tmp, data={"preference": {"path": str(given)}}), stage="dpo")
 
 
+def test_an_own_model_and_data_sets_with_other_column_names_run_end_to_end(demo_run, tmp_path):
+    """The path of a user's own model (a local folder) and data: a hub data set's layout with a
+    subset, Parquet, CSV and JSON files, each with its own column names, GSM8K-style final answers;
+    nothing converted by hand. SFT reads the same rows as the demo world's SFT did, so it trains
+    the same weights."""
+    from datasets import Dataset
+
+    from tests.unit.test_data import hub_layout
+
+    demo_tmp, first = demo_run
+    data, base = first[0].manifest, first[1].manifest
+    hub = hub_layout(tmp_path / "hub-layout", {"train": [{"question": r["prompt"], "solution": r["completion"]}
+                                                         for r in read_jsonl(data.path("sft_train"))]})
+    Dataset.from_list([{"problem": r["prompt"], "final": f"so it is {r['answer']}\n#### {r['answer']}"}
+                       for r in read_jsonl(data.path("domain_test"))]).to_parquet(str(tmp_path / "target.parquet"))
+    Dataset.from_list([{"q": r["prompt"], "a": r["answer"]} for r in read_jsonl(data.path("general_test"))]
+                      ).to_csv(str(tmp_path / "general.csv"))
+    Dataset.from_list([{"input": r["prompt"], "output": r["answer"]} for r in read_jsonl(demo_tmp / PAIR_PROMPTS)]
+                      ).to_json(str(tmp_path / "pair_prompts.json"))
+    cfg = parse_config({
+        "name": "own", "results_dir": str(demo_tmp / "results"), "model": {"path": str(base.path("model"))},
+        "data": {"sft": {"hub": str(hub), "subset": "main", "columns": {"prompt": "question", "completion": "solution"}},
+                 "target_eval": {"path": str(tmp_path / "target.parquet"), "columns": {"prompt": "problem", "answer": "final"},
+                                 "answer_pattern": r"####\s*(.+)"},
+                 "general_eval": {"path": str(tmp_path / "general.csv"), "columns": {"prompt": "q", "answer": "a"}}},
+        "pairs": {"prompts": {"path": str(tmp_path / "pair_prompts.json"), "columns": {"prompt": "input", "answer": "output"}},
+                  "temperature": 0.1},
+        **{k: TINY[k] for k in ("sft", "sampling", "dpo")}})
+    results = run_pipeline(cfg)
+    assert [r.name for r in results] == ["evaluate_base", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo"]
+    by_name = {r.name: r.manifest for r in results}
+    demo_sft = next(r.manifest for r in first if r.name == "sft")
+    assert by_name["sft"].digests["model"] == demo_sft.digests["model"]  # the same rows, renamed back
+    scored = read_jsonl(by_name["evaluate_dpo"].path("samples_target"))
+    assert [r["answer"] for r in scored] == [r["answer"] for r in read_jsonl(data.path("domain_test"))]  # cut out
+    assert "target/pass_at_1" in by_name["evaluate_dpo"].metrics and by_name["dpo"].metrics["train_loss"] > 0
+
+
 @pytest.mark.parametrize("loss, diagnostics", [
     ({"name": "ce"}, ["entropy", "confident_conflict_frac"]),
     ({"name": "dft"}, ["entropy"]),

@@ -25,7 +25,7 @@ def test_shipped_configs_are_valid():
 @pytest.mark.parametrize("example", ["qwen3-gsm8k.yaml", "qwen3-humaneval.yaml"])
 def test_real_model_examples_need_their_files(example):
     # The GPU examples name files that exist only on a GPU box: the error must say which key.
-    with pytest.raises(ConfigError, match=r"data\.sft.*file not found"):
+    with pytest.raises(ConfigError, match=r"data\.(sft|general_eval).*file not found"):
         load_config(REPO / "configs" / example)
 
 
@@ -278,7 +278,7 @@ def test_a_config_that_is_not_utf8_is_refused(tmp_path):
 
 def test_a_data_path_that_is_a_folder_or_too_large_is_named_so(tmp_path):
     (tmp_path / "data").mkdir()
-    with pytest.raises(ConfigError, match=r"data\.sft.*data is a folder: give the JSONL file in it"):
+    with pytest.raises(ConfigError, match=r"data\.sft.*data is a folder: give the data file in it"):
         load_config(write(tmp_path, f"name: x\ndata:\n  sft:\n    path: {tmp_path / 'data'}\n"))
     (tmp_path / "data" / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' * 100)
     text = f"name: x\ndata:\n  sft:\n    path: {tmp_path / 'data' / 'sft.jsonl'}\n    max_file_bytes: 1000\n"

@@ -201,7 +201,7 @@ def test_the_shipped_tasks_need_a_local_prompt_answer_general_suite(tmp_path):
     hub = cfg.data.model_copy(update={"general_eval": cfg.data.general_eval.model_copy(
         update={"path": None, "hub": "org/general"})})
     with pytest.raises(ConfigError, match=r"tasks\[0\] \(posttrain_general_choice\) reads data\.general_eval .* "
-                                          r"org/general is not one"):
+                                          r"org/general \(train\) is not one"):
         check_lm_eval(cfg.model_copy(update={"data": hub}))
 
 
