@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.resources
+import importlib.util
 import json
 import math
 import re
@@ -744,6 +745,30 @@ def _out_of_range(key: str, value: Any, default: Any) -> str | None:
     return None
 
 
+# `report_to`'s integrations and the packages each needs, any one of them, as transformers checks
+# them (its integration module imports torch, and checking a config must not).
+REPORT_TO_PACKAGES = {"azure_ml": ("azureml",), "comet_ml": ("comet_ml",), "mlflow": ("mlflow",),
+                      "neptune": ("neptune",), "tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",),
+                      "wandb": ("wandb",), "codecarbon": ("codecarbon",), "clearml": ("clearml",),
+                      "dagshub": ("dagshub",), "flyte": ("flytekit",), "dvclive": ("dvclive",),
+                      "swanlab": ("swanlab",), "kubeflow": ()}
+
+
+def report_to_problem(value: Any) -> str | None:
+    """Why a trainer's `report_to` would fail or log nowhere: an unknown integration, or one
+    whose package is not installed here. None if it is fine."""
+    names = [value] if isinstance(value, str) else value or []
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in REPORT_TO_PACKAGES:
+            return f"{name!r} is not an integration of transformers: one of none, all, {', '.join(REPORT_TO_PACKAGES)}"
+        packages = REPORT_TO_PACKAGES[name]
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            return f"{name} is not installed here (pip install {packages[0].replace('_', '-')}), or leave it out"
+    return None
+
+
 def check_trainer_args(args: dict[str, Any], config_name: str, key_path: str, owned: set[str]) -> None:
     """Check trainer settings against TRL's own config dataclass (`SFTConfig`, `DPOConfig`): names,
     simple value types and numbers' ranges."""
@@ -765,6 +790,8 @@ def check_trainer_args(args: dict[str, Any], config_name: str, key_path: str, ow
             raise ConfigError(f"{key_path}.{key}: expected {names}, got {value!r}")
         if (expected := _out_of_range(key, value, options[key]["default"])) is not None:
             raise ConfigError(f"{key_path}.{key}: must be {expected}, got {value!r}")
+        if key == "report_to" and (problem := report_to_problem(value)) is not None:
+            raise ConfigError(f"{key_path}.{key}: {problem}")
 
 
 def _key_lines(text: str) -> dict[tuple, int]:

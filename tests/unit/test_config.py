@@ -340,3 +340,23 @@ def test_a_bad_override_is_an_error_naming_the_override_not_a_yaml_line(tmp_path
     message = str(raised.value).removeprefix("invalid config:\n  ")
     assert re.search(error, message), message
     assert f"{path}:" not in message  # the YAML's line of the key it replaced is not the place at fault
+
+
+@pytest.mark.parametrize("report_to, error", [
+    ("wandb", r"sft\.trainer\.report_to: wandb is not installed here \(pip install wandb\), or leave it out"),
+    (["mlflow", "tensorbord"], r"sft\.trainer\.report_to: 'tensorbord' is not an integration of transformers: one of "
+                               r"none, all, azure_ml"),
+])
+def test_report_to_must_name_an_installed_integration(monkeypatch, report_to, error):
+    """A logger that is not installed fails only when TRL starts; caught at validate instead."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else find_spec(name, *args))
+    with pytest.raises(ConfigError, match=error):
+        parse_config({"name": "x", "sft": {"trainer": {"report_to": report_to}}})
+
+
+def test_report_to_accepts_installed_integrations_none_and_all():
+    for value in ("none", "all", ["mlflow"], "mlflow"):
+        assert parse_config({"name": "x", "dpo": {"trainer": {"report_to": value}}}).dpo.trainer["report_to"] == value
