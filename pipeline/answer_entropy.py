@@ -85,9 +85,10 @@ def histogram(values: Tensor, wrong: Tensor, edges: np.ndarray) -> dict:
             "confident_wrong": wrong.float().mean().item()}
 
 
-def answer_entropy_histograms(model_dir: Path, tokenizer_dir: str | None, suites: dict[str, list[dict]]) -> dict:
+def answer_entropy_histograms(model_dir: Path, tokenizer_dir: str | None, suites: dict[str, list[dict]],
+                              trust_remote_code: bool = False) -> dict:
     """`entropy.json`: the bin edges, and per suite (name -> prompt/answer rows) its histogram."""
-    model, tokenizer = load_hf(model_dir, tokenizer_dir)
+    model, tokenizer = load_hf(model_dir, tokenizer_dir, trust_remote_code)
     edges = np.linspace(0, math.log(model.config.get_text_config().vocab_size), BINS + 1)
     return {"edges": edges.tolist(), "suites": {suite: histogram(*answer_token_stats(model, tokenizer, rows), edges)
                                                 for suite, rows in suites.items()}}

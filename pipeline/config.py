@@ -26,6 +26,9 @@ from pipeline.sandbox import SandboxUnavailable, require_isolation
 from pipeline.trainer_options import SIMPLE_TYPES, trainer_options
 
 
+CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"  # shipped chat templates: <name>.jinja
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file, line and key at fault."""
 
@@ -40,6 +43,21 @@ class ModelConfig(Section):
         None, description="HF model directory or hub id; null builds the demo world's model"
     )
     tokenizer: str | None = Field(None, description="defaults to the model's own tokenizer")
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own code (transformers' trust_remote_code), for "
+        "architectures transformers lacks; only for repositories you trust")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="the weights' dtype when the training stages load them (auto: as saved)")
+    attn_implementation: str | None = Field(
+        None, description="transformers' attention kernel when the training stages load the model: eager, sdpa, "
+        "flash_attention_2, ...; null: transformers' choice")
+    chat_template: str | None = Field(
+        None, description="the chat template chat data is rendered with, in training and sampling: a name "
+        f"posttrain ships ({', '.join(sorted(p.stem for p in CHAT_TEMPLATES.glob('*.jinja')))}), a Jinja file, or "
+        "null for the tokenizer's own")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="variables the chat template reads, as TRL's per-row chat_template_kwargs: "
+        "{enable_thinking: false} for Qwen3's")
 
     @field_validator("path", "tokenizer")
     @classmethod
@@ -51,6 +69,46 @@ class ModelConfig(Section):
                 raise ValueError(f"no model folder at {value}: give a local folder or a hub id (org/name)")
             return str(Path(value).expanduser())
         return value
+
+    @model_validator(mode="after")
+    def _remote_code_is_asked_for(self) -> ModelConfig:
+        # Found here rather than by transformers' question on a terminal that a stage process lacks.
+        if self.path and not self.trust_remote_code and (Path(self.path) / "config.json").is_file():
+            config = json.loads((Path(self.path) / "config.json").read_text())
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.get("auto_map"):
+                raise ValueError(f"{self.path} runs its own code (its config.json has an auto_map): set "
+                                 "model.trust_remote_code: true if you trust it")
+        return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, value: str | None) -> str | None:
+        if value is None or (CHAT_TEMPLATES / f"{value}.jinja").is_file():
+            return value
+        if not value.endswith((".jinja", ".j2")):
+            shipped = ", ".join(sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
+            raise ValueError(f"{value!r} is neither a chat template posttrain ships ({shipped}) nor a .jinja file")
+        if not Path(value).is_file():
+            raise ValueError(f"no chat template file at {value}")
+        return value
+
+    def template(self) -> str | None:
+        """The configured chat template's text; None: the tokenizer's own."""
+        if self.chat_template is None:
+            return None
+        shipped = CHAT_TEMPLATES / f"{self.chat_template}.jinja"
+        return (shipped if shipped.is_file() else Path(self.chat_template)).read_text()
+
+    def key_settings(self) -> dict[str, Any]:
+        """What a stage that loads the model depends on besides its weights: the tokenizer, and the
+        loading and chat settings where they are not the defaults (which leaves older keys as
+        they were). The template by its text: an edited file is another template."""
+        loading = self.model_dump(exclude_defaults=True, exclude={"path", "tokenizer", "chat_template"})
+        if self.chat_template is not None:
+            loading["chat_template"] = hashlib.sha256(self.template().encode()).hexdigest()
+        return {"tokenizer": str(self.tokenizer), **({"model": loading} if loading else {})}
 
     @field_validator("path")
     @classmethod
@@ -81,6 +139,8 @@ def causal_lm_problem(config_file: Path, where: str) -> str | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if causal is None and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        return None  # its own code (trust_remote_code) makes it a causal language model
     kinds = config.get("architectures") or []
     # A saved BertModel has a model_type that has a causal class, but no language-model head to load.
     if causal is None or (kinds and not any(k == causal or k.endswith(("ForCausalLM", "LMHeadModel")) for k in kinds)):

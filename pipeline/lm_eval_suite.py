@@ -142,7 +142,7 @@ def vllm_backend_usable() -> bool:
 
 
 def model_backend(model: Path, tokenizer: str | Path | None, sampling: SamplingConfig,
-                  settings: LmEvalConfig) -> tuple[str, dict[str, Any]]:
+                  settings: LmEvalConfig, trust_remote_code: bool = False) -> tuple[str, dict[str, Any]]:
     """lm-eval's model type and arguments: its vLLM backend with the sampling engine's settings
     where `sampling.backend` is vllm and lm-eval can load it, else its HF backend."""
     if sampling.backend == "vllm" and vllm_backend_usable():
@@ -151,10 +151,12 @@ def model_backend(model: Path, tokenizer: str | Path | None, sampling: SamplingC
         engine = vllm_engine_args(sampling.model_copy(update={"data_parallel_size": 1}))
         # lm-eval's data parallelism runs through Ray, which the project does not use: one engine.
         return "vllm", {"pretrained": str(model), "tokenizer": str(tokenizer or model), "seed": sampling.seed,
-                        "batch_size": "auto", **{k: v for k, v in engine.items() if v is not None}}
+                        "batch_size": "auto", "trust_remote_code": trust_remote_code,
+                        **{k: v for k, v in engine.items() if v is not None}}
     import torch
 
     return "hf", {"pretrained": str(model), "tokenizer": str(tokenizer or model), "dtype": "auto",
+                  "trust_remote_code": trust_remote_code,
                   "device": "cuda" if torch.cuda.is_available() else "cpu", "batch_size": settings.batch_size}
 
 
@@ -181,7 +183,7 @@ def run_lm_eval(model: Path, tokenizer: str | Path | None, cfg: PipelineConfig, 
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         tasks += [top] if top is not None else list(loaded["tasks"].values())
         members[name] = list(loaded["tasks"])  # the tasks a group or tag stands for
-    backend, model_args = model_backend(model, tokenizer, cfg.sampling, settings)
+    backend, model_args = model_backend(model, tokenizer, cfg.sampling, settings, cfg.model.trust_remote_code)
     batch_size = model_args.pop("batch_size")
     results = simple_evaluate(model=backend, model_args=model_args, tasks=tasks, task_manager=manager,
                               batch_size=batch_size, limit=settings.limit, log_samples=True,

@@ -23,19 +23,22 @@ if TYPE_CHECKING:
 Prompt = str | list[dict]
 
 
-def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> str:
-    """A chat (list of messages) goes through the tokenizer's chat template; a string is used as is."""
+def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> str:
+    """A chat (list of messages) goes through the tokenizer's chat template (with the variables
+    it reads); a string is used as is."""
     if isinstance(prompt, str):
         return prompt
     if tokenizer.chat_template is None:
         raise ValueError(f"the prompt is a chat but the tokenizer {tokenizer.name_or_path} has no chat template")
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
 
 
 def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
-           tokenizer_dir: str | Path | None = None, names: list[str] | None = None) -> list[list[str]]:
+           tokenizer_dir: str | Path | None = None, names: list[str] | None = None,
+           trust_remote_code: bool = False) -> list[list[str]]:
     """n completions per prompt from the backend the settings name. `names` say where each
-    prompt comes from (file and row), for errors."""
+    prompt comes from (file and row), for errors; `trust_remote_code` runs the model
+    repository's own code (`model.trust_remote_code`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     if settings.temperature == 0 and settings.n > 1:
@@ -44,13 +47,13 @@ def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
             "the same: set sampling.n to 1, or a temperature above 0"
         )
     try:  # bad input fails here, clearly and once, rather than as an engine start that is retried
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ValueError(f"{model_dir} is not a model folder (no readable config.json): {error}") from None
-    check_prompts(config, AutoTokenizer.from_pretrained(tokenizer_dir or model_dir), prompts, settings,
-                  names or [f"prompt {i + 1}" for i in range(len(prompts))])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
+    check_prompts(config, tokenizer, prompts, settings, names or [f"prompt {i + 1}" for i in range(len(prompts))])
     backend = sample_vllm if settings.backend == "vllm" else sample_hf
-    return backend(model_dir, prompts, settings, tokenizer_dir)
+    return backend(model_dir, prompts, settings, tokenizer_dir, trust_remote_code)
 
 
 def check_vocabulary(config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -88,16 +91,18 @@ def check_prompts(config: Any, tokenizer: PreTrainedTokenizerBase, prompts: list
 
 
 def sample_hf(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
-              tokenizer_dir: str | Path | None = None) -> list[list[str]]:
-    return generate_hf(*load_hf(model_dir, tokenizer_dir), prompts, settings)
+              tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False) -> list[list[str]]:
+    return generate_hf(*load_hf(model_dir, tokenizer_dir, trust_remote_code), prompts, settings)
 
 
-def load_hf(model_dir: Path, tokenizer_dir: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_hf(model_dir: Path, tokenizer_dir: str | Path | None = None,
+            trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, padding_side="left",
+                                              trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code).eval()
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 
@@ -136,25 +141,25 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
 
 
 def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
-                tokenizer_dir: str | Path | None = None) -> list[list[str]]:
+                tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False) -> list[list[str]]:
     """n completions per prompt from one engine, or with `data_parallel_size` > 1 from that many
     engines, each in its own process on its own devices, each sampling its share of the prompts."""
     dp = settings.data_parallel_size
     shards = shard_prompts(prompts, settings.seed, dp)
     if dp == 1:  # in this process, as before data parallelism
         _, part, seeds = shards[0]
-        return sample_shard(model_dir, part, seeds, settings, tokenizer_dir)
+        return sample_shard(model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code)
     # With fewer prompts than engines, the ranks without prompts start none.
-    jobs = {rank: (sample_shard, (model_dir, part, seeds, settings, tokenizer_dir))
+    jobs = {rank: (sample_shard, (model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code))
             for rank, (positions, part, seeds) in enumerate(shards) if positions}
     results = run_ranks(jobs, device_slices(settings.tensor_parallel_size, dp))
     return merge_shards([shards[rank][0] for rank in jobs], [results[rank] for rank in jobs])
 
 
 def sample_shard(model_dir: Path, prompts: list[Prompt], seeds: list[int], settings: SamplingConfig,
-                 tokenizer_dir: str | Path | None = None) -> list[list[str]]:
+                 tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False) -> list[list[str]]:
     """One engine's work: start it, sample `prompts` with their `seeds`, shut it down."""
-    with vllm_engine(model_dir, settings, tokenizer_dir) as llm:
+    with vllm_engine(model_dir, settings, tokenizer_dir, trust_remote_code) as llm:
         return generate_vllm(llm, prompts, settings, seeds)
 
 
@@ -212,7 +217,8 @@ def vllm_engine_args(settings: SamplingConfig) -> dict[str, Any]:
 
 
 @contextmanager
-def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None = None) -> Iterator[LLM]:
+def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None = None,
+                trust_remote_code: bool = False) -> Iterator[LLM]:
     """A vLLM engine for the model, shut down on exit. vLLM starts processes: the entry
     script needs the `if __name__ == "__main__":` guard."""
     from vllm import LLM
@@ -220,7 +226,7 @@ def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | 
 
     try:
         llm = LLM(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), seed=settings.seed,
-                  **vllm_engine_args(settings))
+                  trust_remote_code=trust_remote_code, **vllm_engine_args(settings))
     except Exception as error:  # the flow retries these; `sample` has checked the model folder already
         raise TransientError(f"the vLLM engine did not start: {error}") from error
     try:

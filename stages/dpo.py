@@ -13,25 +13,25 @@ from pipeline.process import stage_main
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"seed": cfg.seed, "dpo": cfg.dpo.model_dump(), "tokenizer": str(cfg.model.tokenizer)}
+    return {"seed": cfg.seed, "dpo": cfg.dpo.model_dump(), **cfg.model.key_settings()}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) -> Manifest:
     """`model`: the SFT model's folder; `pairs`: the `pairs` stage's file, else `data.preference`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pipeline.data import PREFERENCE_FIELDS, load_rows
+    from pipeline.models import load_causal_lm, load_tokenizer, with_chat_template_kwargs
     from pipeline.training import TRAINING_OUTPUTS, train_dpo
 
     source = DataSource(path=str(pairs)) if pairs else cfg.data.preference
     dataset = load_rows(source, PREFERENCE_FIELDS).select_columns(["prompt", "chosen", "rejected"])
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
-    policy = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    dataset = with_chat_template_kwargs(dataset, cfg.model)
+    tokenizer = load_tokenizer(model, cfg.model)
+    policy = load_causal_lm(model, cfg.model)
     # The explicit reference is the SFT model. With LoRA, or with reference log-probs computed
     # once before training, TRL's own reference (the loaded weights with the adapter off, or
     # the untrained policy) is those same SFT weights, and saves a second copy in memory.
     shared = cfg.dpo.lora is not None or cfg.dpo.trainer.get("precompute_ref_log_probs", False)
-    reference = None if shared else AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    reference = None if shared else load_causal_lm(model, cfg.model)
     metrics = train_dpo(policy, tokenizer, dataset, cfg.dpo.trainer, out, cfg.seed, reference, cfg.dpo.lora)
     return Manifest("dpo", out.name, TRAINING_OUTPUTS, metrics=metrics)
 

@@ -36,7 +36,7 @@ def samples_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """What the completions, the answer entropies and the lm-eval results depend on."""
     lm_eval = cfg.evaluate.lm_eval.key_settings() if cfg.evaluate.lm_eval else None
     return {"sampling": cfg.sampling.key_settings(), "max_prompts": cfg.evaluate.max_prompts, "lm_eval": lm_eval,
-            "tokenizer": str(cfg.model.tokenizer)}
+            **cfg.model.key_settings()}
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
     code = any(s.verifier == "code" for s in suites.values())
     return {"sampling": cfg.sampling.key_settings(), "evaluate": cfg.evaluate.key_settings(code=code),
             "verifiers": {suite: source.verifier for suite, source in suites.items()},  # scoring only
-            "tokenizer": str(cfg.model.tokenizer)}
+            **cfg.model.key_settings()}
 
 
 def score_suite(rows: list[dict], completions: list[list[str]], source: DataSource, cfg: PipelineConfig) -> list[dict]:
@@ -102,18 +102,22 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     from pipeline.answer_entropy import answer_entropy_histograms
     from pipeline.data import EVAL_FIELDS, load_rows, scored_fields, write_jsonl
     from pipeline.lm_eval_suite import lm_eval_metrics, lm_eval_retention, run_lm_eval
+    from pipeline.models import rendered_prompts
     from pipeline.plots import entropy_histogram
     from pipeline.sampling import sample
 
     suites = eval_suites(cfg)
     rows = {suite: list(load_rows(source, scored_fields(source, EVAL_FIELDS)))[: cfg.evaluate.max_prompts]
             for suite, source in suites.items()}
+    # What the model is given: chats rendered with the configured template, as in training.
+    prompts = iter(rendered_prompts([r["prompt"] for suite in suites for r in rows[suite]], model, cfg.model))
+    given = {suite: [next(prompts) for _ in rows[suite]] for suite in suites}
     if samples is None:
         # One sampling call for all suites: the engine starts once per stage.
-        prompts = [r["prompt"] for suite in suites for r in rows[suite]]
         names = [f"data.{EVAL_SUITES[suite]} ({source.name}) row {i + 1}"
                  for suite, source in suites.items() for i in range(len(rows[suite]))]
-        completions = iter(sample(model, prompts, cfg.sampling, cfg.model.tokenizer, names))
+        completions = iter(sample(model, [p for suite in suites for p in given[suite]], cfg.sampling,
+                                  cfg.model.tokenizer, names, cfg.model.trust_remote_code))
     else:
         completions = iter(saved_completions(samples, rows))
     metrics: dict[str, float] = {}
@@ -125,11 +129,11 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
         metrics |= suite_metrics(suite, scored, cfg.evaluate.ks)
     # After sampling, which (with vLLM) needs the GPU memory to itself; the test suites only.
     # A code problem's reference answer is its canonical solution, where the suite ships one.
-    references = {suite: [{"prompt": r["prompt"], "answer": r.get("answer", r.get("canonical_solution"))}
-                          for r in rows[suite]] for suite in TEST_SUITES if suite in rows}
+    references = {suite: [{"prompt": p, "answer": r.get("answer", r.get("canonical_solution"))}
+                          for p, r in zip(given[suite], rows[suite], strict=True)] for suite in TEST_SUITES if suite in rows}
     references = {suite: refs for suite, refs in references.items() if all(isinstance(r["answer"], str) for r in refs)}
     if samples is None:
-        entropy = answer_entropy_histograms(model, cfg.model.tokenizer, references)
+        entropy = answer_entropy_histograms(model, cfg.model.tokenizer, references, cfg.model.trust_remote_code)
     else:
         entropy = json.loads((samples / "entropy.json").read_text())
     atomic_write_text(out / "entropy.json", json.dumps(entropy, indent=1))

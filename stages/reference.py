@@ -21,19 +21,18 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
     # Only the trainer keys that decide the tokens and the loss mask: rows are looked up by their
     # tokens, so the order (seed, steps) does not matter, and SFT checks every row it gets.
     tokenization = {k: v for k, v in cfg.sft.trainer.items() if k in TOKENIZATION_KEYS}
-    return {"topk": cfg.sft.reference_topk, "trainer": tokenization, "tokenizer": str(cfg.model.tokenizer)}
+    return {"topk": cfg.sft.reference_topk, "trainer": tokenization, **cfg.model.key_settings()}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     """`model`: the starting model's folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pipeline.data import SFT_FIELDS, load_rows
+    from pipeline.models import load_causal_lm, load_tokenizer, with_chat_template_kwargs
     from pipeline.training import cache_reference_topk
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
-    reference = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
-    dataset = load_rows(cfg.data.sft, SFT_FIELDS)
+    tokenizer = load_tokenizer(model, cfg.model)
+    reference = load_causal_lm(model, cfg.model)
+    dataset = with_chat_template_kwargs(load_rows(cfg.data.sft, SFT_FIELDS), cfg.model)
     metrics = cache_reference_topk(reference, tokenizer, dataset, cfg.sft.trainer, cfg.seed, cfg.sft.reference_topk,
                                    out / "topk")
     return Manifest("reference", out.name, {"topk": "topk"}, metrics=metrics)

@@ -15,12 +15,13 @@ from pipeline.process import stage_main
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
     return {"sampling": cfg.pairs.sampling(cfg.sampling).key_settings(), "max_prompts": cfg.pairs.max_prompts,
-            "tokenizer": str(cfg.model.tokenizer)}
+            **cfg.model.key_settings()}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     """`model`: the SFT model's folder."""
     from pipeline.data import TRAIN_PROMPT_FIELDS, load_rows, prompt_and_answer, scored_fields, write_jsonl
+    from pipeline.models import rendered_prompts
     from pipeline.sampling import sample
 
     source = cfg.pair_prompts
@@ -29,7 +30,8 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     rows = rows[: cfg.pairs.max_prompts]
     settings = cfg.pairs.sampling(cfg.sampling)
     names = [f"{source.name} row {i + 1}" for i in range(len(rows))]
-    completions = sample(model, [r["prompt"] for r in rows], settings, cfg.model.tokenizer, names)
+    prompts = rendered_prompts([r["prompt"] for r in rows], model, cfg.model)
+    completions = sample(model, prompts, settings, cfg.model.tokenizer, names, cfg.model.trust_remote_code)
     samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": settings.model_dump()}
                for i, (row, texts) in enumerate(zip(rows, completions, strict=True))]
     write_jsonl(out / "samples.jsonl", samples)

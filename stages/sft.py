@@ -18,25 +18,24 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
     # cached reference is an input of its own.
     sft = cfg.sft.model_dump(exclude={"chunked_loss", "reference", "reference_topk"})
     sft["loss"] = cfg.sft.loss.resolved()  # a loss's changed default changes the key
-    return {"seed": cfg.seed, "sft": sft, "tokenizer": str(cfg.model.tokenizer)}
+    return {"seed": cfg.seed, "sft": sft, **cfg.model.key_settings()}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path, reference: Path | None = None) -> Manifest:
     """`model`: the starting model's folder; `reference`: the `reference` stage's top-K folder,
     when EKSFT's reference is cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pipeline.data import SFT_FIELDS, load_rows
+    from pipeline.models import load_causal_lm, load_tokenizer, with_chat_template_kwargs
     from pipeline.reference import ReferenceTopK
     from pipeline.training import TRAINING_OUTPUTS, train_sft
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
-    policy = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    tokenizer = load_tokenizer(model, cfg.model)
+    policy = load_causal_lm(model, cfg.model)
     loss = cfg.sft.loss
     needs_model = loss.needs_reference and reference is None
-    ref_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto") if needs_model else None
+    ref_model = load_causal_lm(model, cfg.model) if needs_model else None
     ref_topk = ReferenceTopK(reference) if reference else None
-    dataset = load_rows(cfg.data.sft, SFT_FIELDS)
+    dataset = with_chat_template_kwargs(load_rows(cfg.data.sft, SFT_FIELDS), cfg.model)
     metrics = train_sft(policy, tokenizer, dataset, cfg.sft.trainer, loss, out, cfg.seed, ref_model, cfg.sft.lora,
                         ref_topk, cfg.sft.chunked_loss)
     return Manifest("sft", out.name, TRAINING_OUTPUTS, metrics=metrics)

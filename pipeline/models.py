@@ -1,0 +1,56 @@
+"""Loading the model and tokenizer as the config says (`model:`): trust_remote_code, the dtype
+and attention kernel of the training stages, and the chat template chat data is rendered with,
+in training (TRL renders it) and in sampling (rendered here, before any backend sees it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.config import ModelConfig
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from pipeline.sampling import Prompt
+
+
+def load_tokenizer(model_dir: str | Path, model: ModelConfig, **kwargs) -> PreTrainedTokenizerBase:
+    """`model.tokenizer`, else the model folder's own, with the configured chat template. A
+    training stage saves it with the model, so later stages find the template there too."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.tokenizer or model_dir, trust_remote_code=model.trust_remote_code,
+                                              **kwargs)
+    if (template := model.template()) is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def load_causal_lm(model_dir: str | Path, model: ModelConfig) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    kernel = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
+                                                **kernel)
+
+
+def with_chat_template_kwargs(dataset: Dataset, model: ModelConfig) -> Dataset:
+    """The rows with TRL's `chat_template_kwargs` column, which its trainers pass to the template."""
+    if not model.chat_template_kwargs:
+        return dataset
+    return dataset.map(lambda _: {"chat_template_kwargs": model.chat_template_kwargs})
+
+
+def rendered_prompts(prompts: list[Prompt], model_dir: str | Path, model: ModelConfig) -> list[Prompt]:
+    """Chat prompts rendered with the configured template and its variables, as TRL renders them
+    in training; strings, and chats under the tokenizer's own template without variables, are
+    left to the sampling backend."""
+    chats = any(not isinstance(p, str) for p in prompts)
+    if not chats or (model.chat_template is None and not model.chat_template_kwargs):
+        return prompts
+    from pipeline.sampling import format_prompt
+
+    tokenizer = load_tokenizer(model_dir, model)
+    return [format_prompt(p, tokenizer, model.chat_template_kwargs) for p in prompts]

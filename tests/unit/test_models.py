@@ -1,0 +1,103 @@
+"""The model and tokenizer as `model:` says: loading options, and the chat template chat data is
+rendered with, the same in training (TRL renders it) and in sampling."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from pipeline.config import ModelConfig
+from pipeline.models import load_causal_lm, load_tokenizer, rendered_prompts, with_chat_template_kwargs
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Qwen3 with a byte-level BPE tokenizer trained here, and ChatML's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    folder = tmp_path_factory.mktemp("qwen3")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Be brief. 2+2? It is 4.", "think about it"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(folder)
+    return folder
+
+
+def test_a_shipped_template_renders_chats_with_the_variables_the_config_gives(model_dir):
+    model = ModelConfig(path=str(model_dir), chat_template="chatml", chat_template_kwargs={"enable_thinking": False})
+    assert load_tokenizer(model_dir, ModelConfig(path=str(model_dir))).chat_template is None  # the folder has none
+    assert rendered_prompts([CHAT, "plain"], model_dir, model) == [
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+        "<think>\n\n</think>\n\n", "plain"]
+    thinking = rendered_prompts([CHAT], model_dir, model.model_copy(update={"chat_template_kwargs": {}}))
+    assert thinking[0].endswith("<|im_start|>assistant\n")
+    assert rendered_prompts([CHAT], model_dir, ModelConfig(path=str(model_dir))) == [CHAT]  # left to the backend
+
+
+def test_trl_renders_training_rows_with_the_same_template_and_variables(model_dir, tmp_path):
+    """What SFT trains on is what sampling gives the model: TRL reads each row's
+    chat_template_kwargs, and the tokenizer carries the configured template."""
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.models import load_causal_lm
+
+    model = ModelConfig(path=str(model_dir), chat_template="chatml", chat_template_kwargs={"enable_thinking": False})
+    rows = with_chat_template_kwargs(Dataset.from_list([{"prompt": CHAT, "completion": [
+        {"role": "assistant", "content": "It is 4."}]}]), model)
+    assert rows[0]["chat_template_kwargs"] == {"enable_thinking": False}
+    tokenizer = load_tokenizer(model_dir, model)
+    trainer = SFTTrainer(model=load_causal_lm(model_dir, model), processing_class=tokenizer, train_dataset=rows,
+                         args=SFTConfig(output_dir=str(tmp_path), report_to="none", max_steps=1, bf16=False))
+    row = trainer.train_dataset[0]  # the prompt's labels are -100: not trained on
+    prompt = [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100]
+    completion = [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+    assert tokenizer.decode(prompt) == rendered_prompts([CHAT], model_dir, model)[0]  # what sampling gives it
+    assert tokenizer.decode(completion) == "It is 4.<|im_end|>\n"
+
+
+def test_loading_options_reach_the_model(model_dir):
+    import torch
+
+    loaded = load_causal_lm(model_dir, ModelConfig(path=str(model_dir), dtype="bfloat16", attn_implementation="eager"))
+    assert loaded.dtype == torch.bfloat16 and loaded.config._attn_implementation == "eager"
+
+
+def test_the_model_settings_enter_the_stage_keys_only_where_they_are_set(tmp_path, model_dir):
+    assert ModelConfig().key_settings() == {"tokenizer": "None"}  # the keys made before these settings exist
+    template = tmp_path / "mine.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    first = ModelConfig(chat_template=str(template), chat_template_kwargs={"enable_thinking": False}).key_settings()
+    assert first["model"]["chat_template_kwargs"] == {"enable_thinking": False}
+    template.write_text("{{ messages[-1]['content'] }}")  # an edited template is another template
+    assert ModelConfig(chat_template=str(template), chat_template_kwargs={"enable_thinking": False}).key_settings() \
+        != first
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"chat_template": "chatmx"}, r"'chatmx' is neither a chat template posttrain ships \(chatml\) nor a \.jinja"),
+    ({"chat_template": "absent.jinja"}, "no chat template file at absent.jinja"),
+])
+def test_a_chat_template_that_is_not_there_is_refused(settings, error):
+    with pytest.raises(ValueError, match=error):
+        ModelConfig(**settings)
+
+
+def test_a_model_with_its_own_code_needs_trust_remote_code(tmp_path, model_dir):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "my_lm", "architectures": ["MyLM"],
+                                                             "auto_map": {"AutoModelForCausalLM": "modeling.MyLM"}}))
+    (folder / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"runs its own code .*set model\.trust_remote_code: true if you trust it"):
+        ModelConfig(path=str(folder))
+    assert ModelConfig(path=str(folder), trust_remote_code=True).trust_remote_code
