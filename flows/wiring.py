@@ -45,15 +45,15 @@ class PipelineRun:
         """The data sets, with the demo world's generated ones where the user gave none."""
         if not self.cfg.is_demo:
             return self.cfg.data
-        world = self.demo_data
+        world, verifier = self.demo_data, self.cfg.demo.verifier
         generated = {
-            "sft": DataSource(path=str(world.path("sft_train"))),
-            "target_eval": DataSource(path=str(world.path("domain_test"))),
-            "general_eval": DataSource(path=str(world.path("general_test"))),
+            "sft": DataSource(path=str(world.path("sft_train")), verifier=verifier),
+            "target_eval": DataSource(path=str(world.path("domain_test")), verifier=verifier),
+            "general_eval": DataSource(path=str(world.path("general_test")), verifier=verifier),
         }
         if self.cfg.demo.val_examples:
-            generated |= {"target_val": DataSource(path=str(world.path("domain_val"))),
-                          "general_val": DataSource(path=str(world.path("general_val")))}
+            generated |= {"target_val": DataSource(path=str(world.path("domain_val")), verifier=verifier),
+                          "general_val": DataSource(path=str(world.path("general_val")), verifier=verifier)}
         return self.cfg.data.model_copy(update={k: getattr(self.cfg.data, k) or v for k, v in generated.items()})
 
     @cached_property

@@ -150,8 +150,13 @@ def causal_lm_problem(config_file: Path, where: str) -> str | None:
 
 
 class DemoConfig(Section):
-    """The embedded demo world: a small Llama trained from scratch on synthetic tasks."""
+    """The embedded demo world: a small model trained from scratch on synthetic tasks."""
 
+    world: Literal["characters", "chat"] = Field(
+        "characters", description="characters: a Llama with a character tokenizer on bare prompts (`sort 2715=`), "
+        "answers checked exactly; chat: a Qwen3 with a byte-level BPE tokenizer trained on the world's text, ChatML "
+        "conversations with a system prompt, answers worked out and ended GSM8K-style (`#### 1257`), checked by "
+        "the math verifier: the path of a real chat model")
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(2, gt=0)
@@ -170,11 +175,17 @@ class DemoConfig(Section):
         "The generated data depends on `seed` only, so base models of several seeds are evaluated on the same "
         "prompts")
 
-    MODEL_FIELDS: typing.ClassVar = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "model_seed"}
+    MODEL_FIELDS: typing.ClassVar = {"world", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                     "model_seed"}
 
     def world_settings(self) -> dict[str, Any]:
-        """The settings the generated data depends on (not the model's)."""
-        return self.model_dump(exclude=self.MODEL_FIELDS)
+        """The settings the generated data (and tokenizer) depend on (not the model's)."""
+        return self.model_dump(exclude=self.MODEL_FIELDS - {"world"})
+
+    @property
+    def verifier(self) -> Literal["exact", "math"]:
+        """How the world's answers are checked: exactly, or the final answer after `####`."""
+        return "math" if self.world == "chat" else "exact"
 
     @field_validator("general_replay")
     @classmethod

@@ -18,8 +18,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_configs_are_valid():
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.is_demo and cfg.sft.loss.name == "ce"
+    assert cfg.is_demo and cfg.sft.loss.name == "ce" and cfg.demo.world == "characters"
     assert cfg.pretrain.trainer["per_device_train_batch_size"] > 0
+    chat = load_config(REPO / "configs" / "demo-chat.yaml")
+    assert chat.is_demo and chat.demo.world == "chat" and chat.demo.verifier == "math"
 
 
 @pytest.mark.parametrize("example", ["qwen3-gsm8k.yaml", "qwen3-humaneval.yaml"])
