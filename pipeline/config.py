@@ -347,10 +347,24 @@ class LossConfig(Section):
 
 
 class LoraConfig(Section):
+    """LoRA through TRL's `peft_config`: any option of peft's LoraConfig; with `load_in_4bit`,
+    QLoRA (named as TRL's ModelConfig names them)."""
+
     model_config = ConfigDict(extra="allow")  # passed to peft.LoraConfig
     r: int = Field(16, gt=0)
     lora_alpha: int = 32
     target_modules: list[str] | str = "all-linear"
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: the frozen base weights in 4 bits (bitsandbytes), computed in model.dtype "
+        "(bfloat16 for auto); a CUDA GPU only. The merged model is saved in full precision")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: the 4-bit number format")
+    use_bnb_nested_quant: bool = Field(False, description="QLoRA: quantize the quantization constants as well")
+
+    QUANTIZATION: typing.ClassVar = {"load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant"}
+
+    def peft_options(self) -> dict[str, Any]:
+        """What peft's LoraConfig takes."""
+        return self.model_dump(exclude=self.QUANTIZATION)
 
 
 class TrainStage(Section):

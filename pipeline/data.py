@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
 from pipeline.hub import check_hub_models, dataset_cached, hub_reachable
 from pipeline.lm_eval_suite import check_lm_eval
+from pipeline.models import check_quantization
 from pipeline.manifest import atomic_write_text, digest
 
 if TYPE_CHECKING:  # `datasets` takes most of a second to import; checking data does not need it
@@ -225,6 +226,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
             raise DataError(f"{key}: {error}") from None
     check_hub_models(cfg)
     check_lm_eval(cfg)
+    check_quantization(cfg)
 
 
 def hub_data_readable(hub: str) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, LoraConfig, ModelConfig, PipelineConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -28,12 +28,39 @@ def load_tokenizer(model_dir: str | Path, model: ModelConfig, **kwargs) -> PreTr
     return tokenizer
 
 
-def load_causal_lm(model_dir: str | Path, model: ModelConfig) -> PreTrainedModel:
+def load_causal_lm(model_dir: str | Path, model: ModelConfig, lora: LoraConfig | None = None) -> PreTrainedModel:
+    """The model as `model:` says; with QLoRA (`lora.load_in_4bit`), its weights in 4 bits."""
     from transformers import AutoModelForCausalLM
 
-    kernel = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
-                                                **kernel)
+    options = {"dtype": model.dtype, "trust_remote_code": model.trust_remote_code}
+    if model.attn_implementation:
+        options["attn_implementation"] = model.attn_implementation
+    if lora is not None and lora.load_in_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if model.dtype == "auto" else getattr(torch, model.dtype)
+        options |= {"dtype": compute, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=lora.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=lora.use_bnb_nested_quant, bnb_4bit_compute_dtype=compute)}
+    return AutoModelForCausalLM.from_pretrained(model_dir, **options)
+
+
+def check_quantization(cfg: PipelineConfig) -> None:
+    """QLoRA needs bitsandbytes and a CUDA GPU: said before any stage, naming the key."""
+    for stage in ("sft", "dpo"):
+        lora = getattr(cfg, stage).lora
+        if lora is None or not lora.load_in_4bit:
+            continue
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{stage}.lora.load_in_4bit: 4-bit QLoRA (bitsandbytes) needs a CUDA GPU, and this "
+                              "machine has none: use LoRA without load_in_4bit here")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{stage}.lora.load_in_4bit: QLoRA needs bitsandbytes: pip install bitsandbytes")
 
 
 def with_chat_template_kwargs(dataset: Dataset, model: ModelConfig) -> Dataset:

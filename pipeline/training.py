@@ -272,7 +272,26 @@ def peft_config(lora: LoraConfig | None):
         return None
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(task_type="CAUSAL_LM", **lora.model_dump())
+    return PeftLoraConfig(task_type="CAUSAL_LM", **lora.peft_options())
+
+
+def merged(model: PreTrainedModel) -> PreTrainedModel:
+    """A LoRA model merged into whole weights. A 4-bit (QLoRA) base is loaded again, unquantized
+    in its compute dtype, for the merge: merged into 4-bit weights the update would be rounded
+    away, and later stages would load a 4-bit model."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return model.merge_and_unload()
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_path = model.peft_config["default"].base_model_name_or_path
+    compute = model.config.quantization_config.bnb_4bit_compute_dtype
+    with tempfile.TemporaryDirectory() as adapter:
+        model.save_pretrained(adapter)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=compute)
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: bool) -> dict[str, float]:
@@ -297,7 +316,7 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
             (out / "model" / "training_args.bin").unlink(missing_ok=True)
         elif trainer.is_world_process_zero():
             # Merged, so every later stage (sampling, DPO and its reference) loads plain weights.
-            trainer.model.merge_and_unload().save_pretrained(out / "model")
+            merged(trainer.model).save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
     except Exception as error:
         if not trainer.is_world_process_zero():  # the first process judges the checkpoints and the disk

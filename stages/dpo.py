@@ -26,7 +26,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) 
     dataset = load_rows(source, PREFERENCE_FIELDS).select_columns(["prompt", "chosen", "rejected"])
     dataset = with_chat_template_kwargs(dataset, cfg.model)
     tokenizer = load_tokenizer(model, cfg.model)
-    policy = load_causal_lm(model, cfg.model)
+    policy = load_causal_lm(model, cfg.model, cfg.dpo.lora)
     # The explicit reference is the SFT model. With LoRA, or with reference log-probs computed
     # once before training, TRL's own reference (the loaded weights with the adapter off, or
     # the untrained policy) is those same SFT weights, and saves a second copy in memory.

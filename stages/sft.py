@@ -30,7 +30,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, reference: Path | None = No
     from pipeline.training import TRAINING_OUTPUTS, train_sft
 
     tokenizer = load_tokenizer(model, cfg.model)
-    policy = load_causal_lm(model, cfg.model)
+    policy = load_causal_lm(model, cfg.model, cfg.sft.lora)
     loss = cfg.sft.loss
     needs_model = loss.needs_reference and reference is None
     ref_model = load_causal_lm(model, cfg.model) if needs_model else None

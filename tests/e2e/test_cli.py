@@ -124,6 +124,15 @@ def test_the_gsm8k_example_validates_with_the_hub_replaced_by_local_folders_of_t
 
     result = runner.invoke(app, ["validate", str(path), hub_free])
     assert result.exit_code == 0 and "valid" in result.output, result.output
+    lora = tmp_path / "gsm8k-lora.yaml"  # the LoRA variant
+    lora.write_text((REPO / "configs" / "qwen3-gsm8k-lora.yaml").read_text().replace("Qwen/Qwen3-4B-Base", str(model))
+                    .replace("openai/gsm8k", str(gsm8k)))
+    result = runner.invoke(app, ["validate", str(lora)])
+    assert result.exit_code == 0 and "valid" in result.output, result.output
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # QLoRA, on a machine without a CUDA GPU
+    result = runner.invoke(app, ["validate", str(lora), "sft.lora.load_in_4bit=true"])
+    assert result.exit_code == 2 and "sft.lora.load_in_4bit: 4-bit QLoRA (bitsandbytes) needs a CUDA GPU" in \
+        result.output, result.output
     result = runner.invoke(app, ["validate", str(path), hub_free, "data.target_eval.columns.prompt=problem"])
     assert result.exit_code == 2, result.output
     assert "data.target_eval: " in result.output and "gsm8k (main, test): no column problem (for prompt): its " \

@@ -362,3 +362,15 @@ def test_report_to_must_name_an_installed_integration(monkeypatch, report_to, er
 def test_report_to_accepts_installed_integrations_none_and_all():
     for value in ("none", "all", ["mlflow"], "mlflow"):
         assert parse_config({"name": "x", "dpo": {"trainer": {"report_to": value}}}).dpo.trainer["report_to"] == value
+
+
+def test_qlora_settings_are_not_peft_options():
+    """TRL's ModelConfig names for QLoRA, read by the model loader; peft's LoraConfig gets the rest."""
+    from pipeline.config import LoraConfig
+    from pipeline.training import peft_config
+
+    lora = LoraConfig(r=8, lora_dropout=0.1, load_in_4bit=True, bnb_4bit_quant_type="fp4")
+    assert lora.peft_options() == {"r": 8, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.1}
+    assert peft_config(lora).lora_dropout == 0.1 and peft_config(lora).r == 8
+    with pytest.raises(ConfigError, match=r"sft\.lora\.bnb_4bit_quant_type: .*'nf4' or 'fp4'"):
+        parse_config({"name": "x", "sft": {"lora": {"bnb_4bit_quant_type": "int4"}}})
