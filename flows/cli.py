@@ -296,6 +296,27 @@ def lineage(
 
 
 @app.command()
+def init(
+    model: str = typer.Option(..., "--model", help="a local model folder or a hub id, e.g. Qwen/Qwen3-0.6B"),
+    data: str = typer.Option(..., "--data", help="a local data file (.jsonl, .json, .parquet, .csv) or folder, or a "
+                                                 "hub data set, e.g. openai/gsm8k"),
+    subset: str = typer.Option(None, "--subset", help="the hub data set's configuration, e.g. main"),
+    out: Path = typer.Option(Path("posttrain.yaml"), "--out", help="where the config goes (never over a file)"),
+) -> None:
+    """Write a commented starter config for a model and a data set: the data set's columns mapped
+    to the fields the stages read, its splits to training and evaluation, and what is left to
+    fill in."""
+    from pipeline.starter import write_starter
+
+    try:
+        text = write_starter(out, model, data, subset)
+    except Exception as error:  # noqa: BLE001 - user errors become one readable line
+        _fail(error, debug=False)
+    typer.echo(text)
+    typer.echo(f"wrote {out}: fill in what its TODO lines say, then `posttrain validate {out}`")
+
+
+@app.command()
 def validate(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """Check a config (keys, types, files, trainer options, every row of its local data sets)
     without running anything."""

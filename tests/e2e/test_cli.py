@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -140,6 +141,38 @@ def test_the_gsm8k_example_validates_with_the_hub_replaced_by_local_folders_of_t
     result = runner.invoke(app, ["validate", str(path), hub_free, "data.sft.answer_pattern=answer: (\\d+)"])
     assert result.exit_code == 2 and "data.sft: " in result.output, result.output
     assert "gsm8k (main, train) row 1: the answer does not match answer_pattern" in result.output
+
+
+def test_init_writes_a_starter_config_that_maps_the_columns_and_validates_once_filled_in(tmp_path, monkeypatch):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pipeline.data import write_jsonl
+    from tests.unit.test_data import gsm8k_layout
+
+    monkeypatch.chdir(tmp_path)
+    gsm8k_layout(tmp_path / "gsm8k")
+    model = tmp_path / "my model: v1"  # a path YAML would misread unquoted
+    Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=16, vocab_size=256)).save_pretrained(model)
+    result = runner.invoke(app, ["init", "--model", str(model), "--data", "gsm8k", "--subset", "main", "--out",
+                                 "mine.yaml"])
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load((tmp_path / "mine.yaml").read_text())
+    assert cfg["model"]["path"] == str(model)
+    assert cfg["data"]["sft"] == {"hub": "gsm8k", "subset": "main", "split": "train", "answer_pattern": r"####\s*(.+)",
+                                  "columns": {"prompt": "question", "completion": "answer"}, "verifier": "math"}
+    assert cfg["data"]["target_eval"]["split"] == "test"
+    assert cfg["data"]["target_eval"]["columns"] == {"prompt": "question"}  # answer is answer already
+    assert "To fill in before it validates: data.general_eval" in result.output
+    write_jsonl(tmp_path / "general_eval.jsonl", [{"prompt": "2+2=", "answer": "4"}])
+    result = runner.invoke(app, ["validate", "mine.yaml"])
+    assert result.exit_code == 0, result.output  # every GSM8K row read through the mapping
+    result = runner.invoke(app, ["init", "--model", str(model), "--data", "gsm8k", "--out", "mine.yaml"])
+    assert result.exit_code == 2 and "mine.yaml exists" in result.output
+    write_jsonl(tmp_path / "odd.jsonl", [{"q": "2+2=", "a": "4"}])
+    result = runner.invoke(app, ["init", "--model", str(model), "--data", "odd.jsonl", "--out", "odd.yaml"])
+    assert result.exit_code == 2 and "its columns (q, a) hold no prompt/completion or messages" in result.output
+    assert not (tmp_path / "odd.yaml").exists()
 
 
 def test_hub_only_lm_eval_tasks_fail_validate_and_run_offline_before_any_stage(tmp_path, monkeypatch):
