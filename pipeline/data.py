@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
-from pipeline.hub import check_hub_models, dataset_cached, hub_reachable
+from pipeline.hub import check_hub_models, check_tokenizer, dataset_cached, hub_reachable
 from pipeline.lm_eval_suite import check_lm_eval
 from pipeline.models import check_quantization
 from pipeline.manifest import atomic_write_text, digest
@@ -209,22 +209,25 @@ def prompt_and_answer(row: dict, answer_pattern: str | None = None, at: str = ""
 def check_inputs(cfg: PipelineConfig) -> None:
     """Everything a run reads, checked before any stage runs: every data set of the config, row by
     row (a hub data set where it is cached or the hub is reachable: `datasets` keeps what it reads
-    for the run); the models and tokenizer named by hub id; the lm-eval tasks' names and that
-    their data can be read."""
+    for the run); the models and tokenizer named by hub id; the tokenizer, with a chat template
+    where the data holds chats; the lm-eval tasks' names and that their data can be read; QLoRA's
+    GPU."""
     sources = [("sft", SFT_FIELDS), ("preference", PREFERENCE_FIELDS)]
     sources += [(key, EVAL_FIELDS) for key in EVAL_SUITES.values()]
     checked = [(f"data.{key}", getattr(cfg.data, key), fields) for key, fields in sources]
     checked.append(("pairs.prompts", cfg.pairs.prompts, TRAIN_PROMPT_FIELDS))
+    chats = False
     for key, source, fields in checked:
         if source is None or (source.hub is not None and not hub_data_readable(source.hub)):
             continue
         try:
-            for _ in checked_rows(source_rows(source), scored_fields(source, fields), source.columns,
-                                  source.answer_pattern):
-                pass
+            for row in checked_rows(source_rows(source), scored_fields(source, fields), source.columns,
+                                    source.answer_pattern):
+                chats = chats or "messages" in row or not isinstance(row.get("prompt", ""), str)
         except DataError as error:
             raise DataError(f"{key}: {error}") from None
     check_hub_models(cfg)
+    check_tokenizer(cfg, chats)
     check_lm_eval(cfg)
     check_quantization(cfg)
 

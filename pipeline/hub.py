@@ -3,6 +3,7 @@ model or data set it names be read here (from the local cache, or from a reachab
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -82,6 +83,36 @@ def model_cached(repo_id: str) -> bool:
 
     snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
     return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer(cfg: PipelineConfig, chats: bool) -> None:
+    """The tokenizer (model.tokenizer, else the model's own) is there, and has a chat template
+    when the data holds chats and the config names none: found before any stage, not when the
+    first chat is rendered."""
+    source = cfg.model.tokenizer or cfg.model.path
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+    if source is None:
+        return  # the demo world builds its own
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if (folder / "adapter_config.json").is_file() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return  # a PEFT adapter without a tokenizer: its base model's is loaded
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"{key}: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's "
+                              "tokenizer beside it, or name one in model.tokenizer")
+        settings, template = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    else:
+        settings, template = hub_file(source, "tokenizer_config.json", key), hub_file(source, "chat_template.jinja", key)
+    if not chats or cfg.model.chat_template is not None:
+        return
+    has_template = (template is not None and template.is_file()) or (
+        settings is not None and settings.is_file() and json.loads(settings.read_text()).get("chat_template"))
+    if not has_template:
+        raise ConfigError(f"{key}: the tokenizer of {source} has no chat template, and the data holds chats: set "
+                          "model.chat_template (chatml, or a .jinja file)")
 
 
 def check_hub_models(cfg: PipelineConfig) -> None:

@@ -106,15 +106,12 @@ def test_the_gsm8k_example_validates_with_the_hub_replaced_by_local_folders_of_t
     """configs/qwen3-gsm8k.yaml reads GSM8K from the hub as it is there (a subset, its own column
     names, worked solutions ending in `#### 72`): validate reads every row and names the key of a
     data set whose columns or answers do not fit."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from pipeline.data import write_jsonl
     from tests.unit.test_data import gsm8k_layout
+    from tests.unit.test_models import tiny_qwen3
 
     monkeypatch.chdir(tmp_path)
-    model = tmp_path / "Qwen3-4B-Base"  # the architecture, at a size that takes no time
-    Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1, head_dim=16, vocab_size=256)).save_pretrained(model)
+    model = tiny_qwen3(tmp_path / "Qwen3-4B-Base")  # the architecture, at a size that takes no time
     gsm8k = gsm8k_layout(tmp_path / "gsm8k")
     write_jsonl(tmp_path / "data" / "general_mix.jsonl", [{"prompt": "2+2=", "answer": "4"}])
     (tmp_path / "configs").symlink_to(REPO / "configs")  # the accelerate config
@@ -144,16 +141,13 @@ def test_the_gsm8k_example_validates_with_the_hub_replaced_by_local_folders_of_t
 
 
 def test_init_writes_a_starter_config_that_maps_the_columns_and_validates_once_filled_in(tmp_path, monkeypatch):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from pipeline.data import write_jsonl
     from tests.unit.test_data import gsm8k_layout
+    from tests.unit.test_models import tiny_qwen3
 
     monkeypatch.chdir(tmp_path)
     gsm8k_layout(tmp_path / "gsm8k")
-    model = tmp_path / "my model: v1"  # a path YAML would misread unquoted
-    Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1, head_dim=16, vocab_size=256)).save_pretrained(model)
+    model = tiny_qwen3(tmp_path / "my model: v1")  # a path YAML would misread unquoted
     result = runner.invoke(app, ["init", "--model", str(model), "--data", "gsm8k", "--subset", "main", "--out",
                                  "mine.yaml"])
     assert result.exit_code == 0, result.output

@@ -12,13 +12,12 @@ from pipeline.models import load_causal_lm, load_tokenizer, rendered_prompts, wi
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Qwen3 with a byte-level BPE tokenizer trained here, and ChatML's special tokens."""
+def tiny_qwen3(folder):
+    """A tiny Qwen3 with a byte-level BPE tokenizer trained here, ChatML's special tokens and no
+    chat template, saved in `folder` as a downloaded model is."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    folder = tmp_path_factory.mktemp("qwen3")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -30,6 +29,11 @@ def model_dir(tmp_path_factory):
     Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_qwen3(tmp_path_factory.mktemp("qwen3"))
 
 
 def test_a_shipped_template_renders_chats_with_the_variables_the_config_gives(model_dir):
@@ -101,3 +105,28 @@ def test_a_model_with_its_own_code_needs_trust_remote_code(tmp_path, model_dir):
     with pytest.raises(ValueError, match=r"runs its own code .*set model\.trust_remote_code: true if you trust it"):
         ModelConfig(path=str(folder))
     assert ModelConfig(path=str(folder), trust_remote_code=True).trust_remote_code
+
+
+def test_validate_finds_a_missing_tokenizer_or_chat_template_before_any_stage(model_dir, tmp_path):
+    import shutil
+
+    from pipeline.config import ConfigError, parse_config
+    from pipeline.data import check_inputs, write_jsonl
+
+    chats, strings = tmp_path / "chats.jsonl", tmp_path / "strings.jsonl"
+    write_jsonl(chats, [{"prompt": CHAT, "completion": [{"role": "assistant", "content": "4"}], "answer": "4"}])
+    write_jsonl(strings, [{"prompt": "2+2=", "completion": "4", "answer": "4"}])
+
+    def config(model, data, **settings):
+        return parse_config({"name": "x", "model": {"path": str(model), **settings},
+                             "data": {k: {"path": str(data)} for k in ("sft", "target_eval", "general_eval")}})
+
+    check_inputs(config(model_dir, strings))  # strings need no template
+    with pytest.raises(ConfigError, match=r"model\.path: the tokenizer of .* has no chat template, and the data holds "
+                                          r"chats: set model\.chat_template"):
+        check_inputs(config(model_dir, chats))
+    check_inputs(config(model_dir, chats, chat_template="chatml"))
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    with pytest.raises(ConfigError, match=r"model\.path: .*bare holds no tokenizer \(tokenizer\.json, "):
+        check_inputs(config(bare, strings))
