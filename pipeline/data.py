@@ -1,9 +1,11 @@
-"""Data sets: JSONL files or hub data sets, loaded as `datasets.Dataset`, checked row by row.
+"""Data sets: local files (JSONL, JSON, Parquet, CSV) or hub data sets, their columns mapped to
+the fields the stages read, loaded as `datasets.Dataset`, checked row by row.
 
 SFT rows are prompt/completion (strings, or chat messages) or `messages`; evaluation rows
 are prompt/answer (an optional `id` and `task`), or, for the `code` verifier, HumanEval's
 prompt/test/entry_point (`test` defines `check(candidate)`); preference rows are
-prompt/chosen/rejected. A `.jsonl.gz` file is read as its JSONL.
+prompt/chosen/rejected, or chosen/rejected chats (TRL's implicit prompt). A `.jsonl.gz` file is
+read as its JSONL.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ if TYPE_CHECKING:  # `datasets` takes most of a second to import; checking data 
 SFT_FIELDS = [{"prompt", "completion"}, {"messages"}]
 EVAL_FIELDS = [{"prompt", "answer"}]
 CODE_FIELDS = [{"prompt", "test", "entry_point"}]  # HumanEval's; an SFT row may add its completion
-PREFERENCE_FIELDS = [{"prompt", "chosen", "rejected"}]
+# With a prompt, or TRL's implicit prompt: chats that share their first turns.
+PREFERENCE_FIELDS = [{"prompt", "chosen", "rejected"}, {"chosen", "rejected"}]
 # Training prompts to sample from: with the answer to check samples against, or the SFT row itself.
 TRAIN_PROMPT_FIELDS = [{"prompt", "answer"}, *SFT_FIELDS]
 

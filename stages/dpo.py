@@ -23,7 +23,8 @@ def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) 
     from pipeline.training import TRAINING_OUTPUTS, train_dpo
 
     source = DataSource(path=str(pairs)) if pairs else cfg.data.preference
-    dataset = load_rows(source, PREFERENCE_FIELDS).select_columns(["prompt", "chosen", "rejected"])
+    dataset = load_rows(source, PREFERENCE_FIELDS)
+    dataset = dataset.select_columns([c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names])
     dataset = with_chat_template_kwargs(dataset, cfg.model)
     tokenizer = load_tokenizer(model, cfg.model)
     policy = load_causal_lm(model, cfg.model, cfg.dpo.lora)

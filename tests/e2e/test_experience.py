@@ -134,7 +134,7 @@ def test_a_failing_stage_is_advice_without_traceback(world):
     broken.write_text(config.read_text() + f"data:\n  sft:\n    path: {bad}\n")
     run = posttrain("run", str(broken), "--stage", "sft")  # a bad row: found before any stage runs
     assert run.returncode == 2
-    assert f"error: {bad}:2: missing fields" in run.stderr and "give every row one of these field sets" in run.stderr
+    assert f"error: data.sft: {bad}:2: missing fields" in run.stderr and "give every row one of these field sets" in run.stderr
     assert "[demo_data]" not in run.stdout + run.stderr and "Traceback" not in run.stdout + run.stderr  # no stage ran
     long = tmp / "long.jsonl"  # well-formed rows that only the trainer finds wrong: the stage fails
     long.write_text('{"prompt": "12345678*2=", "completion": "2"}\n' * 4)

@@ -189,3 +189,12 @@ def test_data_set_settings_that_cannot_work_are_refused(tmp_path, monkeypatch, s
     (tmp_path / "d.txt").write_text("")
     with pytest.raises(ValueError, match=error):
         DataSource(**settings)
+
+
+def test_preference_rows_take_trls_implicit_prompt(tmp_path):
+    """Chats that share their first turns (Anthropic HH's layout): TRL's DPO extracts the prompt."""
+    user = {"role": "user", "content": "2+2?"}
+    write_jsonl(tmp_path / "hh.jsonl", [{"chosen": [user, {"role": "assistant", "content": "4"}],
+                                         "rejected": [user, {"role": "assistant", "content": "5"}]}])
+    rows = load_rows(DataSource(path=str(tmp_path / "hh.jsonl")), PREFERENCE_FIELDS)
+    assert rows.column_names == ["chosen", "rejected"] and rows[0]["chosen"][1]["content"] == "4"

@@ -84,3 +84,22 @@ def test_a_reference_other_than_the_start_model_shows_in_the_rewards(sft_model, 
     other = build_model(TINY, build_tokenizer(), seed=1)
     _, logged = run_dpo(sft_model, tmp_path, other, max_steps=1)
     assert abs(logged[0]["rewards/chosen"]) > 1e-3
+
+
+def test_chat_pairs_with_trls_implicit_prompt_train(sft_model, tmp_path):
+    """Preference chats without a prompt column (their shared first turns are it): TRL extracts
+    it, and DPO raises the chosen side's margin as with explicit prompts."""
+    from pipeline.config import DataSource
+    from pipeline.data import PREFERENCE_FIELDS, load_rows, write_jsonl
+
+    def chat(prompt, answer):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+    write_jsonl(tmp_path / "hh.jsonl", [{"chosen": chat(r["prompt"], r["chosen"]), "rejected": chat(r["prompt"], r["rejected"])}
+                                        for r in pairs()])
+    data = load_rows(DataSource(path=str(tmp_path / "hh.jsonl")), PREFERENCE_FIELDS)
+    policy = AutoModelForCausalLM.from_pretrained(sft_model)
+    tokenizer = AutoTokenizer.from_pretrained(sft_model)
+    train_dpo(policy, tokenizer, data, ARGS, tmp_path / "out", seed=0)
+    history = [h for h in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "rewards/margins" in h]
+    assert history[-1]["rewards/margins"] > 0 and history[-1]["rewards/accuracies"] > 0.5
