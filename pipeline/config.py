@@ -39,13 +39,14 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
+    # Before `path`, whose check reads it.
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own code (transformers' trust_remote_code), for "
+        "architectures transformers lacks; only for repositories you trust")
     path: str | None = Field(
         None, description="HF model directory or hub id; null builds the demo world's model"
     )
     tokenizer: str | None = Field(None, description="defaults to the model's own tokenizer")
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own code (transformers' trust_remote_code), for "
-        "architectures transformers lacks; only for repositories you trust")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="the weights' dtype when the training stages load them (auto: as saved)")
     attn_implementation: str | None = Field(
@@ -70,18 +71,6 @@ class ModelConfig(Section):
             return str(Path(value).expanduser())
         return value
 
-    @model_validator(mode="after")
-    def _remote_code_is_asked_for(self) -> ModelConfig:
-        # Found here rather than by transformers' question on a terminal that a stage process lacks.
-        if self.path and not self.trust_remote_code and (Path(self.path) / "config.json").is_file():
-            config = json.loads((Path(self.path) / "config.json").read_text())
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-            if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.get("auto_map"):
-                raise ValueError(f"{self.path} runs its own code (its config.json has an auto_map): set "
-                                 "model.trust_remote_code: true if you trust it")
-        return self
-
     @field_validator("chat_template")
     @classmethod
     def _template_exists(cls, value: str | None) -> str | None:
@@ -101,35 +90,40 @@ class ModelConfig(Section):
         shipped = CHAT_TEMPLATES / f"{self.chat_template}.jinja"
         return (shipped if shipped.is_file() else Path(self.chat_template)).read_text()
 
-    def key_settings(self) -> dict[str, Any]:
+    def key_settings(self, training: bool = True) -> dict[str, Any]:
         """What a stage that loads the model depends on besides its weights: the tokenizer, and the
         loading and chat settings where they are not the defaults (which leaves older keys as
-        they were). The template by its text: an edited file is another template."""
-        loading = self.model_dump(exclude_defaults=True, exclude={"path", "tokenizer", "chat_template"})
+        they were); `dtype` and `attn_implementation` for a training stage only (sampling does
+        not read them). The template by its text: an edited file is another template."""
+        ignored = {"path", "tokenizer", "chat_template"} | (set() if training else {"dtype", "attn_implementation"})
+        loading = self.model_dump(exclude_defaults=True, exclude=ignored)
         if self.chat_template is not None:
             loading["chat_template"] = hashlib.sha256(self.template().encode()).hexdigest()
         return {"tokenizer": str(self.tokenizer), **({"model": loading} if loading else {})}
 
     @field_validator("path")
     @classmethod
-    def _holds_a_causal_lm(cls, value: str | None) -> str | None:
+    def _holds_a_causal_lm(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Checked from the files: a folder that is not a causal language model would be given an
         # untrained head and fail stages later.
         if value is None or not Path(value).is_dir():
-            return value  # the demo, or a hub id
+            return value  # the demo, or a hub id (checked by pipeline.hub before any stage)
         folder = Path(value)
         if (folder / "adapter_config.json").is_file():
             return value  # a PEFT adapter: its base model is named inside, and checked when loaded
-        if (problem := causal_lm_problem(folder / "config.json", str(folder))) is not None:
+        trust = info.data.get("trust_remote_code", False)
+        if (problem := causal_lm_problem(folder / "config.json", str(folder), trust)) is not None:
             raise ValueError(problem)
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
             raise ValueError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")
         return value
 
 
-def causal_lm_problem(config_file: Path, where: str) -> str | None:
+def causal_lm_problem(config_file: Path, where: str, trust_remote_code: bool = False) -> str | None:
     """Why a model whose config.json this is would not load as a causal language model with its
-    head (it would be given an untrained one), or None."""
+    head (it would be given an untrained one), or None. A model with its own code (an auto_map)
+    needs trust_remote_code: said here, not by transformers' question on a terminal a stage
+    process lacks."""
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
@@ -140,7 +134,8 @@ def causal_lm_problem(config_file: Path, where: str) -> str | None:
 
     causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
     if causal is None and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
-        return None  # its own code (trust_remote_code) makes it a causal language model
+        return None if trust_remote_code else (f"{where} runs its own code (its config.json has an auto_map): set "
+                                               "model.trust_remote_code: true if you trust it")
     kinds = config.get("architectures") or []
     # A saved BertModel has a model_type that has a causal class, but no language-model head to load.
     if causal is None or (kinds and not any(k == causal or k.endswith(("ForCausalLM", "LMHeadModel")) for k in kinds)):
@@ -175,12 +170,16 @@ class DemoConfig(Section):
         "The generated data depends on `seed` only, so base models of several seeds are evaluated on the same "
         "prompts")
 
-    MODEL_FIELDS: typing.ClassVar = {"world", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                                     "model_seed"}
+    MODEL_FIELDS: typing.ClassVar = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "model_seed"}
 
     def world_settings(self) -> dict[str, Any]:
         """The settings the generated data (and tokenizer) depend on (not the model's)."""
-        return self.model_dump(exclude=self.MODEL_FIELDS - {"world"})
+        return self.model_dump(exclude=self.MODEL_FIELDS | {"world"}) | self.world_key()
+
+    def world_key(self) -> dict[str, Any]:
+        """The world, in the keys of the stages it changes, where it is not the first world (whose
+        results were made before there were two)."""
+        return {} if self.world == "characters" else {"world": self.world}
 
     @property
     def verifier(self) -> Literal["exact", "math"]:
@@ -214,6 +213,11 @@ ROW_FIELDS = ("prompt", "completion", "messages", "answer", "chosen", "rejected"
 # Local file formats: what `datasets` reads them with (JSONL is read line by line here, for errors
 # that name the line).
 FILE_FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def file_format(name: str) -> str | None:
+    """How a data file of this name is read (FILE_FORMATS), or None: not a data file."""
+    return next((f for suffix, f in FILE_FORMATS.items() if name.lower().endswith(suffix)), None)
 
 
 class DataSource(Section):
@@ -282,8 +286,7 @@ class DataSource(Section):
     @property
     def format(self) -> str | None:
         """How a local file is read: jsonl, json, parquet or csv (None for a hub data set)."""
-        name = self.file.name.lower() if self.file else ""
-        return next((f for suffix, f in FILE_FORMATS.items() if name.endswith(suffix)), None)
+        return file_format(self.file.name) if self.file else None
 
     @property
     def as_is(self) -> bool:
@@ -356,7 +359,7 @@ class LoraConfig(Section):
     target_modules: list[str] | str = "all-linear"
     load_in_4bit: bool = Field(
         False, description="QLoRA: the frozen base weights in 4 bits (bitsandbytes), computed in model.dtype "
-        "(bfloat16 for auto); a CUDA GPU only. The merged model is saved in full precision")
+        "(bfloat16 for auto); a CUDA GPU only. The base is loaded again unquantized, in that dtype, for the merge")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: the 4-bit number format")
     use_bnb_nested_quant: bool = Field(False, description="QLoRA: quantize the quantization constants as well")
 
@@ -365,6 +368,11 @@ class LoraConfig(Section):
     def peft_options(self) -> dict[str, Any]:
         """What peft's LoraConfig takes."""
         return self.model_dump(exclude=self.QUANTIZATION)
+
+    def key_settings(self) -> dict[str, Any]:
+        """What a stage's key holds: peft's options, and QLoRA's where set (LoRA keys made before
+        QLoRA existed stay as they were)."""
+        return self.peft_options() | self.model_dump(include=self.QUANTIZATION, exclude_defaults=True)
 
 
 class TrainStage(Section):
@@ -965,7 +973,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>", text: str | Non
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_errors(error, source, lines)) from None
-    for stage, config_name in (("pretrain", "SFTConfig"), ("sft", "SFTConfig"), ("dpo", "DPOConfig")):
+    for stage, config_name in TRAINER_CONFIGS.items():
         try:
             check_trainer_args(getattr(cfg, stage).trainer, config_name, f"{stage}.trainer",
                                PIPELINE_OWNED_TRAINER_KEYS[stage])
@@ -975,30 +983,57 @@ def parse_config(data: dict[str, Any], source: str = "<config>", text: str | Non
     return cfg
 
 
+TRAINER_CONFIGS = {"pretrain": "SFTConfig", "sft": "SFTConfig", "dpo": "DPOConfig"}  # the TRL dataclass per stage
+_INT = re.compile(r"[-+]?\d+")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _override_types(path: tuple[str, ...]) -> set[type] | None:
+    """The types the schema (or, under `<stage>.trainer`, TRL's dataclass) allows for a key; None
+    where it does not say."""
+    if len(path) == 3 and path[0] in TRAINER_CONFIGS and path[1] == "trainer":
+        option = trainer_options(TRAINER_CONFIGS[path[0]]).get(path[2])
+        return {SIMPLE_TYPES[t] for t in option["types"]} if option and option["types"] else None
+    _, annotation = _schema_field(path)
+    if annotation is None:
+        return None
+    return set(typing.get_args(annotation)) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else {annotation}
+
+
+def override_value(path: tuple[str, ...], text: str) -> Any:
+    """A command-line value as the key's type reads it: text where the key takes text only;
+    else a decimal number, true or false, null, or a YAML list or mapping; anything else text.
+    (Plain YAML 1.1 would read `no` as false, `0123` as 83 and leave `1e-5` text.)"""
+    value = text.strip()
+    allowed = _override_types(path)
+    if allowed and allowed <= {str, type(None)} and value not in ("null", "~"):
+        return text
+    if _INT.fullmatch(value):
+        return int(value)
+    if _FLOAT.fullmatch(value):
+        return float(value)
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value in ("null", "~"):
+        return None
+    if value.startswith(("[", "{")):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override '{'.'.join(path)}={text}': the value is not valid YAML: "
+                              f"{str(error).splitlines()[0]}") from None
+    return text
+
+
 def apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
-    """Set one `dotted.key=value` from the command line into the YAML's mapping; its key path.
-    The value is read as YAML (numbers, booleans, lists, null; `1e-5` too, which YAML 1.1 leaves
-    text), except where the schema wants text: `name=0123` stays the string it was given."""
+    """Set one `dotted.key=value` from the command line into the YAML's mapping; its key path."""
     key, sep, text = item.partition("=")
     path = tuple(key.strip().split("."))
     if not sep or not all(path):
         raise ConfigError(f"override '{item}': expected key=value with a dotted key, e.g. "
                           "sft.trainer.learning_rate=1e-5")
-    _, annotation = _schema_field(path)
-    wants_text = annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and
-                                       {a for a in typing.get_args(annotation)} <= {str, type(None)})
-    if wants_text and text.strip() not in ("null", "~"):
-        value: Any = text
-    else:
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override '{item}': the value is not valid YAML: {str(error).splitlines()[0]}") from None
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+    value = override_value(path, text)
     node = data
     for depth, part in enumerate(path[:-1], start=1):
         if node.get(part) is None:

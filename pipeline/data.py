@@ -10,6 +10,7 @@ read as its JSONL.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import re
@@ -110,11 +111,16 @@ def mapped(row: object, columns: dict[str, str], at: str) -> dict:
     """A row with the data set's columns renamed to the fields they hold; other columns kept."""
     if not isinstance(row, dict):
         raise DataError(f"{at}: each row must be a JSON object, got {type(row).__name__}")
-    if missing := [f"{column} (for {field})" for field, column in columns.items() if column not in row]:
-        raise DataError(f"{at}: no column {missing[0]}: its columns are {', '.join(map(str, row)) or 'none'}; "
-                        "fix the data set's `columns`")
+    if missing := [column for column in columns.values() if column not in row]:
+        raise missing_column(at, columns, missing[0], list(row))
     renamed = set(columns.values()) | set(columns)
     return {k: v for k, v in row.items() if k not in renamed} | {field: row[c] for field, c in columns.items()}
+
+
+def missing_column(at: str, columns: dict[str, str], column: str, there: list) -> DataError:
+    field = next(f for f, c in columns.items() if c == column)
+    return DataError(f"{at}: no column {column} (for {field}): its columns are {', '.join(map(str, there)) or 'none'}; "
+                     "fix the data set's `columns`")
 
 
 def extract_answer(text: str, pattern: str, at: str) -> str:
@@ -163,22 +169,30 @@ def source_rows(source: DataSource) -> Iterator[tuple[str, object]]:
     if source.format == "jsonl":
         yield from jsonl_lines(source.file, source.max_line_bytes)
         return
-    from datasets import load_dataset
+    from datasets import Features, Value, load_dataset
+    from datasets.exceptions import DatasetsError
 
+    text = {}
+    if source.format == "csv":  # its cells as written: pandas would read a column of numbers as numbers, 0123 as 123
+        with source.file.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        text = {"features": Features({column: Value("string") for column in header}), "keep_default_na": False}
     try:
         if source.file is not None:
-            dataset = load_dataset(source.format, data_files=str(source.file), split="train")
+            dataset = load_dataset(source.format, data_files=str(source.file), split="train", **text)
         else:
             dataset = load_dataset(source.hub, source.subset, split=source.split)
-    except (ValueError, FileNotFoundError) as error:  # no such subset or split, a file it cannot parse
-        raise DataError(f"{source.name}: {str(error).splitlines()[0]}") from None
+    except (ValueError, OSError, DatasetsError) as error:  # no such subset or split, a file it cannot parse
+        cause = error.__cause__ or error
+        raise DataError(f"{source.name}: cannot be read: {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
     if len(dataset) == 0:
         raise DataError(f"{source.name}: the data set is empty")
-    if missing := [f"{c} (for {f})" for f, c in source.columns.items() if c not in dataset.column_names]:
-        raise DataError(f"{source.name}: no column {missing[0]}: its columns are {', '.join(dataset.column_names)}; "
-                        "fix the data set's `columns`")
-    for i, row in enumerate(dataset):
-        yield f"{source.name} row {i + 1}", {k: v for k, v in row.items() if v is not None}  # a column a row lacks
+    if missing := [c for c in source.columns.values() if c not in dataset.column_names]:
+        raise missing_column(source.name, source.columns, missing[0], dataset.column_names)
+    mapped_columns = set(source.columns.values())
+    for i, row in enumerate(dataset):  # every row has every column: a column a row lacks is None
+        yield f"{source.name} row {i + 1}", {k: v for k, v in row.items() if v is not None or k in mapped_columns}
 
 
 def load_rows(source: DataSource, accepted: list[set[str]]) -> Dataset:
@@ -244,7 +258,12 @@ def hub_data_readable(hub: str) -> bool:
 def source_digest(source: DataSource) -> str:
     """What identifies a data source in a stage key: the file's content digest, or the hub data
     set's name, subset and split; and how its rows are read, where the config says."""
-    identity = digest(source.file) if source.file else f"hub:{source.hub}:{source.split}"
+    if source.file is not None:
+        identity = digest(source.file)
+    elif Path(source.hub).is_dir():  # a local folder read as a hub data set: its files' content
+        identity = f"folder:{digest(Path(source.hub))}:{source.split}"
+    else:
+        identity = f"hub:{source.hub}:{source.split}"
     if source.subset is not None:
         identity += f":{source.subset}"
     if source.columns or source.answer_pattern is not None:

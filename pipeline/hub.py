@@ -98,9 +98,9 @@ def check_tokenizer(cfg: PipelineConfig, chats: bool) -> None:
         return  # the demo world builds its own
     folder = Path(source).expanduser()
     if folder.is_dir():
-        if (folder / "adapter_config.json").is_file() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-            return  # a PEFT adapter without a tokenizer: its base model's is loaded
         if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            if (folder / "adapter_config.json").is_file():
+                return  # a PEFT adapter without a tokenizer: its base model's is loaded
             raise ConfigError(f"{key}: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's "
                               "tokenizer beside it, or name one in model.tokenizer")
         settings, template = folder / "tokenizer_config.json", folder / "chat_template.jinja"
@@ -130,5 +130,5 @@ def check_hub_models(cfg: PipelineConfig) -> None:
             if hub_file(repo_id, "adapter_config.json", key) is not None:
                 continue
             raise ConfigError(f"{key}: {repo_id} has no config.json: not a transformers model")
-        if (problem := causal_lm_problem(found, f"{key}: {repo_id}")) is not None:
+        if (problem := causal_lm_problem(found, f"{key}: {repo_id}", cfg.model.trust_remote_code)) is not None:
             raise ConfigError(problem)

@@ -39,8 +39,12 @@ def load_causal_lm(model_dir: str | Path, model: ModelConfig, lora: LoraConfig |
         import torch
         from transformers import BitsAndBytesConfig
 
+        from accelerate import PartialState
+
         compute = torch.bfloat16 if model.dtype == "auto" else getattr(torch, model.dtype)
-        options |= {"dtype": compute, "quantization_config": BitsAndBytesConfig(
+        # each process's 4-bit weights on its own GPU (bitsandbytes would put them all on the current one)
+        options |= {"device_map": {"": PartialState().local_process_index}, "dtype": compute,
+                    "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=lora.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=lora.use_bnb_nested_quant, bnb_4bit_compute_dtype=compute)}
     return AutoModelForCausalLM.from_pretrained(model_dir, **options)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import FILE_FORMATS, ConfigError
+from pipeline.config import ConfigError, file_format
 
 # Column names that commonly hold each field (GSM8K, Alpaca, MetaMathQA, UltraChat, HH-RLHF, ...),
 # in the order they are tried.
@@ -27,11 +27,10 @@ def first_rows(data: str, subset: str | None) -> dict[str, dict]:
     read as a stream (a hub data set is not downloaded whole)."""
     from datasets import load_dataset
 
-    suffix = next((s for s in FILE_FORMATS if data.lower().endswith(s)), None)
+    kind = file_format(data)
     try:
-        if suffix is not None:
-            kind = FILE_FORMATS[suffix].replace("jsonl", "json")
-            splits = load_dataset(kind, data_files=data, streaming=True)
+        if kind is not None:
+            splits = load_dataset(kind.replace("jsonl", "json"), data_files=data, streaming=True)
         else:
             splits = load_dataset(data, subset, streaming=True)
         return {name: next(iter(split)) for name, split in splits.items()}
@@ -41,8 +40,12 @@ def first_rows(data: str, subset: str | None) -> dict[str, dict]:
 
 
 def mapped_columns(row: dict) -> dict[str, str]:
-    """Field -> column, for the fields whose usual column names the row has."""
+    """Field -> column, for the fields whose usual column names the row has. A chat column counts
+    only with TRL's role/content messages (ShareGPT's from/value are not)."""
     found = {field: next((c for c in names if c in row), None) for field, names in COLUMN_NAMES.items()}
+    chat = row.get(found["messages"]) if found["messages"] else None
+    if not (isinstance(chat, list) and chat and isinstance(chat[0], dict) and "role" in chat[0]):
+        found["messages"] = None
     return {field: column for field, column in found.items() if column is not None}
 
 
@@ -56,14 +59,14 @@ def scalar(value: str) -> str:
 
 
 def source_yaml(data: str, subset: str | None, split: str, columns: dict[str, str], extra: str = "") -> str:
-    where = f"path: {scalar(data)}" if any(data.lower().endswith(s) for s in FILE_FORMATS) else \
+    where = f"path: {scalar(data)}" if file_format(data) else \
         f"hub: {scalar(data)}" + (f", subset: {scalar(subset)}" if subset else "")
     renamed = {f: c for f, c in columns.items() if f != c}
     mapping = f", columns: {{{', '.join(f'{f}: {scalar(c)}' for f, c in renamed.items())}}}" if renamed else ""
     return f"{{{where}, split: {scalar(split)}{mapping}{extra}}}"
 
 
-def starter_config(name: str, model: str, data: str, subset: str | None = None) -> str:
+def starter_config(path: Path, model: str, data: str, subset: str | None = None) -> str:
     """The YAML text of a starter config; raises ConfigError when the data set's columns hold no
     field set a stage reads."""
     rows = first_rows(data, subset)
@@ -87,9 +90,9 @@ def starter_config(name: str, model: str, data: str, subset: str | None = None) 
                          "(docs/pipeline.md, Data sets)")
     lines = [
         f"# A starter config made by `posttrain init` for {model} and {data}. Check it, then:",
-        f"#   posttrain validate {name}.yaml    and    posttrain run {name}.yaml",
+        f"#   posttrain validate {path}    and    posttrain run {path}",
         "# Every key: docs/pipeline.md. Settings can be changed on the command line: key=value.",
-        f"name: {scalar(name)}",
+        f"name: {scalar(path.stem)}",
         "seed: 0",
         "results_dir: results",
         "",
@@ -138,6 +141,6 @@ def write_starter(path: Path, model: str, data: str, subset: str | None = None) 
     """Write the starter config to `path` (never over a file); its text."""
     if path.exists():
         raise ConfigError(f"{path} exists: give another --out, or remove it")
-    text = starter_config(path.stem, model, data, subset)
+    text = starter_config(path, model, data, subset)
     path.write_text(text)
     return text

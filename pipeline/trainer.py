@@ -141,10 +141,12 @@ class AtomicCheckpoints(Trainer):
         finally:
             self._staging = False
         PartialState().wait_for_everyone()  # every process has written its part (RNG state, shards)
+        renamed = self.state.best_model_checkpoint == str(staged)  # the Trainer named the best one where it was written
+        if renamed:  # on every process: each loads the best one at the end
+            self.state.best_model_checkpoint = str(final)
         if not self.args.should_save:
             return
-        if self.state.best_model_checkpoint == str(staged):  # the Trainer named the best one where it was written
-            self.state.best_model_checkpoint = str(final)
+        if renamed:
             self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
         seal_checkpoint(staged)
         if final.exists():  # the same step saved by a run that was cut off later

@@ -290,7 +290,9 @@ def merged(model: PreTrainedModel) -> PreTrainedModel:
     compute = model.config.quantization_config.bnb_4bit_compute_dtype
     with tempfile.TemporaryDirectory() as adapter:
         model.save_pretrained(adapter)
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=compute)
+        # with its own code where the trained model had it (which took model.trust_remote_code)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=compute,
+                                                    trust_remote_code=bool(getattr(model.config, "auto_map", None)))
         return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 

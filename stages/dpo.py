@@ -13,7 +13,8 @@ from pipeline.process import stage_main
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"seed": cfg.seed, "dpo": cfg.dpo.model_dump(), **cfg.model.key_settings()}
+    dpo = cfg.dpo.model_dump() | {"lora": cfg.dpo.lora and cfg.dpo.lora.key_settings()}
+    return {"seed": cfg.seed, "dpo": dpo, **cfg.model.key_settings()}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) -> Manifest:

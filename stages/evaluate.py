@@ -36,7 +36,7 @@ def samples_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """What the completions, the answer entropies and the lm-eval results depend on."""
     lm_eval = cfg.evaluate.lm_eval.key_settings() if cfg.evaluate.lm_eval else None
     return {"sampling": cfg.sampling.key_settings(), "max_prompts": cfg.evaluate.max_prompts, "lm_eval": lm_eval,
-            **cfg.model.key_settings()}
+            **cfg.model.key_settings(training=False)}
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
     code = any(s.verifier == "code" for s in suites.values())
     return {"sampling": cfg.sampling.key_settings(), "evaluate": cfg.evaluate.key_settings(code=code),
             "verifiers": {suite: source.verifier for suite, source in suites.items()},  # scoring only
-            **cfg.model.key_settings()}
+            **cfg.model.key_settings(training=False)}
 
 
 def score_suite(rows: list[dict], completions: list[list[str]], source: DataSource, cfg: PipelineConfig) -> list[dict]:

@@ -14,7 +14,7 @@ from pipeline.process import stage_main
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
     # The world is an input; of `demo`, only the model's own settings and its seed.
-    model = cfg.demo.model_dump(include=cfg.demo.MODEL_FIELDS - {"model_seed"})
+    model = cfg.demo.model_dump(include=cfg.demo.MODEL_FIELDS - {"model_seed"}) | cfg.demo.world_key()
     return {"seed": cfg.model_seed, "demo": model, "trainer": cfg.pretrain.trainer}
 
 

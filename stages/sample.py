@@ -15,7 +15,7 @@ from pipeline.process import stage_main
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
     return {"sampling": cfg.pairs.sampling(cfg.sampling).key_settings(), "max_prompts": cfg.pairs.max_prompts,
-            **cfg.model.key_settings()}
+            **cfg.model.key_settings(training=False)}
 
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:

@@ -18,6 +18,7 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
     # cached reference is an input of its own.
     sft = cfg.sft.model_dump(exclude={"chunked_loss", "reference", "reference_topk"})
     sft["loss"] = cfg.sft.loss.resolved()  # a loss's changed default changes the key
+    sft["lora"] = cfg.sft.lora and cfg.sft.lora.key_settings()
     return {"seed": cfg.seed, "sft": sft, **cfg.model.key_settings()}
 
 

@@ -275,14 +275,16 @@ def test_a_checkpoint_cut_off_mid_save_never_has_its_name_and_resume_takes_the_o
 
 def test_the_best_checkpoint_is_named_where_it_ends_up(tmp_path):
     """The Trainer records the best checkpoint where it wrote it; it must be the renamed folder,
-    in the trainer state, in the checkpoint's own copy of it and for load_best_model_at_end."""
-    trainer = train_tiny(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-                         metric_for_best_model="eval_loss", save_total_limit=1)
+    in the trainer state, in the checkpoint's own copy of it and for load_best_model_at_end, and
+    the rotation must keep it beside the last. (The highest eval loss is "best" here, so that the
+    best is an early checkpoint, which rotation would otherwise remove.)"""
+    trainer = train_tiny(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                         metric_for_best_model="eval_loss", greater_is_better=True, save_total_limit=2)
     best = Path(trainer.state.best_model_checkpoint)
-    assert best.parent == tmp_path / "checkpoints" and best.is_dir()
+    assert best.parent == tmp_path / "checkpoints" and best.is_dir() and best.name != "checkpoint-8"
     assert json.loads((best / "trainer_state.json").read_text())["best_model_checkpoint"] == str(best)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
-    assert kept == sorted({best.name, "checkpoint-4"})  # the best one is kept as well as the last
+    assert kept == sorted([best.name, "checkpoint-8"])  # the early best is kept as well as the last
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "truncated optimizer", "altered weights",

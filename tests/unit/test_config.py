@@ -374,3 +374,16 @@ def test_qlora_settings_are_not_peft_options():
     assert peft_config(lora).lora_dropout == 0.1 and peft_config(lora).r == 8
     with pytest.raises(ConfigError, match=r"sft\.lora\.bnb_4bit_quant_type: .*'nf4' or 'fp4'"):
         parse_config({"name": "x", "sft": {"lora": {"bnb_4bit_quant_type": "int4"}}})
+
+
+def test_override_values_follow_the_keys_type_not_yaml_1_1():
+    """YAML 1.1 reads `no` as false and `0123` as 83: on the command line, a value is what the
+    key (or TRL's option) takes."""
+    cfg = parse_config({"name": "x"}, overrides=["sft.trainer.save_strategy=no", "sft.trainer.run_name=0123",
+                                                 "dpo.trainer.beta=.5", "sft.trainer.max_steps=7", "seed=010",
+                                                 "sft.trainer.bf16=false", "sft.trainer.hub_model_id=nan"])
+    assert cfg.sft.trainer == {"save_strategy": "no", "run_name": "0123", "max_steps": 7, "bf16": False,
+                               "hub_model_id": "nan"}
+    assert cfg.dpo.trainer["beta"] == 0.5 and cfg.seed == 10
+    with pytest.raises(ConfigError, match=r"override sft\.trainer\.learning_rate=nan: .*learning_rate: expected float"):
+        parse_config({"name": "x"}, overrides=["sft.trainer.learning_rate=nan"])

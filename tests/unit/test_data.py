@@ -198,3 +198,32 @@ def test_preference_rows_take_trls_implicit_prompt(tmp_path):
                                          "rejected": [user, {"role": "assistant", "content": "5"}]}])
     rows = load_rows(DataSource(path=str(tmp_path / "hh.jsonl")), PREFERENCE_FIELDS)
     assert rows.column_names == ["chosen", "rejected"] and rows[0]["chosen"][1]["content"] == "4"
+
+
+def test_csv_cells_are_read_as_written_and_unreadable_files_name_themselves(tmp_path):
+    (tmp_path / "d.csv").write_text("q,a\n2+2=,4\n9-2=,007\n")  # pandas would read 4 and 7, numbers
+    rows = load_rows(DataSource(path=str(tmp_path / "d.csv"), columns={"prompt": "q", "answer": "a"}), EVAL_FIELDS)
+    assert [r["answer"] for r in rows] == ["4", "007"]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet at all")
+    with pytest.raises(DataError, match=r"bad\.parquet: cannot be read: "):
+        load_rows(DataSource(path=str(tmp_path / "bad.parquet")), EVAL_FIELDS)
+    (tmp_path / "bad.json").write_text('[{"prompt": "a", "answer": "b"},')
+    with pytest.raises(DataError, match=r"bad\.json: cannot be read: "):
+        load_rows(DataSource(path=str(tmp_path / "bad.json")), EVAL_FIELDS)
+
+
+def test_an_empty_cell_of_a_mapped_column_is_named_as_empty_not_missing(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"q": "2+2=", "a": "4"}, {"q": None, "a": "5"}]).to_parquet(str(tmp_path / "d.parquet"))
+    with pytest.raises(DataError, match=r"d\.parquet row 2: field 'prompt' must be a non-empty string"):
+        load_rows(DataSource(path=str(tmp_path / "d.parquet"), columns={"prompt": "q", "answer": "a"}), EVAL_FIELDS)
+
+
+def test_a_local_folder_read_as_a_hub_data_set_is_identified_by_its_files(tmp_path):
+    from pipeline.data import source_digest
+
+    folder = gsm8k_layout(tmp_path / "gsm8k")
+    before = source_digest(DataSource(hub=str(folder), subset="main"))
+    (folder / "main" / "train-00000-of-00001.parquet").write_bytes(b"changed")
+    assert source_digest(DataSource(hub=str(folder), subset="main")) != before

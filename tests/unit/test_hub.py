@@ -118,6 +118,16 @@ def test_a_cached_hub_model_is_checked_offline_to_be_a_causal_lm(offline):
     check_hub_models(config_naming("org/tiny-llama", tokenizer="org/bert"))  # cached, without a tokenizer_config.json
 
 
+def test_a_hub_model_with_its_own_code_needs_trust_remote_code(offline):
+    cache_model(offline, "org/custom", {"config.json": {"model_type": "my_lm", "architectures": ["MyLM"],
+                                                        "auto_map": {"AutoModelForCausalLM": "modeling.MyLM"}}})
+    with pytest.raises(ConfigError, match=r"^model\.path: org/custom runs its own code .*set "
+                                          r"model\.trust_remote_code: true if you trust it"):
+        check_hub_models(config_naming("org/custom"))
+    trusted = config_naming("org/custom")
+    check_hub_models(trusted.model_copy(update={"model": trusted.model.model_copy(update={"trust_remote_code": True})}))
+
+
 def test_on_a_reachable_hub_a_model_is_found_or_refused_for_what_the_hub_says(fake_hub):
     check_hub_models(config_naming("org/tiny-llama", tokenizer="org/tiny-llama"))
     assert (fake_hub / "models--org--tiny-llama" / "snapshots" / COMMIT / "config.json").is_file()  # kilobytes, cached

@@ -13,18 +13,14 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 def tiny_qwen3(folder):
-    """A tiny Qwen3 with a byte-level BPE tokenizer trained here, ChatML's special tokens and no
-    chat template, saved in `folder` as a downloaded model is."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    """A tiny Qwen3 with the chat world's byte-level BPE tokenizer (trained here) and no chat
+    template, saved in `folder` as a downloaded model is."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["Be brief. 2+2? It is 4.", "think about it"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    from pipeline.demo import build_bpe_tokenizer
+
+    tokenizer = build_bpe_tokenizer(["Be brief. 2+2? It is 4.", "think about it"] * 20)
+    tokenizer.chat_template = None
     tokenizer.save_pretrained(folder)
     Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(folder)
@@ -130,3 +126,23 @@ def test_validate_finds_a_missing_tokenizer_or_chat_template_before_any_stage(mo
     shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
     with pytest.raises(ConfigError, match=r"model\.path: .*bare holds no tokenizer \(tokenizer\.json, "):
         check_inputs(config(bare, strings))
+
+
+def test_settings_added_since_leave_the_keys_of_configs_that_do_not_set_them_as_they_were():
+    """A new option at its default must not make every cached result stale: the stage settings of
+    a config that sets none of them hold none of them."""
+    from pipeline.config import parse_config
+    from stages import demo_data, dpo, evaluate, pretrain, sample, sft
+
+    cfg = parse_config({"name": "x", "sft": {"lora": {"r": 8}}, "dpo": {"lora": {"r": 4, "lora_dropout": 0.1}}})
+    assert sft.settings(cfg)["sft"]["lora"] == {"r": 8, "lora_alpha": 32, "target_modules": "all-linear"}
+    assert dpo.settings(cfg)["dpo"]["lora"] == {"r": 4, "lora_alpha": 32, "target_modules": "all-linear",
+                                                "lora_dropout": 0.1}
+    assert "world" not in demo_data.settings(cfg)["demo"] and "world" not in pretrain.settings(cfg)["demo"]
+    for stage in (sft, dpo, evaluate, sample):
+        assert "model" not in stage.settings(cfg)
+    chat = parse_config({"name": "x", "demo": {"world": "chat"}, "model": {"dtype": "bfloat16"},
+                         "sft": {"lora": {"load_in_4bit": True}}})
+    assert demo_data.settings(chat)["demo"]["world"] == pretrain.settings(chat)["demo"]["world"] == "chat"
+    assert sft.settings(chat)["model"] == {"dtype": "bfloat16"} and sft.settings(chat)["sft"]["lora"]["load_in_4bit"]
+    assert "model" not in evaluate.settings(chat)  # sampling does not read the training dtype
