@@ -106,6 +106,9 @@ def check_tokenizer(cfg: PipelineConfig, chats: bool) -> None:
         settings, template = folder / "tokenizer_config.json", folder / "chat_template.jinja"
     else:
         settings, template = hub_file(source, "tokenizer_config.json", key), hub_file(source, "chat_template.jinja", key)
+        if settings is None and not any(hub_file(source, f, key) for f in ("tokenizer.json", "adapter_config.json")):
+            raise ConfigError(f"{key}: {source} has no tokenizer (no tokenizer_config.json or tokenizer.json): name "
+                              "one in model.tokenizer")
     if not chats or cfg.model.chat_template is not None:
         return
     has_template = (template is not None and template.is_file()) or (

@@ -128,6 +128,20 @@ def test_a_hub_model_with_its_own_code_needs_trust_remote_code(offline):
     check_hub_models(trusted.model_copy(update={"model": trusted.model.model_copy(update={"trust_remote_code": True})}))
 
 
+def test_a_hub_model_without_a_tokenizer_or_chat_template_is_named(offline):
+    from pipeline.hub import check_tokenizer
+
+    cache_model(offline, "org/tiny-llama", {"config.json": LLAMA})
+    with pytest.raises(ConfigError, match=r"^model\.path: org/tiny-llama has no tokenizer"):
+        check_tokenizer(config_naming("org/tiny-llama"), chats=False)
+    cache_model(offline, "org/chat", {"config.json": LLAMA, "tokenizer_config.json": {"chat_template": "{{ 1 }}"}})
+    cache_model(offline, "org/plain", {"config.json": LLAMA, "tokenizer_config.json": {}})
+    check_tokenizer(config_naming("org/chat"), chats=True)
+    check_tokenizer(config_naming("org/plain"), chats=False)
+    with pytest.raises(ConfigError, match=r"^model\.path: the tokenizer of org/plain has no chat template"):
+        check_tokenizer(config_naming("org/plain"), chats=True)
+
+
 def test_on_a_reachable_hub_a_model_is_found_or_refused_for_what_the_hub_says(fake_hub):
     check_hub_models(config_naming("org/tiny-llama", tokenizer="org/tiny-llama"))
     assert (fake_hub / "models--org--tiny-llama" / "snapshots" / COMMIT / "config.json").is_file()  # kilobytes, cached
