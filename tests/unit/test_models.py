@@ -146,3 +146,49 @@ def test_settings_added_since_leave_the_keys_of_configs_that_do_not_set_them_as_
     assert demo_data.settings(chat)["demo"]["world"] == pretrain.settings(chat)["demo"]["world"] == "chat"
     assert sft.settings(chat)["model"] == {"dtype": "bfloat16"} and sft.settings(chat)["sft"]["lora"]["load_in_4bit"]
     assert "model" not in evaluate.settings(chat)  # sampling does not read the training dtype
+
+
+def test_qlora_loads_4_bits_on_each_process_own_device(model_dir, monkeypatch):
+    """The options the 4-bit load is given (bitsandbytes needs a CUDA GPU: from_pretrained is
+    stood in for)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import LoraConfig
+
+    given = {}
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **options: given.update(options))
+    load_causal_lm(model_dir, ModelConfig(path=str(model_dir), trust_remote_code=True),
+                   LoraConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", use_bnb_nested_quant=True))
+    quantization = given.pop("quantization_config")
+    assert given == {"dtype": torch.bfloat16, "trust_remote_code": True, "device_map": {"": 0}}
+    assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "fp4"
+    assert quantization.bnb_4bit_use_double_quant and quantization.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_a_qlora_model_is_merged_into_its_base_loaded_again_unquantized(model_dir, tmp_path):
+    """`merged` on a 4-bit model reloads the base in the compute dtype and merges the adapter
+    there. Stood in for by a float model marked as 4-bit (bitsandbytes needs a CUDA GPU): its
+    merge must equal peft's merge of the same adapter, and its config carry no quantization."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    from pipeline.training import merged
+
+    torch.manual_seed(0)
+    base = ModelConfig(path=str(model_dir))
+    model = get_peft_model(load_causal_lm(model_dir, base), PeftLoraConfig(
+        task_type="CAUSAL_LM", r=4, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    expected = PeftModel.from_pretrained(load_causal_lm(model_dir, base), tmp_path / "adapter").merge_and_unload()
+    inner = model.get_base_model()
+    inner.is_loaded_in_4bit = True
+    inner.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    result = merged(model)
+    assert result is not inner and not hasattr(result.config, "quantization_config")  # loaded again, unquantized
+    for name, weight in expected.state_dict().items():
+        torch.testing.assert_close(result.state_dict()[name], weight, msg=name)
+    assert any(not torch.equal(weight, load_causal_lm(model_dir, base).state_dict()[name])
+               for name, weight in expected.state_dict().items())  # the adapter changed something
