@@ -27,6 +27,7 @@ from pipeline.trainer_options import SIMPLE_TYPES, trainer_options
 
 
 CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"  # shipped chat templates: <name>.jinja
+SHIPPED_TEMPLATES = tuple(sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
 
 
 class ConfigError(ValueError):
@@ -54,7 +55,7 @@ class ModelConfig(Section):
         "flash_attention_2, ...; null: transformers' choice")
     chat_template: str | None = Field(
         None, description="the chat template chat data is rendered with, in training and sampling: a name "
-        f"posttrain ships ({', '.join(sorted(p.stem for p in CHAT_TEMPLATES.glob('*.jinja')))}), a Jinja file, or "
+        f"posttrain ships ({', '.join(SHIPPED_TEMPLATES)}), a Jinja file, or "
         "null for the tokenizer's own")
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="variables the chat template reads, as TRL's per-row chat_template_kwargs: "
@@ -74,11 +75,11 @@ class ModelConfig(Section):
     @field_validator("chat_template")
     @classmethod
     def _template_exists(cls, value: str | None) -> str | None:
-        if value is None or (CHAT_TEMPLATES / f"{value}.jinja").is_file():
+        if value is None or value in SHIPPED_TEMPLATES:
             return value
         if not value.endswith((".jinja", ".j2")):
-            shipped = ", ".join(sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
-            raise ValueError(f"{value!r} is neither a chat template posttrain ships ({shipped}) nor a .jinja file")
+            raise ValueError(f"{value!r} is neither a chat template posttrain ships ({', '.join(SHIPPED_TEMPLATES)}) "
+                             "nor a .jinja file")
         if not Path(value).is_file():
             raise ValueError(f"no chat template file at {value}")
         return value
@@ -87,8 +88,8 @@ class ModelConfig(Section):
         """The configured chat template's text; None: the tokenizer's own."""
         if self.chat_template is None:
             return None
-        shipped = CHAT_TEMPLATES / f"{self.chat_template}.jinja"
-        return (shipped if shipped.is_file() else Path(self.chat_template)).read_text()
+        shipped = self.chat_template in SHIPPED_TEMPLATES
+        return (CHAT_TEMPLATES / f"{self.chat_template}.jinja" if shipped else Path(self.chat_template)).read_text()
 
     def key_settings(self, training: bool = True) -> dict[str, Any]:
         """What a stage that loads the model depends on besides its weights: the tokenizer, and the
