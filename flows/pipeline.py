@@ -1,24 +1,26 @@
 """Prefect flows: the whole pipeline, and one flow per stage, over the wiring of
 flows/wiring.py. Every stage, run or reused, is a Prefect task run, a reused one in state
-Cached. (Prefect's own cache keys include the flow run, so the pipeline keeps its own.)
+Cached (Prefect's own cache keys include the flow run, so the pipeline keeps its own); what a
+stage's process writes is in its task run's log.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 from prefect import flow, task
-from prefect.context import tags as prefect_tags_context
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.logging.handlers import APILogHandler
 from prefect.states import Completed
 
 from flows.wiring import MODULES, PipelineRun, pipeline_stages
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data import check_inputs
 from pipeline.manifest import Manifest, results_lock
-from pipeline.process import StageError, start_fork_server, stop_on_signals
+from pipeline.process import StageError, preload_for, stop_on_signals
 from pipeline.runner import Planned, StageResult, StageRunner
 from pipeline.tracking import Tracker, pipeline_run_name
 
@@ -31,15 +33,30 @@ def _transient(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def stage_task(runner: StageRunner, planned) -> StageResult:
     result = runner.run(planned)
-    # A reused result's task run says so in Prefect's UI, as Prefect's own cache hits do.
-    return Completed(name="Cached", data=result, message=f"reused {result.manifest.folder}") if result.cached else result
+    # A reused result's task run says so in Prefect's UI, as Prefect's own cache hits do; the
+    # state's message gives the key (not a tag: Prefect reads task tags as concurrency limits and
+    # asks its server for each new set of them, 0.4 s a stage).
+    done = "reused" if result.cached else "made"
+    return Completed(name="Cached" if result.cached else "Completed", data=result,
+                     message=f"key {result.manifest.key}: {done} {result.manifest.folder}")
+
+
+def log_stage_line(text: str) -> None:
+    """A line a stage's process wrote, into its Prefect task run's log (the calling thread runs in
+    the task's context). Only Prefect's API handler: the console has the line already."""
+    logger = logging.getLogger("posttrain.stage")
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logger.info(text)
 
 
 def submit_stage(runner: StageRunner):
-    """Each stage as a Prefect task run named after it and tagged with its key."""
+    """Each stage as a Prefect task run named after it."""
 
     def submit(name: str, planned: Planned) -> Manifest:
-        run = stage_task.with_options(name=name, task_run_name=name, tags=[f"key:{planned.key}"])
+        run = stage_task.with_options(name=name, task_run_name=name)
         return run(runner, planned, return_state=True).result().manifest  # the state: Cached or Completed
 
     return submit
@@ -52,10 +69,10 @@ def flow_run_name() -> str:
     return pipeline_run_name(flow_run.parameters["cfg"], flow_run.parameters.get("tags"))
 
 
-def prefect_tags(cfg: PipelineConfig, run_tags: dict[str, str] | None):
-    """The Prefect tags of a pipeline's flow run and its task runs: the config's name, SFT loss
-    and seed (and a compare arm's learning rate). The flow run exists already: its tags are
-    updated; the task runs get them from the context returned."""
+def tag_flow_run(cfg: PipelineConfig, run_tags: dict[str, str] | None) -> None:
+    """Tag the pipeline's flow run (it exists already) with the config's name, SFT loss and seed
+    (and a compare arm's learning rate). Its task runs are left untagged: Prefect reads task
+    tags as concurrency limits and asks its server for a slot on them before every task."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
@@ -63,7 +80,6 @@ def prefect_tags(cfg: PipelineConfig, run_tags: dict[str, str] | None):
     found |= {f"{k.removeprefix('posttrain.')}:{v}" for k, v in (run_tags or {}).items()}
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, tags=sorted(found | set(flow_run.tags)))
-    return prefect_tags_context(*sorted(found))
 
 
 def stage_rows(results: list[StageResult], metrics: bool = True) -> list[dict[str, Any]]:
@@ -83,10 +99,11 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
     check_inputs(cfg)
     if cfg.launch.preload:
-        start_fork_server([module.STAGE for module in MODULES])  # its imports run while MLflow and Prefect set up
-    with results_lock(cfg.results_dir), stop_on_signals(), prefect_tags(cfg, tags):
+        preload_for([module.STAGE for module in MODULES])
+    tag_flow_run(cfg, tags)
+    with results_lock(cfg.results_dir), stop_on_signals():
         tracker = Tracker(cfg, parent_run_id, tags=tags)
-        runner = StageRunner(cfg, tracker, set(force))
+        runner = StageRunner(cfg, tracker, set(force), log_line=log_stage_line)
         run = PipelineRun(cfg, runner, submit_stage(runner))
         try:
             for name in [stage] if stage else stages:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import importlib
 import json
 import multiprocessing
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import forkserver, reduction
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,11 @@ class StageError(RuntimeError):
 
 
 def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[str, Any],
-                   env: dict[str, str] | None = None, **paths: Path) -> Manifest:
+                   env: dict[str, str] | None = None, log_line: Callable[[str], None] | None = None,
+                   **paths: Path) -> Manifest:
     """Run `stage.run(cfg, out, **paths)` in a child process with `env` added to its environment;
-    `record` (the key's input digests, settings, samples key) goes into the manifest as is."""
+    `record` (the key's input digests, settings, samples key) goes into the manifest as is. Its
+    output goes to this process's, and each line of it to `log_line` if given."""
     out.mkdir(parents=True, exist_ok=True)
     request = {
         "config": cfg.model_dump(mode="json"),
@@ -69,11 +72,12 @@ def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[st
         old.unlink(missing_ok=True)
     command = stage_command(stage, cfg, out / REQUEST)
     env = os.environ | (env or {})
-    if command is None:
-        start_fork_server([stage])  # a no-op where the flow started it with every stage's preload
-        exit_code = run_forked(stage.module, out / REQUEST, env)
-    else:
-        exit_code = run_launched(command, env)
+    with stage_output(log_line) as output:
+        if command is None:
+            start_fork_server(_preload or [stage])  # a no-op once a stage started it
+            exit_code = run_forked(stage.module, out / REQUEST, env, output)
+        else:
+            exit_code = run_launched(command, env, output)
     if exit_code != 0:
         reason = (out / ERROR).read_text().strip() if (out / ERROR).is_file() else ""
         launched = command is not None and "accelerate.commands.launch" in command
@@ -89,10 +93,55 @@ def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[st
     return Manifest.read(out)
 
 
-def run_launched(command: list[str], env: dict[str, str]) -> int:
+OUTPUT_DRAIN_S = 5.0  # after a stage's process ends, how long its last output may take to come through
+
+
+def forward(pipe: int, target: int, log_line: Callable[[str], None]) -> None:
+    """Copy a stage's output from `pipe` to `target` as it comes (progress bars redraw as they
+    did), and hand each line to `log_line` (a bar redrawn with carriage returns: its last state)."""
+    pending = b""
+    with open(pipe, "rb", buffering=0) as source:
+        while chunk := source.read(1 << 16):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(target, view):]
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines if log_line else ():
+                if text := line.decode(errors="replace").rsplit("\r", 1)[-1].rstrip():
+                    try:
+                        log_line(text)
+                    except Exception:  # noqa: BLE001 - a failing log must not hold up the stage's output
+                        log_line = None
+    if log_line and (text := pending.decode(errors="replace").rsplit("\r", 1)[-1].rstrip()):
+        log_line(text)
+
+
+@contextlib.contextmanager
+def stage_output(log_line: Callable[[str], None] | None) -> Iterator[tuple[int, int]]:
+    """The stdout and stderr to give a stage's process: this process's own, or, with `log_line`
+    (the flow's: the Prefect task run's log), pipes forwarded to them and to `log_line`."""
+    if log_line is None:
+        yield 1, 2
+        return
+    pipes = [os.pipe(), os.pipe()]
+    # The threads run in the caller's context: the log sink may read it (Prefect's API and run).
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(forward, read, target, log_line),
+                                name=f"stage output {target}", daemon=True) for (read, _), target in zip(pipes, (1, 2))]
+    for thread in threads:
+        thread.start()
+    try:
+        yield pipes[0][1], pipes[1][1]
+    finally:
+        for _, write in pipes:  # the process holds its own copies: the pipe ends once it (and its children) do
+            os.close(write)
+        for thread in threads:
+            thread.join(OUTPUT_DRAIN_S)
+
+
+def run_launched(command: list[str], env: dict[str, str], output: tuple[int, int] = (1, 2)) -> int:
     """Run a stage's command (`python -m`, or `accelerate launch` and its workers) in a process
     group of its own: interrupted, the whole group is stopped, so no worker outlives the run."""
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=output[0], stderr=output[1])
     try:
         return process.wait()
     except BaseException:
@@ -195,9 +244,18 @@ def preloaded_modules(stages: list[Stage]) -> list[str]:
     return sorted({"mlflow", *(m for stage in stages for m in (stage.module, *stage.preload))})
 
 
+_preload: list[Stage] = []  # the stages the fork server preloads for when the first of them runs
+
+
+def preload_for(stages: list[Stage]) -> None:
+    """Have the fork server, once the first stage starts it, import what all these stages need.
+    Not started here: a run whose stages are all reused must not pay for (or share the CPU
+    with) imports of torch and TRL that nothing uses."""
+    _preload[:] = stages
+
+
 def start_fork_server(stages: list[Stage]) -> None:
-    """Start the fork server now, so that its imports overlap the parent's own set-up; a no-op
-    once it runs."""
+    """Start the fork server now, preloading for `stages`; a no-op once it runs."""
     forkserver.set_forkserver_preload(preloaded_modules(stages))
     forkserver.ensure_running()
 
@@ -218,15 +276,16 @@ def received_fd(duplicate) -> int:
     return duplicate.detach()
 
 
-def run_forked(module: str, request: Path, env: dict[str, str]) -> int:
+def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[int, int] = (1, 2)) -> int:
     """Run a stage module's request in a child of the fork server, with `env` as its environment
-    and this process's stdout and stderr; its exit code (negative: killed by that signal)."""
+    and `output` (this process's file descriptors) as its stdout and stderr; its exit code
+    (negative: killed by that signal)."""
     sys.stdout.flush()
     sys.stderr.flush()
     child = multiprocessing.get_context("forkserver").Process(
-        target=forked_stage, args=(module, request, env, ParentFd(1), ParentFd(2)), name=module)
+        target=forked_stage, args=(module, request, env, *map(ParentFd, output)), name=module)
     try:
-        forkserver.ensure_running()  # preloaded where the flow started it (start_fork_server)
+        forkserver.ensure_running()  # preloaded where run_in_process started it (start_fork_server)
         child.start()
     except (OSError, EOFError) as error:  # the server died (an import failed) or an fd is closed
         raise StageError(f"{module}: the fork server could not start it ({type(error).__name__}: {error}); "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class StageRunner:
     cleared: set[str] = field(default_factory=set)  # forced stages whose old result this run removed
     statuses: dict[str, StageStatus] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
+    log_line: Callable[[str], None] | None = None  # where each line a stage's process writes goes too (the flow's log)
 
     def digest_of(self, source: DataSource) -> str:
         """A data source's digest, computed once per run (a user's data set can be large)."""
@@ -246,4 +248,4 @@ class StageRunner:
             paths["samples"] = samples
         record = {"inputs": planned.digests, "settings": planned.settings, "samples_key": planned.samples_key}
         env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}
-        return run_in_process(planned.stage, planned.cfg, out, record, env, **paths)
+        return run_in_process(planned.stage, planned.cfg, out, record, env, self.log_line, **paths)

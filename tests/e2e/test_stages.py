@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -658,11 +659,16 @@ def test_force_reruns_downstream_only_where_the_forced_stage_made_other_bytes(de
 
 
 def test_every_stage_is_a_prefect_task_run_a_reused_one_cached(demo_run):
+    from multiprocessing import forkserver
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
     tmp_path, results = demo_run
+    forkserver._forkserver._stop()  # one the stages of an earlier run started
     state = run_pipeline(tiny_config(tmp_path), return_state=True)
+    # Nothing ran, so nothing started the fork server and its imports of torch and TRL.
+    assert forkserver._forkserver._forkserver_pid is None
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
@@ -671,10 +677,32 @@ def test_every_stage_is_a_prefect_task_run_a_reused_one_cached(demo_run):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     assert flow_run.name == pipeline_run_name(tiny_config(tmp_path), None) and {"config:tiny", "loss:ce", "seed:0"} <= set(flow_run.tags)
     assert sorted((r.name, r.state.name) for r in task_runs) == sorted((name, "Cached") for name in STAGES)
-    keys = {r.name: next(t for t in r.tags if t.startswith("key:")) for r in task_runs}
-    assert keys == {r.name: f"key:{r.manifest.key}" for r in results}
+    assert {r.name: r.state.message for r in task_runs} == \
+        {r.name: f"key {r.manifest.key}: reused {r.manifest.folder}" for r in results}
     [table] = [a for a in artifacts if a.key == "posttrain-stages"]
     assert [row["stage"] for row in json.loads(table.data)] == list(STAGES)
+
+
+def test_a_stage_process_output_is_on_the_console_and_in_its_prefect_task_run_log(world_copy, capfd):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    state = run_pipeline(world_copy, {"evaluate_base"}, "evaluate_base", return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    console = capfd.readouterr().err
+    bars = [line.rsplit("\r", 1)[-1].strip() for line in console.splitlines() if "evaluate_base: " in line]
+    assert bars, console  # the sampling's progress bar, written by the stage's process
+    with get_client(sync_client=True) as client:
+        [task_run] = [r for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[flow_run_id]))) if r.name == "evaluate_base"]
+        for _ in range(50):  # Prefect sends logs in batches
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            lines = [log.message for log in logs if log.name == "posttrain.stage"]
+            if bars[-1] in lines:
+                break
+            time.sleep(0.2)
+    assert bars[-1] in lines  # the bar's last state, once
+    assert {log.task_run_id for log in logs if log.name == "posttrain.stage"} == {task_run.id}
 
 
 def test_a_change_of_scoring_only_rescores_the_saved_samples(world_copy, tmp_path, capsys):

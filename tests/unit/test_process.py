@@ -1,0 +1,46 @@
+"""A stage process's output on its way to the console and to the flow's log (pipeline.process)."""
+
+import os
+import threading
+
+from pipeline.process import forward
+
+BAR = b"sft: 10%\rsft: 50%\rsft: 100%\n"
+
+
+def forwarded(chunks: list[bytes], log_line) -> bytes:
+    """What `forward` copies to its target when `chunks` are written to its pipe one after another."""
+    source, sink = os.pipe(), os.pipe()
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(iter(lambda: os.read(sink[0], 1 << 16), b"")))
+    reader.start()
+    copier = threading.Thread(target=forward, args=(source[0], sink[1], log_line))
+    copier.start()
+    for chunk in chunks:
+        os.write(source[1], chunk)
+    os.close(source[1])
+    copier.join(10)
+    os.close(sink[1])
+    reader.join(10)
+    os.close(sink[0])
+    return b"".join(received)
+
+
+def test_output_is_copied_as_written_and_each_line_logged_once():
+    lines = []
+    chunks = [b"loading\n", BAR[:9], BAR[9:], b"a line cut ", b"across writes\n", b"\n", b"no newline at the end"]
+    assert forwarded(chunks, lines.append) == b"".join(chunks)
+    # A progress bar's redraws are one line, its last state; blank lines are not logged.
+    assert lines == ["loading", "sft: 100%", "a line cut across writes", "no newline at the end"]
+
+
+def test_a_failing_log_does_not_stop_the_output():
+    calls = []
+
+    def broken(text: str) -> None:
+        calls.append(text)
+        raise ConnectionError("the log's server is gone")
+
+    chunks = [b"first\n", b"second\n" * 1000, BAR]
+    assert forwarded(chunks, broken) == b"".join(chunks)
+    assert calls == ["first"]  # not called again once it failed
