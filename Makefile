@@ -41,7 +41,7 @@ browser: /usr/bin/chromedriver
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
 
-# bubblewrap isolates the `code` verifier's programs (pipeline/sandbox.py); installed only when missing.
+# bubblewrap isolates the `code` verifier's programs (pipeline/sandbox/isolation.py); installed only when missing.
 sandbox: /usr/bin/bwrap
 /usr/bin/bwrap:
 	$(SUDO) apt-get update

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trl.kernels import ChunkedLogProbFunction  # noqa: E402
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE  # noqa: E402  (the tile width TRL's trainer uses)
 
-import pipeline.losses  # noqa: E402
-from pipeline.losses import TopK, build_loss  # noqa: E402
+from pipeline.losses import chunked  # noqa: E402
+from pipeline.losses.stats import TopK
+from pipeline.losses.token_loss import build_loss
 
 LOSSES = ["ce", "eaft", "dft", "gem", "eksft", "eksft-cached"]
 PATHS = {"naive": LOSSES, "chunked": LOSSES, "trl": ["ce"], "liger": ["ce"]}
@@ -175,7 +176,7 @@ def main() -> None:
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)  # internal: one case, in a child process
     args = parser.parse_args()
     if args.chunk_logits:  # read by TokenLoss.chunked at each call
-        pipeline.losses.CHUNK_LOGITS = pipeline.losses.CHUNK_LOGITS_CUDA = args.chunk_logits
+        chunked.CHUNK_LOGITS = chunked.CHUNK_LOGITS_CUDA = args.chunk_logits
     if args.case:
         tokens = args.tokens[0]
         print(json.dumps(run_case(args.case[0], args.case[1], tokens, args.hidden, args.vocab, args.repeat)))

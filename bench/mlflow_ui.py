@@ -23,8 +23,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.process import free_port  # noqa: E402
-from pipeline.tracking import ui_command  # noqa: E402
+from pipeline.runtime.process import free_port  # noqa: E402
+from pipeline.tracking.tracker import ui_command  # noqa: E402
 
 
 def measure(command: list[str], env: dict[str, str], port: int, settle_s: float = 10.0) -> tuple[float, float]:

@@ -30,8 +30,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.pipeline import StageResult, run_pipeline  # noqa: E402
-from pipeline.config import PipelineConfig, parse_config  # noqa: E402
-from pipeline.process import free_port  # noqa: E402
+from pipeline.config.schema import PipelineConfig, parse_config  # noqa: E402
+from pipeline.runtime.process import free_port  # noqa: E402
 
 TINY = {
     "demo": {"hidden_size": 64, "num_heads": 1, "num_layers": 1, "intermediate_size": 64,

@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import SFT_FIELDS, load_rows  # noqa: E402
-from pipeline.config import DataSource  # noqa: E402
-from pipeline.losses import TopK, reverse_kl, select_tokens  # noqa: E402
-from pipeline.training import trainer_config  # noqa: E402
+from pipeline.config.schema import DataSource  # noqa: E402
+from pipeline.data.sources import SFT_FIELDS, load_rows
+from pipeline.losses.stats import TopK, reverse_kl, select_tokens
+from pipeline.training.train import trainer_config  # noqa: E402
 
 
 def main() -> None:

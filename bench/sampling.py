@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import DemoConfig, SamplingConfig
-from pipeline.demo import build_model, build_tokenizer
-from pipeline.sampling import generate_hf, generate_vllm, load_hf, vllm_engine, vllm_engine_args
+from pipeline.config.schema import DemoConfig, SamplingConfig
+from pipeline.demo.world import build_model, build_tokenizer
+from pipeline.sampling.sampler import generate_hf, generate_vllm, load_hf, vllm_engine, vllm_engine_args
 
 
 def build_demo_model(folder: Path, cfg: DemoConfig = DemoConfig()) -> Path:

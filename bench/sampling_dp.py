@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `bench.sampling`
 
 from bench.sampling import addition_prompts, build_demo_model  # noqa: E402
-from pipeline.config import DemoConfig, SamplingConfig  # noqa: E402
-from pipeline.sampling import sample_vllm  # noqa: E402
+from pipeline.config.schema import DemoConfig, SamplingConfig  # noqa: E402
+from pipeline.sampling.sampler import sample_vllm  # noqa: E402
 
 TINY = DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=128)
 

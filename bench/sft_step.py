@@ -35,11 +35,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo import build_tokenizer  # noqa: E402
-from pipeline.losses import build_loss  # noqa: E402
-from pipeline.reference import ReferenceTopK  # noqa: E402
-from pipeline.trainer import TokenLossSFTTrainer  # noqa: E402
-from pipeline.training import cache_reference_topk, trainer_config  # noqa: E402
+from pipeline.demo.world import build_tokenizer  # noqa: E402
+from pipeline.losses.token_loss import build_loss
+from pipeline.training.reference import ReferenceTopK  # noqa: E402
+from pipeline.training.train import cache_reference_topk, trainer_config  # noqa: E402
+from pipeline.training.trainer import TokenLossSFTTrainer  # noqa: E402
 
 CACHED_K = 64
 CASES = ["ce", "eaft", "dft", "gem", "eksft", "eksft-cached", "eksft-3fwd", "trl"]

@@ -34,7 +34,7 @@ USER_ERRORS = ("ConfigError", "DataError", "StageError", "ResultsBusy", "Trackin
 def _fail(error: BaseException, debug: bool) -> None:
     """A user's mistake reads as one line of advice; anything else keeps its traceback."""
     if isinstance(error, KeyboardInterrupt) and not debug:
-        from pipeline.process import STOP_ADVICE
+        from pipeline.runtime.process import STOP_ADVICE
 
         typer.echo(f"{error or 'interrupted'}: {STOP_ADVICE}", err=True)
         raise typer.Exit(128 + getattr(error, "signum", signal.SIGINT))
@@ -49,7 +49,7 @@ STOP_GRACE_S = 10.0  # stopped by SIGTERM or SIGINT, a run ends within this even
 
 def _stop_within(seconds: float) -> None:
     """The command line owns its process, so it may end it: see pipeline.process.stop_on_signals."""
-    from pipeline import process as stage
+    from pipeline.runtime import process as stage
 
     stage.stop_grace_s = seconds
 
@@ -135,7 +135,7 @@ def _prefect_api():
 
 
 def _load(config: Path, overrides: list[str] | None = None, debug: bool = False):
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config.schema import ConfigError, load_config
 
     try:
         return load_config(config, overrides or [])
@@ -157,7 +157,7 @@ def run(
     pairs (on-policy pairs only), dpo, evaluate_dpo."""
     from flows.pipeline import run_pipeline, stage_flow
     from flows.wiring import pipeline_stages
-    from pipeline.summary import evaluation_table, run_summary
+    from pipeline.reporting.summary import evaluation_table, run_summary
 
     cfg = _load(config, overrides, debug)
     _quiet_prefect_tracebacks(debug)
@@ -205,7 +205,7 @@ def status(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """List each stage as done, stale (its result is for an older config) or missing, with its
     key, what it took and its headline metrics."""
     from flows.wiring import pipeline_status
-    from pipeline.summary import status_table
+    from pipeline.reporting.summary import status_table
 
     _print(status_table(pipeline_status(_load(config, overrides))))
 
@@ -216,8 +216,8 @@ def _store(config: Path | None):
     asking would create."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import parse_config
-    from pipeline.tracking import TrackingUnavailable, check_reachable, tracking_uri
+    from pipeline.config.schema import parse_config
+    from pipeline.tracking.tracker import TrackingUnavailable, check_reachable, tracking_uri
 
     cfg = _load(config) if config else parse_config({"name": "posttrain"})
     uri = tracking_uri(cfg)
@@ -236,8 +236,8 @@ def runs(
     limit: int = typer.Option(20, min=1, help="how many runs, newest first"),
 ) -> None:
     """Recent pipeline runs read back from MLflow, with their headline metrics and links."""
-    from pipeline.summary import recent_pipeline_runs, runs_table
-    from pipeline.tracking import run_link
+    from pipeline.reporting.summary import recent_pipeline_runs, runs_table
+    from pipeline.tracking.tracker import run_link
 
     cfg, uri, client = _store(config)
     experiment = client and client.get_experiment_by_name(cfg.tracking.experiment)
@@ -253,7 +253,7 @@ def runs(
 def ui(config: Path = CONFIG, port: int = typer.Option(None, help="the port to serve on; default: tracking.ui_port "
                                                               "(5000), where the summaries' links point")) -> None:
     """Open the MLflow UI on the pipeline's tracking store, to compare runs and their lineage."""
-    from pipeline.tracking import ui_command
+    from pipeline.tracking.tracker import ui_command
 
     cfg, uri, client = _store(config)
     port = port or cfg.tracking.ui_port
@@ -278,8 +278,8 @@ def lineage(
     with their keys, digests and links."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.summary import lineage_tree
-    from pipeline.tracking import run_link
+    from pipeline.reporting.summary import lineage_tree
+    from pipeline.tracking.tracker import run_link
 
     cfg, uri, client = _store(config)
     if client is None:
@@ -306,7 +306,7 @@ def init(
     """Write a commented starter config for a model and a data set: the data set's columns mapped
     to the fields the stages read, its splits to training and evaluation, and what is left to
     fill in."""
-    from pipeline.starter import write_starter
+    from pipeline.data.starter import write_starter
 
     try:
         text = write_starter(out, model, data, subset)
@@ -320,7 +320,7 @@ def init(
 def validate(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """Check a config (keys, types, files, trainer options, every row of its local data sets)
     without running anything."""
-    from pipeline.data import check_inputs
+    from pipeline.orchestration.checks import check_inputs
 
     cfg = _load(config, overrides)
     try:

@@ -14,11 +14,11 @@ from pathlib import Path
 from prefect import flow
 
 from flows.pipeline import run_pipeline
-from pipeline.config import EVAL_SUITES, ConfigError, PipelineConfig
-from pipeline.manifest import results_lock
-from pipeline.report import SELECT, ArmRun, write_report
-from pipeline.process import stop_on_signals
-from pipeline.tracking import Tracker
+from pipeline.config.schema import EVAL_SUITES, ConfigError, PipelineConfig
+from pipeline.reporting.report import SELECT, ArmRun, write_report
+from pipeline.results.manifest import results_lock
+from pipeline.runtime.process import stop_on_signals
+from pipeline.tracking.tracker import Tracker
 
 
 def report_dir(cfg: PipelineConfig) -> Path:

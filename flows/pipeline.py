@@ -17,12 +17,12 @@ from prefect.logging.handlers import APILogHandler
 from prefect.states import Completed
 
 from flows.wiring import MODULES, PipelineRun, pipeline_stages
-from pipeline.config import PipelineConfig, load_config
-from pipeline.data import check_inputs
-from pipeline.manifest import Manifest, results_lock
-from pipeline.process import StageError, preload_for, stop_on_signals
-from pipeline.runner import Planned, StageResult, StageRunner
-from pipeline.tracking import Tracker, pipeline_run_name
+from pipeline.config.schema import PipelineConfig, load_config
+from pipeline.orchestration.checks import check_inputs
+from pipeline.orchestration.runner import Planned, StageResult, StageRunner
+from pipeline.results.manifest import Manifest, results_lock
+from pipeline.runtime.process import StageError, preload_for, stop_on_signals
+from pipeline.tracking.tracker import Tracker, pipeline_run_name
 
 def _transient(task, task_run, state) -> bool:
     """Retry only failures marked transient (an engine that failed to start), never bad input."""

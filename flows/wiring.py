@@ -1,7 +1,7 @@
 """The pipeline's wiring: which result feeds which input of which stage, and what `status`
 sees. Each stage is a property that first asks for its upstream stages, so asking for one stage
 builds just what it needs. Keys, reuse, the results store, MLflow and the stage's process are
-the runtime's (pipeline.runner); what a stage's key depends on is its own module's (`STAGE` in
+the runtime's (pipeline.orchestration.runner); what a stage's key depends on is its own module's (`STAGE` in
 stages/<name>.py); the Prefect flow that runs the stages is flows/pipeline.py. This module
 imports neither Prefect nor MLflow, so that `posttrain status` answers at once.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cached_property
 
-from pipeline.config import ConfigError, DataConfig, DataSource, PipelineConfig
-from pipeline.contract import Input
-from pipeline.manifest import Manifest
-from pipeline.runner import NotBuilt, Planned, StageRunner, StageStatus
+from pipeline.config.schema import ConfigError, DataConfig, DataSource, PipelineConfig
+from pipeline.orchestration.runner import NotBuilt, Planned, StageRunner, StageStatus
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Input
 from stages import demo_data, dpo, evaluate, pairs, pretrain, reference, sample, sft
 
 STAGES = ("demo_data", "pretrain", "evaluate_base", "reference", "sft", "evaluate_sft", "sample", "pairs", "dpo", "evaluate_dpo")

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest
-from pipeline.process import stage_main
+from pipeline.config.schema import PipelineConfig
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -18,9 +18,9 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def run(cfg: PipelineConfig, out: Path) -> Manifest:
-    from pipeline.data import write_jsonl
-    from pipeline.demo import SYSTEM_PROMPT, build_bpe_tokenizer, build_tokenizer, chat_prompt, worked_answer
-    from pipeline.tasks import make_splits
+    from pipeline.data.sources import write_jsonl
+    from pipeline.demo.tasks import make_splits
+    from pipeline.demo.world import SYSTEM_PROMPT, build_bpe_tokenizer, build_tokenizer, chat_prompt, worked_answer
 
     demo = cfg.demo
     chat = demo.world == "chat"
@@ -46,7 +46,7 @@ def run(cfg: PipelineConfig, out: Path) -> Manifest:
     return Manifest("demo_data", out.name, outputs)
 
 
-STAGE = Stage("demo_data", run, settings, preload=("pipeline.demo", "pipeline.tasks"))
+STAGE = Stage("demo_data", run, settings, preload=("pipeline.demo.world", "pipeline.demo.tasks"))
 
 if __name__ == "__main__":
     stage_main(STAGE)

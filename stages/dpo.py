@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DataSource, PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest
-from pipeline.process import stage_main
+from pipeline.config.schema import DataSource, PipelineConfig
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -19,9 +19,9 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) -> Manifest:
     """`model`: the SFT model's folder; `pairs`: the `pairs` stage's file, else `data.preference`."""
-    from pipeline.data import PREFERENCE_FIELDS, load_rows
-    from pipeline.models import load_causal_lm, load_tokenizer, with_chat_template_kwargs
-    from pipeline.training import TRAINING_OUTPUTS, train_dpo
+    from pipeline.data.sources import PREFERENCE_FIELDS, load_rows
+    from pipeline.models.loading import load_causal_lm, load_tokenizer, with_chat_template_kwargs
+    from pipeline.training.train import TRAINING_OUTPUTS, train_dpo
 
     source = DataSource(path=str(pairs)) if pairs else cfg.data.preference
     dataset = load_rows(source, PREFERENCE_FIELDS)
@@ -40,7 +40,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, pairs: Path | None = None) 
 
 # The on-policy pairs are an input (`pairs`); given preference data is a data set it reads.
 STAGE = Stage("dpo", run, settings, data=lambda cfg: {"train": cfg.data.preference}, input_data={"pairs": "train"},
-              trains=True, preload=("pipeline.training",), system_metrics=True)
+              trains=True, preload=("pipeline.training.train",), system_metrics=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

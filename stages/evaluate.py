@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EVAL_SUITES, DataSource, PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest, atomic_write_text
-from pipeline.process import stage_main
+from pipeline.config.schema import EVAL_SUITES, DataSource, PipelineConfig
+from pipeline.results.manifest import Manifest, atomic_write_text
+from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 TEST_SUITES = ("target", "general")
 LM_EVAL_FILES = ("lm_eval.json", "lm_eval_samples.jsonl.gz")
@@ -49,8 +49,8 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 def score_suite(rows: list[dict], completions: list[list[str]], source: DataSource, cfg: PipelineConfig) -> list[dict]:
     """One result row per prompt: the completions, which are correct, and the sampling settings."""
-    from pipeline.data import reference
-    from pipeline.verifiers import get_verifier
+    from pipeline.data.sources import reference
+    from pipeline.evaluation.verifiers import get_verifier
 
     verify = get_verifier(source.verifier, **cfg.evaluate.verifier_options())
     answers = [reference(row) for row in rows]
@@ -70,7 +70,7 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
 
 
 def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, float]:
-    from pipeline.metrics import pass_at_k_table, sample_counts
+    from pipeline.evaluation.metrics import pass_at_k_table, sample_counts
 
     metrics = {f"{suite}/pass_at_{k}": v for k, v in pass_at_k_table(sample_counts(scored), ks).items()}
     for task in sorted({r["task"] for r in scored if r["task"]}):
@@ -84,7 +84,7 @@ def suite_metrics(suite: str, scored: list[dict], ks: list[int]) -> dict[str, fl
 
 def saved_completions(samples: Path, rows: dict[str, list[dict]]) -> list[list[str]]:
     """An earlier evaluation's completions, suite by suite, for the same prompts in the same order."""
-    from pipeline.data import read_jsonl
+    from pipeline.data.sources import read_jsonl
 
     completions = []
     for suite, wanted in rows.items():
@@ -99,12 +99,12 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     """`model`: the model's folder; `baseline`: the base model's evaluation, for retention;
     `samples`: an earlier evaluation of the same model with the same sampling (the runner finds
     it), whose completions, entropies and lm-eval results are scored again, not made again."""
-    from pipeline.answer_entropy import answer_entropy_histograms
-    from pipeline.data import EVAL_FIELDS, load_rows, scored_fields, write_jsonl
-    from pipeline.lm_eval_suite import lm_eval_metrics, lm_eval_retention, run_lm_eval
-    from pipeline.models import rendered_prompts
-    from pipeline.plots import entropy_histogram
-    from pipeline.sampling import sample
+    from pipeline.data.sources import EVAL_FIELDS, load_rows, scored_fields, write_jsonl
+    from pipeline.evaluation.answer_entropy import answer_entropy_histograms
+    from pipeline.evaluation.lm_eval_suite import lm_eval_metrics, lm_eval_retention, run_lm_eval
+    from pipeline.models.loading import rendered_prompts
+    from pipeline.reporting.plots import entropy_histogram
+    from pipeline.sampling.sampler import sample
 
     suites = eval_suites(cfg)
     rows = {suite: list(load_rows(source, scored_fields(source, EVAL_FIELDS)))[: cfg.evaluate.max_prompts]
@@ -162,8 +162,9 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
 
 
 STAGE = Stage("evaluate", run, settings, data=eval_suites, samples_settings=samples_settings, scoring_inputs=("baseline",),
-              preload=("pipeline.sampling", "pipeline.answer_entropy", "pipeline.lm_eval_suite", "pipeline.verifiers",
-                       "pipeline.plots"), system_metrics=True)
+              preload=("pipeline.sampling.sampler", "pipeline.evaluation.answer_entropy",
+                       "pipeline.evaluation.lm_eval_suite", "pipeline.evaluation.verifiers", "pipeline.reporting.plots"),
+              system_metrics=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

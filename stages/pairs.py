@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest
-from pipeline.process import stage_main
+from pipeline.config.schema import PipelineConfig
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -22,10 +22,10 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
     """`samples`: the `sample` stage's file of completions."""
-    from pipeline.data import read_jsonl, reference, write_jsonl
-    from pipeline.metrics import pass_at_k_table, sample_counts
-    from pipeline.preferences import build_pairs
-    from pipeline.verifiers import get_verifier
+    from pipeline.data.sources import read_jsonl, reference, write_jsonl
+    from pipeline.evaluation.metrics import pass_at_k_table, sample_counts
+    from pipeline.evaluation.verifiers import get_verifier
+    from pipeline.training.preferences import build_pairs
 
     verify = get_verifier(cfg.pair_prompts.verifier, **cfg.evaluate.verifier_options())
     rows = read_jsonl(samples, [{"prompt", "answer", "completions"}, {"prompt", "test", "entry_point", "completions"}])
@@ -43,7 +43,8 @@ def run(cfg: PipelineConfig, out: Path, samples: Path) -> Manifest:
     return Manifest("pairs", out.name, {"pairs": "pairs.jsonl"}, metrics=metrics)
 
 
-STAGE = Stage("pairs", run, settings, preload=("pipeline.data", "pipeline.verifiers", "pipeline.preferences"))
+STAGE = Stage("pairs", run, settings,
+              preload=("pipeline.data.sources", "pipeline.evaluation.verifiers", "pipeline.training.preferences"))
 
 if __name__ == "__main__":
     stage_main(STAGE)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest
-from pipeline.process import stage_main
+from pipeline.config.schema import PipelineConfig
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -22,10 +22,10 @@ def run(cfg: PipelineConfig, out: Path, tokenizer: Path, train: Path) -> Manifes
     """`tokenizer` and `train`: the demo world's tokenizer and general training split (stage `demo_data`)."""
     from transformers import AutoTokenizer
 
-    from pipeline.config import DataSource, LossConfig
-    from pipeline.data import SFT_FIELDS, load_rows
-    from pipeline.demo import build_model
-    from pipeline.training import TRAINING_OUTPUTS, train_sft
+    from pipeline.config.schema import DataSource, LossConfig
+    from pipeline.data.sources import SFT_FIELDS, load_rows
+    from pipeline.demo.world import build_model
+    from pipeline.training.train import TRAINING_OUTPUTS, train_sft
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     model = build_model(cfg.demo, tokenizer, cfg.model_seed)
@@ -34,8 +34,8 @@ def run(cfg: PipelineConfig, out: Path, tokenizer: Path, train: Path) -> Manifes
     return Manifest("pretrain", out.name, TRAINING_OUTPUTS, metrics=metrics)
 
 
-STAGE = Stage("pretrain", run, settings, input_data={"train": "train"}, trains=True, preload=("pipeline.training", "pipeline.demo"),
-              system_metrics=True)
+STAGE = Stage("pretrain", run, settings, input_data={"train": "train"}, trains=True,
+              preload=("pipeline.training.train", "pipeline.demo.world"), system_metrics=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest
-from pipeline.process import stage_main
+from pipeline.config.schema import PipelineConfig
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 # SFTConfig keys that change the tokens or the loss mask of an SFT row
 TOKENIZATION_KEYS = {"max_length", "truncation_mode", "packing", "packing_strategy", "padding_free",
@@ -26,9 +26,9 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     """`model`: the starting model's folder."""
-    from pipeline.data import SFT_FIELDS, load_rows
-    from pipeline.models import load_causal_lm, load_tokenizer, with_chat_template_kwargs
-    from pipeline.training import cache_reference_topk
+    from pipeline.data.sources import SFT_FIELDS, load_rows
+    from pipeline.models.loading import load_causal_lm, load_tokenizer, with_chat_template_kwargs
+    from pipeline.training.train import cache_reference_topk
 
     tokenizer = load_tokenizer(model, cfg.model)
     reference = load_causal_lm(model, cfg.model)
@@ -38,8 +38,8 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     return Manifest("reference", out.name, {"topk": "topk"}, metrics=metrics)
 
 
-STAGE = Stage("reference", run, settings, data=lambda cfg: {"train": cfg.data.sft}, preload=("pipeline.training",),
-              system_metrics=True)
+STAGE = Stage("reference", run, settings, data=lambda cfg: {"train": cfg.data.sft},
+              preload=("pipeline.training.train",), system_metrics=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

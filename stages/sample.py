@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest
-from pipeline.process import stage_main
+from pipeline.config.schema import PipelineConfig
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -20,9 +20,9 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     """`model`: the SFT model's folder."""
-    from pipeline.data import TRAIN_PROMPT_FIELDS, load_rows, prompt_and_answer, scored_fields, write_jsonl
-    from pipeline.models import rendered_prompts
-    from pipeline.sampling import sample
+    from pipeline.data.sources import TRAIN_PROMPT_FIELDS, load_rows, prompt_and_answer, scored_fields, write_jsonl
+    from pipeline.models.loading import rendered_prompts
+    from pipeline.sampling.sampler import sample
 
     source = cfg.pair_prompts
     rows = [prompt_and_answer(row, source.answer_pattern, f"{source.name} row {i + 1}")
@@ -38,8 +38,8 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     return Manifest("sample", out.name, {"samples": "samples.jsonl"})
 
 
-STAGE = Stage("sample", run, settings, data=lambda cfg: {"prompts": cfg.pair_prompts}, preload=("pipeline.sampling",),
-              system_metrics=True)
+STAGE = Stage("sample", run, settings, data=lambda cfg: {"prompts": cfg.pair_prompts},
+              preload=("pipeline.sampling.sampler",), system_metrics=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest
-from pipeline.process import stage_main
+from pipeline.config.schema import PipelineConfig
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -25,10 +25,10 @@ def settings(cfg: PipelineConfig) -> dict[str, Any]:
 def run(cfg: PipelineConfig, out: Path, model: Path, reference: Path | None = None) -> Manifest:
     """`model`: the starting model's folder; `reference`: the `reference` stage's top-K folder,
     when EKSFT's reference is cached."""
-    from pipeline.data import SFT_FIELDS, load_rows
-    from pipeline.models import load_causal_lm, load_tokenizer, with_chat_template_kwargs
-    from pipeline.reference import ReferenceTopK
-    from pipeline.training import TRAINING_OUTPUTS, train_sft
+    from pipeline.data.sources import SFT_FIELDS, load_rows
+    from pipeline.models.loading import load_causal_lm, load_tokenizer, with_chat_template_kwargs
+    from pipeline.training.reference import ReferenceTopK
+    from pipeline.training.train import TRAINING_OUTPUTS, train_sft
 
     tokenizer = load_tokenizer(model, cfg.model)
     policy = load_causal_lm(model, cfg.model, cfg.sft.lora)
@@ -43,7 +43,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, reference: Path | None = No
 
 
 STAGE = Stage("sft", run, settings, data=lambda cfg: {"train": cfg.data.sft}, trains=True,
-              preload=("pipeline.training", "pipeline.reference"), system_metrics=True)
+              preload=("pipeline.training.train", "pipeline.training.reference"), system_metrics=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

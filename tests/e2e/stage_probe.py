@@ -7,9 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import PipelineConfig
-from pipeline.contract import Stage
-from pipeline.manifest import Manifest
+from pipeline.config.schema import PipelineConfig
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.contract import Stage
 
 PRELOADED = "trl" in sys.modules  # at import: in the fork server, after the stages' preloads brought TRL in
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from flows.pipeline import run_pipeline
-from pipeline.config import load_config
-from pipeline.data import read_jsonl
-from pipeline.demo import SYSTEM_PROMPT
+from pipeline.config.schema import load_config
+from pipeline.data.sources import read_jsonl
+from pipeline.demo.world import SYSTEM_PROMPT
 
 REPO = Path(__file__).resolve().parents[2]
 # configs/demo-chat.yaml at a size that takes seconds, set as command-line overrides are

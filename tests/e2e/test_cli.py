@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import run_pipeline
-from pipeline.config import ConfigError, load_config
+from pipeline.config.schema import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -65,7 +65,7 @@ def test_a_second_run_on_the_same_results_folder_is_refused(tmp_path):
     # Another process (as another `posttrain run` would) holds the results folder.
     results = tmp_path / "results"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.manifest import results_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.results.manifest import results_lock\n"
          f"with results_lock(Path({str(results)!r})):\n    print('held', flush=True); time.sleep(120)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -84,7 +84,7 @@ def test_a_second_run_on_the_same_results_folder_is_refused(tmp_path):
 def test_a_hub_model_that_cannot_be_read_fails_validate_and_run_before_any_stage(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from pipeline import hub
+    from pipeline.data import hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and an empty cache
     monkeypatch.setattr(hub, "_REACHABLE", None)
@@ -106,7 +106,7 @@ def test_the_gsm8k_example_validates_with_the_hub_replaced_by_local_folders_of_t
     """configs/qwen3-gsm8k.yaml reads GSM8K from the hub as it is there (a subset, its own column
     names, worked solutions ending in `#### 72`): validate reads every row and names the key of a
     data set whose columns or answers do not fit."""
-    from pipeline.data import write_jsonl
+    from pipeline.data.sources import write_jsonl
     from tests.unit.test_data import gsm8k_layout
     from tests.unit.test_models import tiny_qwen3
 
@@ -141,7 +141,7 @@ def test_the_gsm8k_example_validates_with_the_hub_replaced_by_local_folders_of_t
 
 
 def test_init_writes_a_starter_config_that_maps_the_columns_and_validates_once_filled_in(tmp_path, monkeypatch):
-    from pipeline.data import write_jsonl
+    from pipeline.data.sources import write_jsonl
     from tests.unit.test_data import gsm8k_layout
     from tests.unit.test_models import tiny_qwen3
 
@@ -173,7 +173,7 @@ def test_hub_only_lm_eval_tasks_fail_validate_and_run_offline_before_any_stage(t
     from datasets import config
     from huggingface_hub import constants
 
-    from pipeline import hub
+    from pipeline.data import hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and empty caches: the hub's data sets are nowhere
     monkeypatch.setattr(hub, "_REACHABLE", None)
@@ -224,7 +224,7 @@ def test_run_keeps_one_local_prefect_server_for_the_next_commands(tmp_path):
     until `prefect server stop`."""
     import requests
 
-    from pipeline.process import free_port
+    from pipeline.runtime.process import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {

@@ -11,12 +11,12 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.config import ConfigError, parse_config
-from pipeline.data import write_jsonl
-from pipeline.manifest import Manifest
-from pipeline.metrics import mean_interval, paired_bootstrap, pass_at_k_table, sample_counts
-from pipeline.report import (ArmRun, build_report, interval, matched_levels, matched_retention, pareto, render_markdown,
-                             retention_at, select_learning_rates, verdict, write_report)
+from pipeline.config.schema import ConfigError, parse_config
+from pipeline.data.sources import write_jsonl
+from pipeline.evaluation.metrics import mean_interval, paired_bootstrap, pass_at_k_table, sample_counts
+from pipeline.reporting.report import (ArmRun, build_report, interval, matched_levels, matched_retention, pareto, render_markdown,
+                                       retention_at, select_learning_rates, verdict, write_report)
+from pipeline.results.manifest import Manifest
 from tests.e2e.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -355,7 +355,7 @@ def test_report_has_a_per_task_retention_table_where_the_suite_has_lm_eval_tasks
     assert "## General retention per lm-eval task" in text
     assert "| phase | arm | ifeval | mmlu | mean over tasks |" in text
     mmlu = report["lm_eval"]["dpo"]["eaft"]["general/lm_eval/mmlu/retention"]
-    assert f"| after SFT + DPO | `eaft` | " in text and interval(mmlu) in text
+    assert "| after SFT + DPO | `eaft` | " in text and interval(mmlu) in text
 
 
 def test_report_with_one_learning_rate_and_one_base_model(tmp_path):

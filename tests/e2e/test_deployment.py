@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline.process import free_port
+from pipeline.runtime.process import free_port
 from tests.e2e.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from flows.pipeline import run_pipeline
 from flows.wiring import pipeline_status
-from pipeline.config import DemoConfig, parse_config
-from pipeline.data import write_jsonl
-from pipeline.demo import build_model, build_tokenizer
-from pipeline.process import StageError, stage_command
+from pipeline.config.schema import DemoConfig, parse_config
+from pipeline.data.sources import write_jsonl
+from pipeline.demo.world import build_model, build_tokenizer
+from pipeline.runtime.process import StageError, stage_command
 from stages import evaluate, pretrain, sft
 
 GLOBAL_BATCH = 8

@@ -17,8 +17,8 @@ from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.config import ConfigError
-from pipeline.data import read_jsonl
+from pipeline.config.schema import ConfigError
+from pipeline.data.sources import read_jsonl
 from tests.e2e.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[2]

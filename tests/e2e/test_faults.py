@@ -13,13 +13,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from trl import SFTConfig
 
-from pipeline.config import DemoConfig, LossConfig, parse_config
-from pipeline.data import read_jsonl, write_jsonl
-from pipeline.manifest import Manifest, digest
-from pipeline.demo import build_model, build_tokenizer
-from pipeline.losses import build_loss
-from pipeline.trainer import NonFiniteLoss, TokenLossSFTTrainer
-from pipeline.training import CHECKPOINT_SEAL, fit, trainer_defaults
+from pipeline.config.schema import DemoConfig, LossConfig, parse_config
+from pipeline.data.sources import read_jsonl, write_jsonl
+from pipeline.demo.world import build_model, build_tokenizer
+from pipeline.losses.token_loss import build_loss
+from pipeline.results.manifest import Manifest, digest
+from pipeline.training.train import CHECKPOINT_SEAL, fit, trainer_defaults
+from pipeline.training.trainer import NonFiniteLoss, TokenLossSFTTrainer
 
 TINY = DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=64)
 
@@ -56,8 +56,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_sft_rows_whose_prompt_fills_max_length_are_an_error_not_silently_dropped(tmp_path):
-    from pipeline.data import DataError
-    from pipeline.training import train_sft
+    from pipeline.data.sources import DataError
+    from pipeline.training.train import train_sft
 
     tokenizer = build_tokenizer()
     rows = [{"prompt": "12*3=", "completion": "63"}] * 7 + [{"prompt": "1" * 40 + "*3=", "completion": "3"}]
@@ -70,7 +70,7 @@ def test_sft_rows_whose_prompt_fills_max_length_are_an_error_not_silently_droppe
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_training_with_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(tmp_path, stage):
-    from pipeline.training import train_dpo, train_sft
+    from pipeline.training.train import train_dpo, train_sft
 
     tokenizer = build_tokenizer()
     model = build_model(TINY, tokenizer, seed=0)
@@ -86,7 +86,7 @@ def test_training_with_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(
 
 
 def test_dpo_stops_at_a_nan_loss_too(tmp_path):
-    from pipeline.training import train_dpo
+    from pipeline.training.train import train_dpo
 
     tokenizer = build_tokenizer()
     policy = build_model(TINY, tokenizer, seed=0)
@@ -165,11 +165,11 @@ import json, shutil, sys
 from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig
-from pipeline.config import DemoConfig
-from pipeline.demo import build_model, build_tokenizer
-from pipeline.losses import build_loss
-from pipeline.trainer import TokenLossSFTTrainer
-from pipeline.training import CHECKPOINT_SEAL, fit, trainer_defaults
+from pipeline.config.schema import DemoConfig
+from pipeline.demo.world import build_model, build_tokenizer
+from pipeline.losses.token_loss import build_loss
+from pipeline.training.train import CHECKPOINT_SEAL, fit, trainer_defaults
+from pipeline.training.trainer import TokenLossSFTTrainer
 
 out = Path(sys.argv[1])
 tokenizer = build_tokenizer()
@@ -312,7 +312,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_training_resumes_from_the_on
 
 
 def test_a_checkpoint_cut_off_before_its_state_was_written_is_removed(tmp_path, capsys):
-    from pipeline.training import last_complete_checkpoint
+    from pipeline.training.train import last_complete_checkpoint
 
     train_tiny(tmp_path, max_steps=4)
     (tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
@@ -323,8 +323,8 @@ def test_a_checkpoint_cut_off_before_its_state_was_written_is_removed(tmp_path, 
 
 def test_a_bad_row_anywhere_stops_the_run_before_any_stage(tmp_path):
     from flows.pipeline import run_pipeline
-    from pipeline.config import parse_config
-    from pipeline.data import DataError, write_jsonl
+    from pipeline.config.schema import parse_config
+    from pipeline.data.sources import DataError, write_jsonl
 
     write_jsonl(tmp_path / "test.jsonl", [{"prompt": "1+1=", "answer": "2"}])
     (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')

@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.process import free_port
-from pipeline.tracking import ui_command
+from pipeline.runtime.process import free_port
+from pipeline.tracking.tracker import ui_command
 from tests.e2e.test_stages import TINY
 
 REPO = Path(__file__).resolve().parents[2]

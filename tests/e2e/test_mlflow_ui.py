@@ -16,8 +16,8 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from flows.pipeline import run_pipeline
-from pipeline.process import free_port
-from pipeline.tracking import pipeline_run_name
+from pipeline.runtime.process import free_port
+from pipeline.tracking.tracker import pipeline_run_name
 from tests.e2e.test_mlflow_store import start_server, stop_server
 from tests.e2e.test_stages import tiny_config
 

@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pipeline.manifest import MANIFEST
-from pipeline.training import CHECKPOINT_SEAL, last_complete_checkpoint
+from pipeline.results.manifest import MANIFEST
+from pipeline.training.train import CHECKPOINT_SEAL, last_complete_checkpoint
 from tests.e2e.test_stages import TINY
 
 MAX_STEPS = 80

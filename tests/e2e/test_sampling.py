@@ -14,12 +14,12 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import ConfigError, DemoConfig, PipelineConfig, SamplingConfig, load_config
-from pipeline.data import read_jsonl, write_jsonl
-from pipeline.demo import build_model, build_tokenizer
-from pipeline.manifest import Manifest
-from pipeline.engines import CPU_BIND_ENV, DP_ENV, DeviceSlice, cpu_slices, device_slices, gpu_slices, run_ranks
-from pipeline.sampling import (
+from pipeline.config.schema import ConfigError, DemoConfig, PipelineConfig, SamplingConfig, load_config
+from pipeline.data.sources import read_jsonl, write_jsonl
+from pipeline.demo.world import build_model, build_tokenizer
+from pipeline.results.manifest import Manifest
+from pipeline.sampling.engines import CPU_BIND_ENV, DP_ENV, DeviceSlice, cpu_slices, device_slices, gpu_slices, run_ranks
+from pipeline.sampling.sampler import (
     generate_vllm,
     merge_shards,
     prompt_seeds,
@@ -29,7 +29,7 @@ from pipeline.sampling import (
     vllm_engine,
     vllm_engine_args,
 )
-from pipeline.process import TransientError, run_in_process
+from pipeline.runtime.process import TransientError, run_in_process
 from stages import sample as sample_stage
 
 PROMPTS = ["12+3=", [{"role": "user", "content": "2*4="}]]  # a text and a chat
@@ -252,7 +252,7 @@ RANK_1 = r"^vLLM data-parallel rank 1 of 2 \(cores 1\)"
 
 @pytest.mark.parametrize("job, error, message", [
     # An engine that did not start stays transient (the flow retries the stage).
-    ((exec, ("from pipeline.process import TransientError\n"
+    ((exec, ("from pipeline.runtime.process import TransientError\n"
              "raise TransientError('the vLLM engine did not start: no memory')", {})),
      TransientError, RANK_1 + r": the vLLM engine did not start: no memory\n"),
     ((int, ("twelve",)), RuntimeError, RANK_1 + r": ValueError: invalid literal for int\(\) .*'twelve'\n"),

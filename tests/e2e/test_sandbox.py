@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sandbox
-from pipeline.config import DataSource
-from pipeline.data import CODE_FIELDS, read_jsonl, reference
-from pipeline.sandbox import SandboxUnavailable, run_untrusted
-from pipeline.verifiers import code_program, get_verifier
+from pipeline.config.schema import DataSource
+from pipeline.data.sources import CODE_FIELDS, read_jsonl, reference
+from pipeline.evaluation.verifiers import code_program, get_verifier
+from pipeline.sandbox import isolation
+from pipeline.sandbox.isolation import SandboxUnavailable, run_untrusted
 
 SLACK_S = 3.0
 REPO = Path(__file__).resolve().parents[2]
@@ -302,8 +302,8 @@ def test_huge_output_is_truncated_and_killed():
 # --- without bubblewrap -----------------------------------------------------------------------
 
 def test_without_bubblewrap_it_refuses_unless_told_unsafe(monkeypatch):
-    monkeypatch.setattr(sandbox, "BWRAP", "no-such-bwrap")
-    sandbox.sandbox_problem.cache_clear()
+    monkeypatch.setattr(isolation, "BWRAP", "no-such-bwrap")
+    isolation.sandbox_problem.cache_clear()
     try:
         with pytest.raises(SandboxUnavailable, match=r"apt install bubblewrap.*code_isolation: none"):
             run_untrusted("print(1)")
@@ -314,7 +314,7 @@ def test_without_bubblewrap_it_refuses_unless_told_unsafe(monkeypatch):
         assert get_verifier("code", allow_untrusted_code=True, code_isolation="none")(
             "def double(x):\n    return 2 * x\n", DOUBLE)
     finally:
-        sandbox.sandbox_problem.cache_clear()
+        isolation.sandbox_problem.cache_clear()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the suite already runs unprivileged: every test here is that case")
@@ -349,7 +349,7 @@ def test_an_unprivileged_user_gets_the_same_isolation():
     script = home / "unprivileged.py"
     script.write_text(
         f"import json, sys\nsys.path.insert(0, {str(home)!r})\n"
-        "from pipeline.sandbox import run_untrusted\nfrom pipeline.verifiers import get_verifier\n"
+        "from pipeline.sandbox.isolation import run_untrusted\nfrom pipeline.evaluation.verifiers import get_verifier\n"
         "verify = get_verifier('code', allow_untrusted_code=True)\n"
         f"cheats = json.load(open({str(home / 'cheats.json')!r}))\n"
         "bomb = 'import os\\nn = 0\\nfor _ in range(100):\\n    try:\\n        if os.fork() == 0:\\n            "

@@ -1,4 +1,4 @@
-"""One-process stages fork from a server that imported the libraries once (pipeline.process):
+"""One-process stages fork from a server that imported the libraries once (pipeline.runtime.process):
 the child gets the parent's environment and output, fails like a `python -m` stage, and the
 server's imports never touch CUDA (a CUDA driver initialised before a fork is unusable in
 the children)."""
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import PipelineConfig
-from pipeline.manifest import Manifest
+from pipeline.config.schema import PipelineConfig
+from pipeline.results.manifest import Manifest
 from flows.wiring import MODULES
-from pipeline.process import ERROR, preloaded_modules, run_forked, start_fork_server
+from pipeline.runtime.process import ERROR, preloaded_modules, run_forked, start_fork_server
 from stages import sft
 
 
@@ -66,7 +66,7 @@ def test_a_forked_stage_that_fails_exits_nonzero_with_its_error_recorded(tmp_pat
 def test_the_fork_servers_imports_never_ask_cuda_anything():
     """Every query that would initialise the CUDA driver raises while the server's modules import."""
     modules = preloaded_modules([module.STAGE for module in MODULES])
-    assert "stages.sft" in modules and "pipeline.training" in modules and "pipeline.sampling" in modules
+    assert "stages.sft" in modules and "pipeline.training.train" in modules and "pipeline.sampling.sampler" in modules
     probe = textwrap.dedent(f"""
         import torch, torch.cuda
         def refuse(*args, **kwargs):
@@ -83,8 +83,8 @@ def test_the_fork_servers_imports_never_ask_cuda_anything():
 
 
 def test_a_stage_process_killed_before_it_said_why_is_reported_as_killed(tmp_path, monkeypatch):
-    from pipeline import process as stage
-    from pipeline.process import StageError, run_in_process
+    from pipeline.runtime import process as stage
+    from pipeline.runtime.process import StageError, run_in_process
 
     monkeypatch.setattr(stage, "run_forked", lambda *args: -9)  # what the OOM killer leaves: no error, no traceback
     with pytest.raises(StageError, match=r"exit code -9\): no error recorded\n  the process was killed by SIGKILL "

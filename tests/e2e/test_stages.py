@@ -16,15 +16,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from flows.pipeline import run_pipeline
 from flows.wiring import pipeline_stages, pipeline_status
-from pipeline import answer_entropy
-from pipeline.config import DemoConfig, SamplingConfig, parse_config
-from pipeline.data import DataError, read_jsonl, write_jsonl
-from pipeline.demo import ASSISTANT, USER, build_model, build_tokenizer
-from pipeline.manifest import MANIFEST, DamagedResult, Manifest, digest
-from pipeline.sampling import sample
-from pipeline.process import StageError
-from pipeline.tracking import pipeline_run_name
-from pipeline.verifiers import verify_exact
+from pipeline.config.schema import DemoConfig, SamplingConfig, parse_config
+from pipeline.data.sources import DataError, read_jsonl, write_jsonl
+from pipeline.demo.world import ASSISTANT, USER, build_model, build_tokenizer
+from pipeline.evaluation import answer_entropy
+from pipeline.evaluation.verifiers import verify_exact
+from pipeline.results.manifest import MANIFEST, DamagedResult, Manifest, digest
+from pipeline.runtime.process import StageError
+from pipeline.sampling.sampler import sample
+from pipeline.tracking.tracker import pipeline_run_name
 
 TINY = {
     "demo": {"hidden_size": 64, "num_heads": 1, "num_layers": 1, "intermediate_size": 64,
@@ -144,7 +144,7 @@ def test_evaluation_scores_the_lm_eval_tasks_with_their_retention(demo_run):
     from mlflow.tracking import MlflowClient
     from rich.console import Console
 
-    from pipeline.summary import evaluation_table
+    from pipeline.reporting.summary import evaluation_table
 
     tmp_path, results = demo_run
     by_name = {r.name: r for r in results}
@@ -628,7 +628,7 @@ def test_force_reruns_downstream_only_where_the_forced_stage_made_other_bytes(de
     """A key digests its inputs' content: a forced SFT that makes the same weights again (a CPU's
     training is bit-reproducible) leaves every later result valid; one that makes other weights
     (as a GPU's may) makes exactly the stages that read them run again."""
-    from pipeline import runner
+    from pipeline.orchestration import runner
 
     shutil.copy(demo_run[0] / PAIR_PROMPTS, tmp_path / PAIR_PROMPTS)
     world_copy = tiny_config(tmp_path)  # with the pairs' prompts, as `demo_run` has them
@@ -726,8 +726,8 @@ def test_a_change_of_scoring_only_rescores_the_saved_samples(world_copy, tmp_pat
 
 def test_transient_stage_failure_is_retried_by_the_flow(demo_run, monkeypatch):
     import flows.pipeline as pipeline_flow
-    from pipeline import runner
-    from pipeline.process import StageError
+    from pipeline.orchestration import runner
+    from pipeline.runtime.process import StageError
 
     tmp_path, results = demo_run
     real = runner.run_in_process

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from flows.pipeline import run_pipeline
 from flows.wiring import pipeline_status
-from pipeline import runner
-from pipeline.config import ConfigError, parse_config
-from pipeline.manifest import MANIFEST, Manifest
-from pipeline.storage import DOWNLOAD_PREFIX, ResultStore, StoreError
+from pipeline.config.schema import ConfigError, parse_config
+from pipeline.orchestration import runner
+from pipeline.results.manifest import MANIFEST, Manifest
+from pipeline.results.store import DOWNLOAD_PREFIX, ResultStore, StoreError
 from tests.e2e.test_stages import TINY
 
 

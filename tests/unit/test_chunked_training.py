@@ -5,12 +5,13 @@ import torch
 from trl import SFTConfig
 from datasets import Dataset
 
-from pipeline.config import DemoConfig, LossConfig
-from pipeline.demo import build_model, build_tokenizer
-from pipeline.losses import build_loss, select_tokens
-from pipeline.reference import ReferenceMismatch, ReferenceTopK
-from pipeline.trainer import TokenLossSFTTrainer, last_hidden_states
-from pipeline.training import cache_reference_topk, trainer_config
+from pipeline.config.schema import DemoConfig
+from pipeline.demo.world import build_model, build_tokenizer
+from pipeline.losses.stats import select_tokens
+from pipeline.losses.token_loss import build_loss
+from pipeline.training.reference import ReferenceMismatch, ReferenceTopK
+from pipeline.training.train import cache_reference_topk, trainer_config
+from pipeline.training.trainer import TokenLossSFTTrainer, last_hidden_states
 
 ARGS = {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": 1e-2,
         "save_strategy": "no", "report_to": "none"}

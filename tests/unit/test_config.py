@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import sandbox
-from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.config.schema import ConfigError, load_config, parse_config
+from pipeline.sandbox import isolation
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,7 +124,7 @@ def test_missing_required_key_and_bad_yaml(tmp_path):
 
 
 def test_round_trip_through_json_keeps_everything(tmp_path):
-    from pipeline.config import PipelineConfig
+    from pipeline.config.schema import PipelineConfig
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
     again = PipelineConfig.model_validate(cfg.model_dump(mode="json"))
@@ -139,7 +139,7 @@ def test_code_verifier_needs_explicit_opt_in_and_a_sandbox(tmp_path, monkeypatch
         load_config(write(tmp_path, text))
     cfg = load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n"))
     assert cfg.evaluate.allow_untrusted_code and cfg.evaluate.code_isolation == "bubblewrap"
-    monkeypatch.setattr(sandbox, "sandbox_problem", lambda: "bubblewrap (bwrap) is not installed: install it")
+    monkeypatch.setattr(isolation, "sandbox_problem", lambda: "bubblewrap (bwrap) is not installed: install it")
     with pytest.raises(ConfigError, match=r"data\.target_eval\.verifier is 'code'.*bwrap\) is not installed"):
         load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n"))
     unsafe = load_config(write(tmp_path, text + "evaluate:\n  allow_untrusted_code: true\n  code_isolation: none\n"))
@@ -198,7 +198,7 @@ def test_accelerate_config_must_exist_and_lora_needs_whole_weights(tmp_path):
 
 
 def test_engine_layout_is_not_part_of_the_sampling_key():
-    from pipeline.config import SamplingConfig
+    from pipeline.config.schema import SamplingConfig
 
     one = SamplingConfig(backend="vllm")
     spread = SamplingConfig(backend="vllm", tensor_parallel_size=2, data_parallel_size=4)
@@ -228,7 +228,7 @@ def numeric_trainer_fields():
 
     from trl import DPOConfig, SFTConfig
 
-    from pipeline.config import PIPELINE_OWNED_TRAINER_KEYS
+    from pipeline.config.schema import PIPELINE_OWNED_TRAINER_KEYS
 
     for stage, cls in (("sft", SFTConfig), ("dpo", DPOConfig)):
         hints = typing.get_type_hints(cls)
@@ -244,7 +244,7 @@ def test_every_trainer_number_is_range_checked_naming_the_key():
     """Not a list of keys someone thought of: every numeric field of TRL's configs refuses a
     negative value (but its own negative default, -1 for 'off') and, where it is a float, NaN and
     infinity; its default passes."""
-    from pipeline.config import SIGNED_TRAINER_KEYS
+    from pipeline.config.schema import SIGNED_TRAINER_KEYS
 
     fields = list(numeric_trainer_fields())
     assert len(fields) > 40 and ("dpo", "beta", True, 0.1) in fields
@@ -366,8 +366,8 @@ def test_report_to_accepts_installed_integrations_none_and_all():
 
 def test_qlora_settings_are_not_peft_options():
     """TRL's ModelConfig names for QLoRA, read by the model loader; peft's LoraConfig gets the rest."""
-    from pipeline.config import LoraConfig
-    from pipeline.training import peft_config
+    from pipeline.config.schema import LoraConfig
+    from pipeline.training.train import peft_config
 
     lora = LoraConfig(r=8, lora_dropout=0.1, load_in_4bit=True, bnb_4bit_quant_type="fp4")
     assert lora.peft_options() == {"r": 8, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.1}

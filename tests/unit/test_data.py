@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from pipeline.config import DataSource
-from pipeline.data import (EVAL_FIELDS, PREFERENCE_FIELDS, SFT_FIELDS, DataError, load_rows, prompt_and_answer, read_jsonl,
-                           reference, scored_fields, write_jsonl)
+from pipeline.config.schema import DataSource
+from pipeline.data.sources import (EVAL_FIELDS, PREFERENCE_FIELDS, SFT_FIELDS, DataError, load_rows, prompt_and_answer,
+                                   read_jsonl, reference, scored_fields, write_jsonl)
 
 
 def test_write_then_load_as_dataset(tmp_path):
@@ -164,7 +164,7 @@ def test_an_answer_the_pattern_does_not_find_names_the_row(tmp_path):
 
 
 def test_how_rows_are_read_is_part_of_the_data_sets_identity(tmp_path):
-    from pipeline.data import source_digest
+    from pipeline.data.sources import source_digest
 
     write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "#### 3"}])
     plain = DataSource(path=str(tmp_path / "d.jsonl"))
@@ -221,7 +221,7 @@ def test_an_empty_cell_of_a_mapped_column_is_named_as_empty_not_missing(tmp_path
 
 
 def test_a_local_folder_read_as_a_hub_data_set_is_identified_by_its_files(tmp_path):
-    from pipeline.data import source_digest
+    from pipeline.data.sources import source_digest
 
     folder = gsm8k_layout(tmp_path / "gsm8k")
     before = source_digest(DataSource(hub=str(folder), subset="main"))

@@ -3,9 +3,9 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.demo import CHARACTERS, build_tokenizer
-from pipeline.tasks import DOMAIN_TASKS, GENERAL_TASKS, generate, make_splits
-from pipeline.verifiers import verify_exact
+from pipeline.demo.tasks import DOMAIN_TASKS, GENERAL_TASKS, generate, make_splits
+from pipeline.demo.world import CHARACTERS, build_tokenizer
+from pipeline.evaluation.verifiers import verify_exact
 
 
 def test_tokenizer_round_trips_every_character_and_loads_with_auto(tmp_path):
@@ -89,7 +89,7 @@ def test_generate_refuses_impossible_requests():
 
 
 def test_replay_beyond_the_pretraining_data_is_refused_naming_the_key():
-    from pipeline.config import ConfigError, parse_config
+    from pipeline.config.schema import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match=r"demo\.general_replay: general_replay 0\.95 wants 38000 replay rows, "
                                           r"more than the 24000 pretraining rows \(train_examples\): at most 0\.923"):

@@ -8,9 +8,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import DemoConfig, LoraConfig
-from pipeline.demo import build_model, build_tokenizer
-from pipeline.training import train_dpo
+from pipeline.config.schema import DemoConfig, LoraConfig
+from pipeline.demo.world import build_model, build_tokenizer
+from pipeline.training.train import train_dpo
 
 TINY = DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=64)
 ARGS = {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1,
@@ -89,8 +89,8 @@ def test_a_reference_other_than_the_start_model_shows_in_the_rewards(sft_model, 
 def test_chat_pairs_with_trls_implicit_prompt_train(sft_model, tmp_path):
     """Preference chats without a prompt column (their shared first turns are it): TRL extracts
     it, and DPO raises the chosen side's margin as with explicit prompts."""
-    from pipeline.config import DataSource
-    from pipeline.data import PREFERENCE_FIELDS, load_rows, write_jsonl
+    from pipeline.config.schema import DataSource
+    from pipeline.data.sources import PREFERENCE_FIELDS, load_rows, write_jsonl
 
     def chat(prompt, answer):
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]

@@ -6,8 +6,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import ConfigError, PipelineConfig, load_config, parse_config
-from pipeline.data import EVAL_FIELDS, PREFERENCE_FIELDS, SFT_FIELDS, DataError, read_jsonl
+from pipeline.config.schema import ConfigError, PipelineConfig, load_config, parse_config
+from pipeline.data.sources import EVAL_FIELDS, PREFERENCE_FIELDS, SFT_FIELDS, DataError, read_jsonl
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -10,9 +10,9 @@ import threading
 import pytest
 from huggingface_hub import constants
 
-from pipeline import hub
-from pipeline.config import ConfigError, parse_config
-from pipeline.hub import check_hub_models
+from pipeline.config.schema import ConfigError, parse_config
+from pipeline.data import hub
+from pipeline.data.hub import check_hub_models
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 BERT = {"model_type": "bert", "architectures": ["BertModel"]}
@@ -129,7 +129,7 @@ def test_a_hub_model_with_its_own_code_needs_trust_remote_code(offline):
 
 
 def test_a_hub_model_without_a_tokenizer_or_chat_template_is_named(offline):
-    from pipeline.hub import check_tokenizer
+    from pipeline.data.hub import check_tokenizer
 
     cache_model(offline, "org/tiny-llama", {"config.json": LLAMA})
     with pytest.raises(ConfigError, match=r"^model\.path: org/tiny-llama has no tokenizer"):

@@ -1,6 +1,6 @@
-"""The code's layers: `pipeline/` is the library and imports neither the stages nor the flows;
-a stage imports only the library; each stage module declares its stage (pipeline.contract)
-under its own name. (That reading the declarations imports no torch takes a process:
+"""The code's layers: `pipeline/` is the library and imports neither the stages nor the flows, and
+its packages are layered (each imports only lower ones); a stage imports only the library; each
+stage module declares its stage (pipeline.runtime.contract) under its own name. (That reading the declarations imports no torch takes a process:
 tests/e2e/test_stage_launch.py.)"""
 
 import ast
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import stages
-from pipeline.contract import Stage
+from pipeline.runtime.contract import Stage
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_MODULES = sorted(m.name for m in pkgutil.iter_modules(stages.__path__))
@@ -34,6 +34,27 @@ def top_packages(path: Path) -> set[str]:
 @pytest.mark.parametrize("file", sorted((ROOT / "pipeline").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_library_imports_no_stage_and_no_flow(file):
     assert not top_packages(file) & {"stages", "flows"}, f"{file} imports upward: {sorted(imported(file))}"
+
+
+# The library's packages, lowest layer first: a package imports only itself and the packages of
+# lower layers (docs/development.md says what each holds).
+LAYERS = [{"results", "sandbox", "losses"}, {"config"}, {"runtime", "data", "tracking", "demo"}, {"sampling"},
+          {"models", "evaluation"}, {"reporting"}, {"training"}, {"orchestration"}]
+LAYER = {package: level for level, packages in enumerate(LAYERS) for package in packages}
+
+
+def test_the_library_is_its_layered_packages_only():
+    found = {p.name for p in (ROOT / "pipeline").iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    loose = {p.name for p in (ROOT / "pipeline").glob("*.py")} - {"__init__.py"}
+    assert found == set(LAYER) and not loose
+
+
+@pytest.mark.parametrize("file", sorted((ROOT / "pipeline").glob("*/**/*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_library_package_imports_only_itself_and_lower_layers(file):
+    package = file.relative_to(ROOT / "pipeline").parts[0]
+    used = {name.split(".")[1] for name in imported(file) if name.startswith("pipeline.")}
+    upward = {other for other in used if other != package and LAYER[other] >= LAYER[package]}
+    assert not upward, f"{file} ({package}, layer {LAYER[package]}) imports {sorted(upward)}"
 
 
 @pytest.mark.parametrize("file", sorted((ROOT / "stages").glob("*.py")), ids=lambda p: p.name)

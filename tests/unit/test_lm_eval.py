@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import hub, lm_eval_suite
-from pipeline.config import ConfigError, EvaluateConfig, LmEvalConfig, parse_config
-from pipeline.data import read_jsonl, write_jsonl
-from pipeline.lm_eval_suite import (check_lm_eval, lm_eval_metrics, lm_eval_retention, metric_name, model_backend,
-                                    primary_metric, run_lm_eval)
-from pipeline.lm_eval_tasks.suites import general_eval_choices
+from pipeline.config.schema import ConfigError, EvaluateConfig, LmEvalConfig, parse_config
+from pipeline.data import hub
+from pipeline.data.sources import read_jsonl, write_jsonl
+from pipeline.evaluation import lm_eval_suite
+from pipeline.evaluation.lm_eval_suite import (check_lm_eval, lm_eval_metrics, lm_eval_retention, metric_name, model_backend,
+                                               primary_metric, run_lm_eval)
+from pipeline.evaluation.lm_eval_tasks.suites import general_eval_choices
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [{"prompt": f"up {w}=", "answer": w.upper(), "task": "upper"} for w in ("ab", "cd", "ef", "gh", "ij")]
@@ -25,8 +26,8 @@ def real_model_config(tmp_path: Path, lm_eval: dict, general: Path | None = None
     """A real-model config (a model folder and data files of its own) with these lm-eval settings."""
     model = tmp_path / "model"
     if not model.exists():
-        from pipeline.config import DemoConfig
-        from pipeline.demo import build_model, build_tokenizer
+        from pipeline.config.schema import DemoConfig
+        from pipeline.demo.world import build_model, build_tokenizer
 
         tiny = DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=64)
         build_model(tiny, build_tokenizer(), seed=0).save_pretrained(model)
@@ -164,7 +165,7 @@ def test_the_real_model_example_lists_the_papers_general_tasks_and_fails_offline
             (tmp_path / line.split()[1]).write_text("")
     (tmp_path / "configs").symlink_to(REPO / "configs")
     (tmp_path / "c.yaml").write_text(text)
-    from pipeline.config import load_config
+    from pipeline.config.schema import load_config
 
     cfg = load_config(tmp_path / "c.yaml")
     assert [t.task for t in cfg.evaluate.lm_eval.tasks] == ["mmlu", "ifeval", "gsm8k"]

@@ -1,4 +1,4 @@
-"""Tests for pipeline.losses against independent, token-by-token reference implementations."""
+"""Tests for the losses (pipeline/losses/) against independent, token-by-token reference implementations."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import build_loss
+from pipeline.losses.token_loss import build_loss
 
 CASES = [
     ("ce", {}),
@@ -465,7 +465,7 @@ def test_chunked_equals_full_logits(name, params, chunk):
 def test_closed_form_stats_gradient_is_autograds(reference, with_grad, gem):
     """The chunked backward's token_stats_grad against autograd through token_stats, each stat
     with its own upstream gradient; "top V" caches the whole vocabulary (the tail clamp's edge)."""
-    from pipeline.losses import Needs, TopK, token_stats, token_stats_grad
+    from pipeline.losses.stats import Needs, TopK, token_stats, token_stats_grad
 
     g = torch.Generator().manual_seed(1)
     n, V = 7, 30
@@ -506,7 +506,7 @@ def test_chunked_bf16_matches_float32():
 
 
 def topk_of(ref_logits, labels, k):
-    from pipeline.losses import TopK
+    from pipeline.losses.stats import TopK
 
     ref_logp = F.log_softmax(ref_logits[:, :-1][labels[:, 1:] != -100], dim=-1)
     top = ref_logp.topk(k, dim=-1)
@@ -552,18 +552,18 @@ def test_chunked_topk_reference_equals_full_logits():
 def test_chunked_backward_projects_again_only_what_it_lacks(monkeypatch):
     """The backward reuses the forward's last chunk (policy and reference) and projects the
     reference again only at the tokens whose KL has a gradient (EKSFT's S_KL)."""
-    import pipeline.losses as losses
-    from pipeline.losses import select_tokens, topk_mask
+    from pipeline.losses import chunked
+    from pipeline.losses.stats import select_tokens, topk_mask
 
     hidden, labels, head, ref_hidden, ref_head = make_hidden_batch()
     projected = []  # (which head, tokens) per projection
-    real = losses.chunk_logp
+    real = chunked.chunk_logp
 
     def counting(h, weight, bias):
         projected.append(("policy" if weight is head.weight else "reference", len(h)))
         return real(h, weight, bias)
 
-    monkeypatch.setattr(losses, "chunk_logp", counting)
+    monkeypatch.setattr(chunked, "chunk_logp", counting)
     loss = build_loss("eksft", ratio=0.25).chunked(hidden.clone().requires_grad_(), head, labels,
                                                    ref_hidden=ref_hidden, ref_lm_head=ref_head, chunk_tokens=4)
     with torch.no_grad():  # S_KL: the quarter of the tokens with the largest KL
@@ -583,12 +583,12 @@ def test_chunked_backward_projects_again_only_what_it_lacks(monkeypatch):
 def test_per_token_losses_take_their_gradient_in_the_forward(monkeypatch, name):
     """ce, dft, eaft and gem project each chunk once, in the forward; the backward only scales the
     gradient it kept (here by 3, a loss scaled before its backward), and a frozen head (LoRA) gets none."""
-    import pipeline.losses as losses
+    from pipeline.losses import chunked
 
     hidden, labels, head, _, _ = make_hidden_batch()
     projected = []
-    real = losses.chunk_logp
-    monkeypatch.setattr(losses, "chunk_logp", lambda h, w, b: projected.append(len(h)) or real(h, w, b))
+    real = chunked.chunk_logp
+    monkeypatch.setattr(chunked, "chunk_logp", lambda h, w, b: projected.append(len(h)) or real(h, w, b))
     want, want_grads = loss_and_grads(lambda h: 3 * build_loss(name)(head(h), labels), hidden, head)
     projected.clear()
     got, got_grads = loss_and_grads(lambda h: 3 * build_loss(name).chunked(h, head, labels, chunk_tokens=4), hidden, head)
@@ -620,7 +620,7 @@ def test_fused_backward_scales_bf16_gradients_in_float32():
 
 
 def test_a_gpu_takes_larger_chunks_than_a_cpu():
-    from pipeline.losses import tokens_per_chunk
+    from pipeline.losses.chunked import tokens_per_chunk
 
     cpu, gpu = tokens_per_chunk(151936, torch.device("cpu")), tokens_per_chunk(151936, torch.device("cuda"))
     assert 100 < cpu < gpu and tokens_per_chunk(10**12, torch.device("cpu")) == 1
@@ -628,12 +628,12 @@ def test_a_gpu_takes_larger_chunks_than_a_cpu():
 
 def test_chunked_loss_without_gradient_projects_the_forward_only(monkeypatch):
     """Evaluation (no_grad) takes no gradient, fused or not: one projection per chunk, the same value."""
-    import pipeline.losses as losses
+    from pipeline.losses import chunked
 
     hidden, labels, head, _, _ = make_hidden_batch()
     projected = []
-    real = losses.chunk_logp
-    monkeypatch.setattr(losses, "chunk_logp", lambda h, w, b: projected.append(len(h)) or real(h, w, b))
+    real = chunked.chunk_logp
+    monkeypatch.setattr(chunked, "chunk_logp", lambda h, w, b: projected.append(len(h)) or real(h, w, b))
     want = build_loss("eaft").chunked(hidden.requires_grad_(), head, labels, chunk_tokens=4)
     projected.clear()
     with torch.no_grad():
@@ -668,7 +668,7 @@ def test_eksft_with_every_token_masked_gives_a_finite_loss_of_its_regularisers()
 
 def test_a_losss_stage_key_settings_fill_in_its_defaults():
     """So that a changed default (EKSFT's `normalize`) is a new SFT key, never a reused result."""
-    from pipeline.config import LossConfig
+    from pipeline.config.schema import LossConfig
 
     assert LossConfig(name="eksft").resolved() == LossConfig(name="eksft", normalize="kept", ratio=0.2).resolved() \
         == {"name": "eksft", "ratio": 0.2, "union": True, "lambda_entropy": 0.05, "lambda_kl": 0.05, "normalize": "kept"}

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from pipeline.metrics import pass_at_k, pass_at_k_table
-from pipeline.verifiers import VERIFIERS, extract_final_answer, get_verifier, verify_exact, verify_math
+from pipeline.evaluation.metrics import pass_at_k, pass_at_k_table
+from pipeline.evaluation.verifiers import VERIFIERS, extract_final_answer, get_verifier, verify_exact, verify_math
 
 
 # --- pass@k -------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import json
 import pytest
 from datasets import Dataset
 
-from pipeline.config import ModelConfig
-from pipeline.models import load_causal_lm, load_tokenizer, rendered_prompts, with_chat_template_kwargs
+from pipeline.config.schema import ModelConfig
+from pipeline.models.loading import load_causal_lm, load_tokenizer, rendered_prompts, with_chat_template_kwargs
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
 
@@ -17,7 +17,7 @@ def tiny_qwen3(folder):
     template, saved in `folder` as a downloaded model is."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from pipeline.demo import build_bpe_tokenizer
+    from pipeline.demo.world import build_bpe_tokenizer
 
     tokenizer = build_bpe_tokenizer(["Be brief. 2+2? It is 4.", "think about it"] * 20)
     tokenizer.chat_template = None
@@ -48,7 +48,7 @@ def test_trl_renders_training_rows_with_the_same_template_and_variables(model_di
     chat_template_kwargs, and the tokenizer carries the configured template."""
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.models import load_causal_lm
+    from pipeline.models.loading import load_causal_lm
 
     model = ModelConfig(path=str(model_dir), chat_template="chatml", chat_template_kwargs={"enable_thinking": False})
     rows = with_chat_template_kwargs(Dataset.from_list([{"prompt": CHAT, "completion": [
@@ -106,8 +106,9 @@ def test_a_model_with_its_own_code_needs_trust_remote_code(tmp_path, model_dir):
 def test_validate_finds_a_missing_tokenizer_or_chat_template_before_any_stage(model_dir, tmp_path):
     import shutil
 
-    from pipeline.config import ConfigError, parse_config
-    from pipeline.data import check_inputs, write_jsonl
+    from pipeline.config.schema import ConfigError, parse_config
+    from pipeline.data.sources import write_jsonl
+    from pipeline.orchestration.checks import check_inputs
 
     chats, strings = tmp_path / "chats.jsonl", tmp_path / "strings.jsonl"
     write_jsonl(chats, [{"prompt": CHAT, "completion": [{"role": "assistant", "content": "4"}], "answer": "4"}])
@@ -131,7 +132,7 @@ def test_validate_finds_a_missing_tokenizer_or_chat_template_before_any_stage(mo
 def test_settings_added_since_leave_the_keys_of_configs_that_do_not_set_them_as_they_were():
     """A new option at its default must not make every cached result stale: the stage settings of
     a config that sets none of them hold none of them."""
-    from pipeline.config import parse_config
+    from pipeline.config.schema import parse_config
     from stages import demo_data, dpo, evaluate, pretrain, sample, sft
 
     cfg = parse_config({"name": "x", "sft": {"lora": {"r": 8}}, "dpo": {"lora": {"r": 4, "lora_dropout": 0.1}}})
@@ -154,7 +155,7 @@ def test_qlora_loads_4_bits_on_each_process_own_device(model_dir, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.config import LoraConfig
+    from pipeline.config.schema import LoraConfig
 
     given = {}
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **options: given.update(options))
@@ -175,7 +176,7 @@ def test_a_qlora_model_is_merged_into_its_base_loaded_again_unquantized(model_di
     from peft import PeftModel, get_peft_model
     from transformers import BitsAndBytesConfig
 
-    from pipeline.training import merged
+    from pipeline.training.train import merged
 
     torch.manual_seed(0)
     base = ModelConfig(path=str(model_dir))

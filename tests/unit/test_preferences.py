@@ -1,7 +1,7 @@
 """On-policy preference pairs: which prompts give pairs, and which completions they pair."""
 
-from pipeline.data import prompt_and_answer
-from pipeline.preferences import build_pairs
+from pipeline.data.sources import prompt_and_answer
+from pipeline.training.preferences import build_pairs
 
 
 def row(completions, correct, prompt="2*3=", **extra):

@@ -1,9 +1,9 @@
-"""A stage process's output on its way to the console and to the flow's log (pipeline.process)."""
+"""A stage process's output on its way to the console and to the flow's log (pipeline.runtime.process)."""
 
 import os
 import threading
 
-from pipeline.process import forward
+from pipeline.runtime.process import forward
 
 BAR = b"sft: 10%\rsft: 50%\rsft: 100%\n"
 

@@ -1,13 +1,13 @@
-"""What a stage's key digests (pipeline.contract, pipeline.runner), without running a stage."""
+"""What a stage's key digests (pipeline.runtime.contract, pipeline.orchestration.runner), without running a stage."""
 
 import json
 
 import pytest
 
-from pipeline.config import parse_config
-from pipeline.contract import Input
-from pipeline.manifest import DamagedResult, Manifest
-from pipeline.runner import StageRunner, what_changed
+from pipeline.config.schema import parse_config
+from pipeline.orchestration.runner import StageRunner, what_changed
+from pipeline.results.manifest import DamagedResult, Manifest
+from pipeline.runtime.contract import Input
 from stages import evaluate, pairs, sft
 
 

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from pipeline.manifest import Manifest
-from pipeline.progress import STAGE_ENV, stage_bar
-from pipeline.summary import run_summary
-from pipeline.tracking import run_link
+from pipeline.reporting.summary import run_summary
+from pipeline.results.manifest import Manifest
+from pipeline.runtime.progress import STAGE_ENV, stage_bar
+from pipeline.tracking.tracker import run_link
 
 
 def test_links_point_to_the_server_without_credentials_or_to_posttrain_ui():

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from pipeline import trainer_options as options_module
-from pipeline.config import ConfigError, parse_config
-from pipeline.trainer_options import cache_file, read_trainer_options, trainer_options
+from pipeline.config import trainer_options as options_module
+from pipeline.config.schema import ConfigError, parse_config
+from pipeline.config.trainer_options import cache_file, read_trainer_options, trainer_options
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The embedded demo world: its tasks, tokenizer and model, built without a model hub."""

@@ -1,0 +1,1 @@
+"""Scoring: verifiers, Pass@K and its statistics, answer-token entropy, and lm-eval suites."""

@@ -1,0 +1,1 @@
+"""Sampling completions, with vLLM or transformers' generate, on one device or several."""

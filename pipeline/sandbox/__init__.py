@@ -1,0 +1,1 @@
+"""Running model-written code: the bubblewrap sandbox and the test harness that runs inside it."""

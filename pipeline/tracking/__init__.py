@@ -1,0 +1,1 @@
+"""MLflow: the pipeline's runs, stage runs, logged models and their lineage."""
