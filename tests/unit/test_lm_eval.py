@@ -206,6 +206,17 @@ def test_the_shipped_tasks_need_a_local_prompt_answer_general_suite(tmp_path):
         check_lm_eval(cfg.model_copy(update={"data": hub}))
 
 
+def test_the_shipped_tasks_alone_are_checked_without_building_lm_evals_task_index(tmp_path, monkeypatch):
+    """`posttrain validate` of the demo config stays under a second: lm-eval's index takes 1.5 s."""
+    def no_index(*args):
+        raise AssertionError("lm-eval's task index was built")
+
+    monkeypatch.setattr(lm_eval_suite, "task_manager", no_index)
+    check_lm_eval(real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "posttrain_general_choice"]}))
+    with pytest.raises(AssertionError, match="index was built"):  # any other task is looked up in it
+        check_lm_eval(real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "mmlu"]}))
+
+
 def test_the_backend_follows_sampling_and_falls_back_to_hf_where_lm_eval_cannot_load_vllm(tmp_path, monkeypatch):
     cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"], "batch_size": 7})
     vllm = cfg.sampling.model_copy(update={"backend": "vllm", "enforce_eager": True, "data_parallel_size": 2})
