@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.pipeline import StageResult, run_pipeline  # noqa: E402
+from flows.pipeline_flow import StageResult, run_pipeline  # noqa: E402
 from pipeline.config.schema import PipelineConfig, parse_config  # noqa: E402
 from pipeline.runtime.process import free_port  # noqa: E402
 

@@ -155,7 +155,7 @@ def run(
 
     Stages: demo_data, pretrain (demo world only), evaluate_base, sft, evaluate_sft, sample,
     pairs (on-policy pairs only), dpo, evaluate_dpo."""
-    from flows.pipeline import run_pipeline, stage_flow
+    from flows.pipeline_flow import run_pipeline, stage_flow
     from flows.wiring import pipeline_stages
     from pipeline.reporting.summary import evaluation_table, run_summary
 

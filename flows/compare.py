@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.pipeline import run_pipeline
+from flows.pipeline_flow import run_pipeline
 from pipeline.config.schema import EVAL_SUITES, ConfigError, PipelineConfig
 from pipeline.reporting.report import SELECT, ArmRun, write_report
 from pipeline.results.manifest import results_lock

@@ -2,7 +2,7 @@
 sees. Each stage is a property that first asks for its upstream stages, so asking for one stage
 builds just what it needs. Keys, reuse, the results store, MLflow and the stage's process are
 the runtime's (pipeline.orchestration.runner); what a stage's key depends on is its own module's (`STAGE` in
-stages/<name>.py); the Prefect flow that runs the stages is flows/pipeline.py. This module
+stages/<name>.py); the Prefect flow that runs the stages is flows/pipeline_flow.py. This module
 imports neither Prefect nor MLflow, so that `posttrain status` answers at once.
 """
 

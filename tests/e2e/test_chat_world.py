@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from flows.pipeline import run_pipeline
+from flows.pipeline_flow import run_pipeline
 from pipeline.config.schema import load_config
 from pipeline.data.sources import read_jsonl
 from pipeline.demo.world import SYSTEM_PROMPT

@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.pipeline import run_pipeline
+from flows.pipeline_flow import run_pipeline
 from pipeline.config.schema import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]

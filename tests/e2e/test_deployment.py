@@ -155,12 +155,12 @@ def test_every_deployment_in_prefect_yaml_runs_the_config_flow_with_its_paramete
     entry point and parameters must be what the flow takes."""
     import inspect
 
-    from flows.pipeline import run_config
+    from flows.pipeline_flow import run_config
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     accepted = set(inspect.signature(run_config.fn).parameters)
     assert {d["name"] for d in spec["deployments"]} >= {"posttrain-demo", "posttrain-docker-gpu", "posttrain-k8s-gpu"}
     for deployment in spec["deployments"]:
-        assert deployment["entrypoint"] == "flows/pipeline.py:run_config"
+        assert deployment["entrypoint"] == "flows/pipeline_flow.py:run_config"
         assert "config" in deployment["parameters"] and set(deployment["parameters"]) <= accepted
         assert deployment["work_pool"]["name"]

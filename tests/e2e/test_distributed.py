@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from flows.pipeline import run_pipeline
+from flows.pipeline_flow import run_pipeline
 from flows.wiring import pipeline_status
 from pipeline.config.schema import DemoConfig, parse_config
 from pipeline.data.sources import write_jsonl

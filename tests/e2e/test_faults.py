@@ -322,7 +322,7 @@ def test_a_checkpoint_cut_off_before_its_state_was_written_is_removed(tmp_path, 
 
 
 def test_a_bad_row_anywhere_stops_the_run_before_any_stage(tmp_path):
-    from flows.pipeline import run_pipeline
+    from flows.pipeline_flow import run_pipeline
     from pipeline.config.schema import parse_config
     from pipeline.data.sources import DataError, write_jsonl
 

@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from flows.pipeline import run_pipeline
+from flows.pipeline_flow import run_pipeline
 from pipeline.runtime.process import free_port
 from pipeline.tracking.tracker import pipeline_run_name
 from tests.e2e.test_mlflow_store import start_server, stop_server

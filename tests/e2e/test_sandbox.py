@@ -323,8 +323,9 @@ def test_an_unprivileged_user_gets_the_same_isolation():
     the system's Python on a copy of the sandbox's modules (standard library only) where that user
     can read them: the checkout may be under /root."""
     home = Path(tempfile.mkdtemp(prefix="sandbox-unprivileged-"))
-    (home / "pipeline").mkdir()
-    for module in ("__init__", "sandbox", "verifiers", "code_harness"):
+    for module in ("__init__", "sandbox/__init__", "sandbox/isolation", "sandbox/code_harness", "evaluation/__init__",
+                   "evaluation/verifiers"):
+        (home / "pipeline" / f"{module}.py").parent.mkdir(parents=True, exist_ok=True)
         (home / "pipeline" / f"{module}.py").write_text((REPO / "pipeline" / f"{module}.py").read_text())
     for path in [home, *home.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from flows.pipeline import run_pipeline
+from flows.pipeline_flow import run_pipeline
 from flows.wiring import pipeline_stages, pipeline_status
 from pipeline.config.schema import DemoConfig, SamplingConfig, parse_config
 from pipeline.data.sources import DataError, read_jsonl, write_jsonl
@@ -725,7 +725,7 @@ def test_a_change_of_scoring_only_rescores_the_saved_samples(world_copy, tmp_pat
 
 
 def test_transient_stage_failure_is_retried_by_the_flow(demo_run, monkeypatch):
-    import flows.pipeline as pipeline_flow
+    import flows.pipeline_flow as pipeline_flow
     from pipeline.orchestration import runner
     from pipeline.runtime.process import StageError
 

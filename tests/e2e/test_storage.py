@@ -11,7 +11,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from transformers import AutoModelForCausalLM
 
-from flows.pipeline import run_pipeline
+from flows.pipeline_flow import run_pipeline
 from flows.wiring import pipeline_status
 from pipeline.config.schema import ConfigError, parse_config
 from pipeline.orchestration import runner

@@ -57,6 +57,14 @@ def test_a_library_package_imports_only_itself_and_lower_layers(file):
     assert not upward, f"{file} ({package}, layer {LAYER[package]}) imports {sorted(upward)}"
 
 
+def test_no_flow_module_is_named_like_a_package():
+    """Prefect loads a deployment's entrypoint script as a module named after its file, searching
+    the script's folder and the working directory: a flows/pipeline.py shadowed the library (its
+    `pipeline.results` became the repository's results/ folder)."""
+    names = {p.stem for p in (ROOT / "flows").glob("*.py")}
+    assert not names & ({"pipeline", "stages", "flows"} | set(LAYER))
+
+
 @pytest.mark.parametrize("file", sorted((ROOT / "stages").glob("*.py")), ids=lambda p: p.name)
 def test_a_stage_imports_only_the_library(file):
     assert not top_packages(file) & {"stages", "flows", "tests"}, f"{file}: {sorted(imported(file))}"
@@ -65,7 +73,7 @@ def test_a_stage_imports_only_the_library(file):
 def test_the_walk_sees_lazy_imports(tmp_path):
     """The check above would pass vacuously if it missed imports inside functions."""
     module = tmp_path / "m.py"
-    module.write_text("import os\n\ndef f():\n    from flows.pipeline import run_pipeline\n")
+    module.write_text("import os\n\ndef f():\n    from flows.pipeline_flow import run_pipeline\n")
     assert top_packages(module) == {"os", "flows"}
 
 
