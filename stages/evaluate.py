@@ -65,7 +65,7 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
         "answer": answer,
         "completions": samples,
         "correct": [next(correct) for _ in samples],
-        "sampling": cfg.sampling.model_dump(),
+        "sampling": cfg.sampling.resolved().model_dump(),
     } for i, (row, answer, samples) in enumerate(zip(rows, answers, completions, strict=True))]
 
 

@@ -32,7 +32,8 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     names = [f"{source.name} row {i + 1}" for i in range(len(rows))]
     prompts = rendered_prompts([r["prompt"] for r in rows], model, cfg.model)
     completions = sample(model, prompts, settings, cfg.model.tokenizer, names, cfg.model.trust_remote_code)
-    samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": settings.model_dump()}
+    sampled_with = settings.resolved().model_dump()
+    samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": sampled_with}
                for i, (row, texts) in enumerate(zip(rows, completions, strict=True))]
     write_jsonl(out / "samples.jsonl", samples)
     return Manifest("sample", out.name, {"samples": "samples.jsonl"})

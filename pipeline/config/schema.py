@@ -13,6 +13,7 @@ import importlib.resources
 import importlib.util
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -424,8 +425,23 @@ class DPOStageConfig(Section):
     lora: LoraConfig | None = None
 
 
+DEVICES = Path("/dev")
+
+
+def cuda_gpu_visible() -> bool:
+    """A CUDA GPU this process may use, told without importing torch (reading a config must not):
+    the driver's device files, unless CUDA_VISIBLE_DEVICES hides every device."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return any(DEVICES.glob("nvidia[0-9]*"))
+
+
 class SamplingConfig(Section):
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="vllm, hf (transformers generate), or auto: vllm where a CUDA GPU is visible and vLLM "
+        "is installed, or tensor/data_parallel_size asks for it, else hf: on a CPU, generate starts at once and "
+        "samples the demo model about as fast as vLLM, whose engine takes about a minute to start (bench/sampling.py)"
+    )
     n: int = Field(1, gt=0, description="completions per prompt")
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -460,10 +476,22 @@ class SamplingConfig(Section):
                              "(transformers generate, one device) set it to 1, or use backend vllm")
         return value
 
+    def chosen_backend(self) -> Literal["hf", "vllm"]:
+        """The backend that samples here: `backend`, with auto decided on this machine."""
+        if self.backend != "auto":
+            return self.backend
+        parallel = self.tensor_parallel_size > 1 or self.data_parallel_size > 1
+        return "vllm" if parallel or (cuda_gpu_visible() and importlib.util.find_spec("vllm")) else "hf"
+
+    def resolved(self) -> SamplingConfig:
+        """These settings with the chosen backend in place of auto."""
+        return self.model_copy(update={"backend": self.chosen_backend()})
+
     def key_settings(self) -> dict[str, Any]:
-        """The settings that decide what is sampled, for stage keys: not how many devices the
-        engines are spread over, so moving a pipeline to a bigger node keeps its results."""
-        return self.model_dump(exclude={"tensor_parallel_size", "data_parallel_size"})
+        """The settings that decide what is sampled, for stage keys: the backend that samples (the
+        two draw different completions), not how many devices the engines are spread over, so
+        moving a pipeline to a bigger node keeps its results."""
+        return self.resolved().model_dump(exclude={"tensor_parallel_size", "data_parallel_size"})
 
 
 class LmEvalTask(Section):

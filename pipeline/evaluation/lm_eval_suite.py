@@ -147,7 +147,7 @@ def model_backend(model: Path, tokenizer: str | Path | None, sampling: SamplingC
                   settings: LmEvalConfig, trust_remote_code: bool = False) -> tuple[str, dict[str, Any]]:
     """lm-eval's model type and arguments: its vLLM backend with the sampling engine's settings
     where `sampling.backend` is vllm and lm-eval can load it, else its HF backend."""
-    if sampling.backend == "vllm" and vllm_backend_usable():
+    if sampling.chosen_backend() == "vllm" and vllm_backend_usable():
         from pipeline.sampling.sampler import vllm_engine_args
 
         engine = vllm_engine_args(sampling.model_copy(update={"data_parallel_size": 1}))

@@ -93,6 +93,12 @@ def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
     evaluation = by_name["evaluate_sft"].metrics
     assert 0.0 <= evaluation["target/pass_at_1"] <= 1.0 and "general/retention" in evaluation
     assert "target/pass_at_1" in by_name["evaluate_dpo"].metrics
+    # The tiny world leaves sampling.backend at auto: the backend it chose here (generate without a CUDA GPU),
+    # not "auto", is what the keys, the manifests and the sampled rows hold.
+    chosen = SamplingConfig().chosen_backend()
+    for name in ("evaluate_sft", "sample"):
+        assert by_name[name].settings["sampling"]["backend"] == chosen != "auto"
+    assert {row["sampling"]["backend"] for row in read_jsonl(by_name["sample"].path("samples"))} == {chosen}
 
 
 def test_evaluation_scores_the_validation_splits_apart_from_the_test_suites(demo_run):

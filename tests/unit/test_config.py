@@ -387,3 +387,36 @@ def test_override_values_follow_the_keys_type_not_yaml_1_1():
     assert cfg.dpo.trainer["beta"] == 0.5 and cfg.seed == 10
     with pytest.raises(ConfigError, match=r"override sft\.trainer\.learning_rate=nan: .*learning_rate: expected float"):
         parse_config({"name": "x"}, overrides=["sft.trainer.learning_rate=nan"])
+
+
+def test_auto_sampling_is_vllm_where_a_cuda_gpu_is_visible_else_generate(monkeypatch):
+    import importlib.util
+
+    from pipeline.config import schema
+    from pipeline.config.schema import SamplingConfig
+
+    auto, hf, vllm = SamplingConfig(), SamplingConfig(backend="hf"), SamplingConfig(backend="vllm")
+    monkeypatch.setattr(schema, "cuda_gpu_visible", lambda: False)
+    assert auto.backend == "auto" and auto.chosen_backend() == "hf" and auto.resolved() == hf
+    # The key holds the backend that samples: configs that leave it out keep their keys on a CPU.
+    assert auto.key_settings() == hf.key_settings() != vllm.key_settings()
+    assert SamplingConfig(data_parallel_size=2).chosen_backend() == "vllm"  # only vLLM has engines to spread
+    monkeypatch.setattr(schema, "cuda_gpu_visible", lambda: True)
+    assert auto.chosen_backend() == "vllm" and auto.key_settings() == vllm.key_settings()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    assert auto.chosen_backend() == "hf"  # a GPU box without vLLM installed
+
+
+def test_a_cuda_gpu_is_told_by_the_driver_files_unless_cuda_visible_devices_hides_them(monkeypatch, tmp_path):
+    from pipeline.config import schema
+
+    monkeypatch.setattr(schema, "DEVICES", tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    (tmp_path / "nvidiactl").touch()  # the driver without a device
+    assert not schema.cuda_gpu_visible()
+    (tmp_path / "nvidia0").touch()
+    assert schema.cuda_gpu_visible()
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not schema.cuda_gpu_visible()
