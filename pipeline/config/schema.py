@@ -440,7 +440,7 @@ class SamplingConfig(Section):
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="vllm, hf (transformers generate), or auto: vllm where a CUDA GPU is visible and vLLM "
         "is installed, or tensor/data_parallel_size asks for it, else hf: on a CPU, generate starts at once and "
-        "samples the demo model about as fast as vLLM, whose engine takes about a minute to start (bench/sampling.py)"
+        "samples the demo model about as fast as vLLM, whose engine takes over a minute to start (bench/sampling.py)"
     )
     n: int = Field(1, gt=0, description="completions per prompt")
     temperature: float = Field(0.0, ge=0)
