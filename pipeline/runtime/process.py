@@ -96,9 +96,15 @@ def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[st
 OUTPUT_DRAIN_S = 5.0  # after a stage's process ends, how long its last output may take to come through
 
 
+def shown(line: bytes) -> str:
+    """A line as a terminal shows it once drawn: what follows its last carriage return (a
+    progress bar's last state), a trailing one ending the line."""
+    return line.rstrip(b"\r").rsplit(b"\r", 1)[-1].decode(errors="replace").rstrip()
+
+
 def forward(pipe: int, target: int, log_line: Callable[[str], None]) -> None:
     """Copy a stage's output from `pipe` to `target` as it comes (progress bars redraw as they
-    did), and hand each line to `log_line` (a bar redrawn with carriage returns: its last state)."""
+    did), and hand each line, as it is shown, to `log_line`."""
     pending = b""
     with open(pipe, "rb", buffering=0) as source:
         while chunk := source.read(1 << 16):
@@ -106,13 +112,15 @@ def forward(pipe: int, target: int, log_line: Callable[[str], None]) -> None:
             while view:
                 view = view[os.write(target, view):]
             *lines, pending = (pending + chunk).split(b"\n")
+            # A bar that only redraws never ends its line: keep its latest state, not every one.
+            pending = pending[pending.rfind(b"\r", 0, len(pending) - 1) + 1:]
             for line in lines if log_line else ():
-                if text := line.decode(errors="replace").rsplit("\r", 1)[-1].rstrip():
+                if text := shown(line):
                     try:
                         log_line(text)
                     except Exception:  # noqa: BLE001 - a failing log must not hold up the stage's output
                         log_line = None
-    if log_line and (text := pending.decode(errors="replace").rsplit("\r", 1)[-1].rstrip()):
+    if log_line and (text := shown(pending)):
         log_line(text)
 
 

@@ -28,10 +28,13 @@ def forwarded(chunks: list[bytes], log_line) -> bytes:
 
 def test_output_is_copied_as_written_and_each_line_logged_once():
     lines = []
-    chunks = [b"loading\n", BAR[:9], BAR[9:], b"a line cut ", b"across writes\n", b"\n", b"no newline at the end"]
+    chunks = [b"loading\n", BAR[:9], BAR[9:], b"a line cut ", b"across writes\n", b"\n", b"ended as on Windows\r\n",
+              b"step 1\r", b"step 2\r", b"\rstep 3", b"\n", b"no newline at the end"]
     assert forwarded(chunks, lines.append) == b"".join(chunks)
-    # A progress bar's redraws are one line, its last state; blank lines are not logged.
-    assert lines == ["loading", "sft: 100%", "a line cut across writes", "no newline at the end"]
+    # A progress bar's redraws are one line, its last state (drawn before or after its carriage
+    # return, across writes); blank lines are not logged.
+    assert lines == ["loading", "sft: 100%", "a line cut across writes", "ended as on Windows", "step 3",
+                     "no newline at the end"]
 
 
 def test_a_failing_log_does_not_stop_the_output():
