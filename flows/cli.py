@@ -48,7 +48,7 @@ STOP_GRACE_S = 10.0  # stopped by SIGTERM or SIGINT, a run ends within this even
 
 
 def _stop_within(seconds: float) -> None:
-    """The command line owns its process, so it may end it: see pipeline.process.stop_on_signals."""
+    """The command line owns its process, so it may end it: see pipeline.runtime.process.stop_on_signals."""
     from pipeline.runtime import process as stage
 
     stage.stop_grace_s = seconds

@@ -41,15 +41,17 @@ def stage_task(runner: StageRunner, planned) -> StageResult:
                      message=f"key {result.manifest.key}: {done} {result.manifest.folder}")
 
 
+# The lines stage processes write: to Prefect's API only, since the console has them already.
+STAGE_OUTPUT = logging.getLogger("posttrain.stage")
+STAGE_OUTPUT.addHandler(APILogHandler())
+STAGE_OUTPUT.setLevel(logging.INFO)
+STAGE_OUTPUT.propagate = False
+
+
 def log_stage_line(text: str) -> None:
     """A line a stage's process wrote, into its Prefect task run's log (the calling thread runs in
-    the task's context). Only Prefect's API handler: the console has the line already."""
-    logger = logging.getLogger("posttrain.stage")
-    if not logger.handlers:
-        logger.addHandler(APILogHandler())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    logger.info(text)
+    the task's context)."""
+    STAGE_OUTPUT.info(text)
 
 
 def submit_stage(runner: StageRunner):

@@ -430,10 +430,11 @@ DEVICES = Path("/dev")
 
 def cuda_gpu_visible() -> bool:
     """A CUDA GPU this process may use, told without importing torch (reading a config must not):
-    the driver's device files, unless CUDA_VISIBLE_DEVICES hides every device."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+    the driver's device files (WSL2's is dxg), unless CUDA_VISIBLE_DEVICES hides every device
+    (Slurm's NoDevFiles: none allocated)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1", "NoDevFiles"):
         return False
-    return any(DEVICES.glob("nvidia[0-9]*"))
+    return any(DEVICES.glob("nvidia[0-9]*")) or (DEVICES / "dxg").exists()
 
 
 class SamplingConfig(Section):

@@ -1,7 +1,7 @@
 """The runtime a flow calls for each stage: its key, whether its result can be reused (here,
 or from the results store), its MLflow run, and its own process.
 
-A stage's key digests its declared settings (pipeline.contract.Stage), the content digests of
+A stage's key digests its declared settings (pipeline.runtime.contract.Stage), the content digests of
 the inputs it is handed and of the data sets it reads: so a key follows what an upstream stage
 produced. A forced stage that makes the same bytes again leaves its downstream results valid;
 one that makes new ones (a GPU's training is not bit-reproducible) makes them stale.
@@ -89,7 +89,7 @@ def what_changed(old: Manifest, planned: Planned) -> str:
 @dataclass
 class StageRunner:
     cfg: PipelineConfig
-    tracker: Any | None  # pipeline.tracking.Tracker; None: a dry run, which computes keys and runs nothing
+    tracker: Any | None  # pipeline.tracking.tracker.Tracker; None: a dry run, which computes keys and runs nothing
     force: set[str] = field(default_factory=set)
     results: list[StageResult] = field(default_factory=list)
     cleared: set[str] = field(default_factory=set)  # forced stages whose old result this run removed

@@ -53,7 +53,7 @@ def duration(seconds: float | None) -> str:
 
 
 def run_summary(results: Iterable) -> Table:
-    """One row per stage of a finished run (pipeline.runner.StageResult): whether it ran or was
+    """One row per stage of a finished run (pipeline.orchestration.runner.StageResult): whether it ran or was
     cached, its key, its time in this run, its headline metrics and its run in the MLflow UI."""
     table = Table("stage", "status", "key", "time", "headline metrics", link_column(), title="posttrain run")
     for r in results:
@@ -75,7 +75,7 @@ def evaluation_table(evaluations: list) -> Table:
 
 
 def status_table(statuses: Iterable) -> Table:
-    """`posttrain status`: each stage (pipeline.runner.StageStatus) with, where done, what its
+    """`posttrain status`: each stage (pipeline.orchestration.runner.StageStatus) with, where done, what its
     result took to make, its headline metrics and the MLflow run that made it; where not, why
     (what changed since its latest result, or the upstream stage it waits on)."""
     table = Table("stage", "status", "key", "took", "headline metrics or why not done", "made by MLflow run")

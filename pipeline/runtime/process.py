@@ -14,6 +14,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import errno
+import fcntl
 import importlib
 import json
 import multiprocessing
@@ -23,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -71,7 +74,8 @@ def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[st
     for old in [out / ERROR, *out.glob("traceback*.txt")]:  # an earlier attempt's
         old.unlink(missing_ok=True)
     command = stage_command(stage, cfg, out / REQUEST)
-    env = os.environ | (env or {})
+    # Output that is forwarded (through a pipe) is flushed line by line, as on a terminal.
+    env = os.environ | (env or {}) | ({"PYTHONUNBUFFERED": "1"} if log_line else {})
     with stage_output(log_line) as output:
         if command is None:
             start_fork_server(_preload or [stage])  # a no-op once a stage started it
@@ -94,56 +98,95 @@ def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[st
 
 
 OUTPUT_DRAIN_S = 5.0  # after a stage's process ends, how long its last output may take to come through
+STOPPED_DRAIN_S = 0.5  # the same for a stage that failed to start or was stopped: the run's stop grace is short
+
+
+def output_channel(target: int) -> tuple[int, int]:
+    """A (read, write) pair that carries a stage's output to `target`: where `target` is a
+    terminal, a pseudo-terminal of its size, so that the stage's progress bars and colours show
+    as they would on it; else a pipe."""
+    if not os.isatty(target):
+        return os.pipe()
+    read, write = os.openpty()
+    with contextlib.suppress(OSError):  # a terminal that does not say its size: the pty's default
+        fcntl.ioctl(write, termios.TIOCSWINSZ, fcntl.ioctl(target, termios.TIOCGWINSZ, bytes(8)))
+    return read, write
+
+
+def chunks(source: int) -> Iterator[bytes]:
+    """What a stage writes to the other end of `source`, until every writer has closed it (a
+    pseudo-terminal says so with EIO)."""
+    try:
+        while True:
+            try:
+                chunk = os.read(source, 1 << 16)
+            except OSError as error:
+                if error.errno != errno.EIO:
+                    raise
+                return
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        os.close(source)
 
 
 def shown(line: bytes) -> str:
     """A line as a terminal shows it once drawn: what follows its last carriage return (a
-    progress bar's last state), a trailing one ending the line."""
+    progress bar's last state), trailing ones ending the line."""
     return line.rstrip(b"\r").rsplit(b"\r", 1)[-1].decode(errors="replace").rstrip()
 
 
-def forward(pipe: int, target: int, log_line: Callable[[str], None]) -> None:
-    """Copy a stage's output from `pipe` to `target` as it comes (progress bars redraw as they
+def log_lines(lines: list[bytes], log_line: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """Hand each line, as shown, to `log_line`; None once it has failed, and from then on: a
+    failing log must not hold up the stage's output."""
+    for line in lines if log_line else ():
+        if text := shown(line):
+            try:
+                log_line(text)
+            except Exception:  # noqa: BLE001 - see above
+                return None
+    return log_line
+
+
+def forward(source: int, target: int, log_line: Callable[[str], None]) -> None:
+    """Copy a stage's output from `source` to `target` as it comes (progress bars redraw as they
     did), and hand each line, as it is shown, to `log_line`."""
     pending = b""
-    with open(pipe, "rb", buffering=0) as source:
-        while chunk := source.read(1 << 16):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(target, view):]
-            *lines, pending = (pending + chunk).split(b"\n")
-            # A bar that only redraws never ends its line: keep its latest state, not every one.
-            pending = pending[pending.rfind(b"\r", 0, len(pending) - 1) + 1:]
-            for line in lines if log_line else ():
-                if text := shown(line):
-                    try:
-                        log_line(text)
-                    except Exception:  # noqa: BLE001 - a failing log must not hold up the stage's output
-                        log_line = None
-    if log_line and (text := shown(pending)):
-        log_line(text)
+    for chunk in chunks(source):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(target, view):]
+        *lines, pending = (pending + chunk).split(b"\n")
+        # A bar that only redraws never ends its line: keep its latest state, not every one.
+        pending = pending[pending.rstrip(b"\r").rfind(b"\r") + 1:]
+        log_line = log_lines(lines, log_line)
+    log_lines([pending], log_line)
 
 
 @contextlib.contextmanager
 def stage_output(log_line: Callable[[str], None] | None) -> Iterator[tuple[int, int]]:
     """The stdout and stderr to give a stage's process: this process's own, or, with `log_line`
-    (the flow's: the Prefect task run's log), pipes forwarded to them and to `log_line`."""
+    (the flow's: the Prefect task run's log), channels forwarded to them and to `log_line`."""
     if log_line is None:
         yield 1, 2
         return
-    pipes = [os.pipe(), os.pipe()]
+    channels = [output_channel(1), output_channel(2)]
     # The threads run in the caller's context: the log sink may read it (Prefect's API and run).
     threads = [threading.Thread(target=contextvars.copy_context().run, args=(forward, read, target, log_line),
-                                name=f"stage output {target}", daemon=True) for (read, _), target in zip(pipes, (1, 2))]
+                                name=f"stage output {target}", daemon=True)
+               for (read, _), target in zip(channels, (1, 2))]
     for thread in threads:
         thread.start()
+    drain = STOPPED_DRAIN_S
     try:
-        yield pipes[0][1], pipes[1][1]
+        yield channels[0][1], channels[1][1]
+        drain = OUTPUT_DRAIN_S
     finally:
-        for _, write in pipes:  # the process holds its own copies: the pipe ends once it (and its children) do
+        for _, write in channels:  # the process holds its own copies: the channel ends once it (and its children) do
             os.close(write)
         for thread in threads:
-            thread.join(OUTPUT_DRAIN_S)
+            thread.join(drain)
 
 
 def run_launched(command: list[str], env: dict[str, str], output: tuple[int, int] = (1, 2)) -> int:
@@ -323,6 +366,7 @@ def forked_stage(module: str, request: Path, env: dict[str, str], stdout: int, s
     for received, fd in ((stdout, 1), (stderr, 2)):
         os.dup2(received, fd)
         os.close(received)
+    sys.stdout.reconfigure(line_buffering=True)  # the server's, whatever its own stdout was: as PYTHONUNBUFFERED
     sys.argv = [module, str(request)]
     multiprocessing.set_start_method(None, force=True)  # the platform's default again, not forkserver
     if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:

@@ -1,4 +1,4 @@
-"""A stage module for tests/test_stage_launch.py: it reports what its process sees."""
+"""A stage module for tests/e2e/test_stage_launch.py: it reports what its process sees."""
 
 from __future__ import annotations
 

@@ -417,6 +417,11 @@ def test_a_cuda_gpu_is_told_by_the_driver_files_unless_cuda_visible_devices_hide
     assert not schema.cuda_gpu_visible()
     (tmp_path / "nvidia0").touch()
     assert schema.cuda_gpu_visible()
-    for hidden in ("", "-1"):
+    for hidden in ("", "-1", "NoDevFiles"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
         assert not schema.cuda_gpu_visible()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    (tmp_path / "nvidia0").unlink()
+    assert not schema.cuda_gpu_visible()
+    (tmp_path / "dxg").touch()  # WSL2
+    assert schema.cuda_gpu_visible()

@@ -70,6 +70,14 @@ def test_a_stage_imports_only_the_library(file):
     assert not top_packages(file) & {"stages", "flows", "tests"}, f"{file}: {sorted(imported(file))}"
 
 
+@pytest.mark.parametrize("file", sorted(p for d in ("pipeline", "stages", "flows") for p in (ROOT / d).rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_are_absolute(file):
+    """The walks here read absolute imports only: a relative one would pass them unseen."""
+    relative = [n.lineno for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.ImportFrom) and n.level]
+    assert not relative, f"{file}: relative imports at lines {relative}"
+
+
 def test_the_walk_sees_lazy_imports(tmp_path):
     """The check above would pass vacuously if it missed imports inside functions."""
     module = tmp_path / "m.py"

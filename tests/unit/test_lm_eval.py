@@ -76,6 +76,13 @@ def test_the_key_holds_the_tasks_their_settings_and_the_task_files(tmp_path):
     assert LmEvalConfig(tasks=["mine"], include_path=[str(folder)], limit=3).key_settings()["limit"] == 3
 
 
+def test_the_shipped_tasks_files_keep_the_digest_that_existing_results_are_keyed_by():
+    """Their bytes are in every evaluate key that scores them: an edit (or a moved import in
+    suites.py) makes every such result stale. Change this digest only on purpose."""
+    key = LmEvalConfig(tasks=["posttrain_general_exact", "posttrain_general_choice"]).key_settings()
+    assert key["files"] == "a26a844252ff0b572b9df56e5643d23b01f42c1a017f8d475fbc15b3d7fc20e2"
+
+
 def test_metric_names_are_mlflow_names_with_the_filter_as_a_level():
     results = {
         "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.1,

@@ -47,3 +47,33 @@ def test_a_failing_log_does_not_stop_the_output():
     chunks = [b"first\n", b"second\n" * 1000, BAR]
     assert forwarded(chunks, broken) == b"".join(chunks)
     assert calls == ["first"]  # not called again once it failed
+
+
+def test_a_terminal_gets_a_pseudo_terminal_of_its_size_whose_end_ends_the_forwarding():
+    import fcntl
+    import struct
+    import termios
+
+    from pipeline.runtime.process import output_channel
+
+    terminal, console = os.openpty()  # `console`: a terminal, as the user's would be
+    fcntl.ioctl(console, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 123, 0, 0))
+    read, write = output_channel(console)
+    assert os.isatty(write)  # the stage's tqdm and colours see a terminal...
+    assert struct.unpack("HHHH", fcntl.ioctl(write, termios.TIOCGWINSZ, bytes(8)))[:2] == (40, 123)  # ...this wide
+    os.write(write, b"loading\nsft: 50%\rsft: 100%\n")
+    os.close(write)  # the stage ended: reading the pseudo-terminal now fails with EIO, which ends the forwarding
+    lines = []
+    copied = forwarded_from(read, lines.append)
+    assert copied == b"loading\r\nsft: 50%\rsft: 100%\r\n"  # the terminal's own line endings
+    assert lines == ["loading", "sft: 100%"]
+    _, log_file = os.pipe()
+    assert not os.isatty(output_channel(log_file)[1])  # not a terminal (a CI log, a file): a pipe
+
+
+def forwarded_from(source: int, log_line) -> bytes:
+    sink = os.pipe()
+    forward(source, sink[1], log_line)
+    os.close(sink[1])
+    with open(sink[0], "rb") as copied:
+        return copied.read()

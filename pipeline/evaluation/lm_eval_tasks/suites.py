@@ -10,7 +10,7 @@ from typing import Any
 
 import datasets
 
-from pipeline.data.sources import iter_jsonl
+from pipeline.data import iter_jsonl
 
 DISTRACTORS = 3  # wrong choices per question of the multiple-choice task
 
