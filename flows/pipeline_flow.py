@@ -24,6 +24,7 @@ from pipeline.results.manifest import Manifest, results_lock
 from pipeline.runtime.process import StageError, preload_for, stop_on_signals
 from pipeline.tracking.tracker import Tracker, pipeline_run_name
 
+
 def _transient(task, task_run, state) -> bool:
     """Retry only failures marked transient (an engine that failed to start), never bad input."""
     error = state.result(raise_on_failure=False)

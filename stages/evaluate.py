@@ -58,6 +58,7 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         correct = iter(pool.map(verify, [c for samples in completions for c in samples],
                                 [a for a, samples in zip(answers, completions, strict=True) for _ in samples]))
+    sampled_with = cfg.sampling.resolved().model_dump()
     return [{
         "id": row.get("id", str(i)),
         "task": row.get("task"),
@@ -65,7 +66,7 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
         "answer": answer,
         "completions": samples,
         "correct": [next(correct) for _ in samples],
-        "sampling": cfg.sampling.resolved().model_dump(),
+        "sampling": sampled_with,
     } for i, (row, answer, samples) in enumerate(zip(rows, answers, completions, strict=True))]
 
 

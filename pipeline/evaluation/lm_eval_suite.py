@@ -66,7 +66,7 @@ def check_lm_eval(cfg: PipelineConfig) -> None:
             raise ConfigError(f"evaluate.lm_eval.tasks[{i}] ({spec.task}) reads data.general_eval as prompt/answer "
                               f"rows of a local JSONL file read as it is, and {general.name} is not one: use lm-eval tasks of its own")
     if all(spec.task in SHIPPED for spec in settings.tasks):
-        return  # the project's own, over data.general_eval, checked above; lm-eval's index takes 1.5 s to build
+        return  # the project's own, over data.general_eval, checked above; importing lm-eval to index them takes 1.5 s
     manager = task_manager(settings, None)
     index = manager.task_index
     for i, spec in enumerate(settings.tasks):

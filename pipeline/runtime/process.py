@@ -189,7 +189,7 @@ def stage_output(log_line: Callable[[str], None] | None) -> Iterator[tuple[int, 
             thread.join(drain)
 
 
-def run_launched(command: list[str], env: dict[str, str], output: tuple[int, int] = (1, 2)) -> int:
+def run_launched(command: list[str], env: dict[str, str], output: tuple[int, int]) -> int:
     """Run a stage's command (`python -m`, or `accelerate launch` and its workers) in a process
     group of its own: interrupted, the whole group is stopped, so no worker outlives the run."""
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=output[0], stderr=output[1])

@@ -52,11 +52,12 @@ def sample(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
         raise ValueError(f"{model_dir} is not a model folder (no readable config.json): {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
     check_prompts(config, tokenizer, prompts, settings, names or [f"prompt {i + 1}" for i in range(len(prompts))])
+    resolved = settings.resolved()
     if settings.backend == "auto":
-        print(f"sampling with {settings.chosen_backend()} (sampling.backend auto: vllm where a CUDA GPU is visible, "
+        print(f"sampling with {resolved.backend} (sampling.backend auto: vllm where a CUDA GPU is visible, "
               "else hf)", flush=True)
-    backend = sample_vllm if settings.chosen_backend() == "vllm" else sample_hf
-    return backend(model_dir, prompts, settings.resolved(), tokenizer_dir, trust_remote_code)
+    backend = sample_vllm if resolved.backend == "vllm" else sample_hf
+    return backend(model_dir, prompts, resolved, tokenizer_dir, trust_remote_code)
 
 
 def check_vocabulary(config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
