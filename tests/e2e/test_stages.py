@@ -68,7 +68,7 @@ def write_pair_prompts(sft: Manifest, data: Manifest, path: Path) -> None:
 def demo_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the tiny stages take seconds
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # the tiny evaluations can take under a second
         upstream = run_pipeline(tiny_config(tmp_path), stage="sft")
         write_pair_prompts(upstream[-1].manifest, upstream[0].manifest, tmp_path / PAIR_PROMPTS)
         return tmp_path, run_pipeline(tiny_config(tmp_path))
