@@ -54,10 +54,13 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
 
     verify = get_verifier(source.verifier, **cfg.evaluate.verifier_options())
     answers = [reference(row) for row in rows]
-    # Threads: a code verdict is a sandboxed process that the thread only waits on.
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        correct = iter(pool.map(verify, [c for samples in completions for c in samples],
-                                [a for a, samples in zip(answers, completions, strict=True) for _ in samples]))
+    pairs = ([c for samples in completions for c in samples],
+             [a for a, samples in zip(answers, completions, strict=True) for _ in samples])
+    if source.verifier == "code":  # threads: each verdict is a sandboxed process that a thread only waits on
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            correct = pool.map(verify, *pairs)
+    else:  # string comparisons: a thread per verdict would cost more than the verdict
+        correct = map(verify, *pairs)
     sampled_with = cfg.sampling.resolved().model_dump()
     return [{
         "id": row.get("id", str(i)),

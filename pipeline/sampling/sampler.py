@@ -125,7 +125,7 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
             generated = model.generate(
-                **batch,
+                **shared_prefill(model, batch, settings.n),
                 do_sample=sampling,
                 temperature=settings.temperature if sampling else None,
                 top_p=settings.top_p if sampling else None,
@@ -134,7 +134,6 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
                 top_k=0 if sampling else None,
                 repetition_penalty=1.0,
                 max_new_tokens=settings.max_tokens,
-                num_return_sequences=settings.n,
                 pad_token_id=tokenizer.pad_token_id,
             )
         decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -142,6 +141,34 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
         progress.update(len(texts))
     progress.close()
     return results
+
+
+def shared_prefill(model: PreTrainedModel, batch: dict, n: int) -> dict:
+    """`generate`'s inputs for n samples of each prompt, with the prompts but their last token
+    already in the KV cache, computed once per prompt and copied to its n rows. (`generate`'s
+    num_return_sequences copies the prompt n times and computes each copy, which for short answers
+    is most of the sampling time; what vLLM's prefix caching spares.) The last token goes through
+    `generate`, for the first token's logits. The samples are the same for the same seed."""
+    import inspect
+
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache = DynamicCache(config=model.config)
+    # Only a cache whose whole state is keys and values is copied right by batch_repeat_interleave
+    # (a linear-attention layer's recurrent state would not be); one token leaves nothing to share.
+    if n == 1 or ids.shape[1] < 2 or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)
+                                         for layer in cache.layers):
+        return {"input_ids": ids, "attention_mask": mask, "num_return_sequences": n}
+    # As generate numbers the positions of left-padded prompts.
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    only_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache,
+          use_cache=True, **only_last)
+    cache.batch_repeat_interleave(n)
+    return {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0),
+            "past_key_values": cache}
 
 
 def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,

@@ -20,12 +20,15 @@ from pipeline.demo.world import build_model, build_tokenizer
 from pipeline.results.manifest import Manifest
 from pipeline.sampling.engines import CPU_BIND_ENV, DP_ENV, DeviceSlice, cpu_slices, device_slices, gpu_slices, run_ranks
 from pipeline.sampling.sampler import (
+    generate_hf,
     generate_vllm,
+    load_hf,
     merge_shards,
     prompt_seeds,
     sample,
     sample_hf,
     shard_prompts,
+    shared_prefill,
     vllm_engine,
     vllm_engine_args,
 )
@@ -87,6 +90,68 @@ def test_same_seed_same_completions_other_seed_others(sampler):
     first = sampler(SETTINGS)
     assert sampler(SETTINGS) == first
     assert sampler(SETTINGS.model_copy(update={"seed": 8})) != first
+
+
+def test_hf_computes_each_prompt_once_and_samples_as_generate_alone_does(model_dir):
+    """The prompts go through the model once each, not once per sample, and the completions are
+    generate's own with num_return_sequences (each prompt copied n times), for the same seed;
+    prompts of different lengths (left padding) and a one-token prompt included."""
+    import torch
+
+    model, tokenizer = load_hf(model_dir)
+    prompts, settings = ["1+1=", "12345+678=", "9"], SETTINGS.model_copy(update={"n": 5})
+    rows = []  # the shape of each batch the model computes
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: rows.append(tuple(args[0].shape)))
+    try:
+        ours = generate_hf(model, tokenizer, prompts, settings)
+        longest = len(tokenizer(prompts[1], add_special_tokens=False).input_ids)
+        assert rows[0] == (3, longest - 1)  # the prompts but their last token, once each
+        assert set(rows[1:]) == {(3 * 5, 1)}  # then one token at a time for each sample
+        rows.clear()
+        one_token = generate_hf(model, tokenizer, prompts[2:], settings)
+        assert rows[0] == (5, 1)
+    finally:
+        hook.remove()
+
+    def generate_alone(texts: list[str]) -> list[list[str]]:
+        torch.manual_seed(settings.seed)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                             top_k=0, repetition_penalty=1.0, max_new_tokens=settings.max_tokens,
+                             num_return_sequences=settings.n, pad_token_id=tokenizer.pad_token_id)
+        decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [decoded[i:i + settings.n] for i in range(0, len(decoded), settings.n)]
+
+    assert ours == generate_alone(prompts)
+    assert one_token == generate_alone(prompts[2:])  # one token: generate's own path
+    assert len({c for texts in ours for c in texts}) > 3  # samples, not one answer copied
+    # The next-token logits at every step, not only the samples drawn from them.
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    options = {"do_sample": True, "top_k": 0, "max_new_tokens": 6, "return_dict_in_generate": True,
+               "output_logits": True, "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    shared = model.generate(**shared_prefill(model, batch, 5), **options).logits
+    torch.manual_seed(0)
+    alone = model.generate(**batch, num_return_sequences=5, **options).logits
+    assert len(shared) == len(alone) == 6
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, alone))
+
+
+def test_a_model_with_recurrent_layers_samples_through_generates_own_copies():
+    """A linear-attention layer's state is not keys and values, which batch_repeat_interleave copies:
+    such a model (Qwen3-Next) is left to generate's own num_return_sequences, with the model unused."""
+    import torch
+    from transformers import Qwen3NextConfig
+
+    class Unused:
+        config = Qwen3NextConfig(num_hidden_layers=4)
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("the prompts were computed for a cache that cannot be copied")
+
+    ids = torch.ones(2, 5, dtype=torch.long)
+    inputs = shared_prefill(Unused(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 4)
+    assert inputs["num_return_sequences"] == 4 and inputs["input_ids"] is ids and "past_key_values" not in inputs
 
 
 def test_greedy_with_several_samples_is_refused(model_dir):
