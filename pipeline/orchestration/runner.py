@@ -52,6 +52,16 @@ class StageResult:
     run_id: str  # the stage's MLflow run in this pipeline (a cached result's producer is manifest.run_id)
     seconds: float  # wall time in this pipeline, MLflow logging and the stage's process included
     link: str  # the stage's run in the MLflow UI
+    began: float = 0.0  # when this pipeline took the stage up (epoch seconds)
+
+    def phases(self) -> tuple[float, float, float] | None:
+        """A stage run here, in seconds: its start-up (until the stage function starts: the process,
+        imports, MLflow run), its work (the function) and its bookkeeping (the manifest's digests,
+        MLflow's logging, the process's end). None for a reused result."""
+        if self.cached or self.manifest.started_at is None:
+            return None
+        startup = self.manifest.started_at - self.began
+        return startup, self.manifest.seconds, self.seconds - startup - self.manifest.seconds
 
 
 @dataclass
@@ -190,7 +200,7 @@ class StageRunner:
         from pipeline.tracking.tracker import TrackingUnavailable, dataset_input
 
         name, key, out, tracker = planned.name, planned.key, planned.out, self.tracker
-        start = time.perf_counter()
+        began, start = time.time(), time.perf_counter()
         manifest = self.reusable(planned)
         store = open_store(self.cfg.results_store)  # results shared with other machines (docs/storage.md)
         if manifest is None and store is not None and name not in self.force:
@@ -228,7 +238,7 @@ class StageRunner:
                 "logged then"
             ) from error
         atomic_write_text(self.latest(name), key)
-        result = StageResult(name, manifest, cached, run_id, time.perf_counter() - start, tracker.link(run_id))
+        result = StageResult(name, manifest, cached, run_id, time.perf_counter() - start, tracker.link(run_id), began)
         self.results.append(result)
         return result
 

@@ -122,6 +122,7 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None  # the MLflow run that produced it
     seconds: float | None = None  # the stage function's own time, without its process's start and imports
+    started_at: float | None = None  # when the stage function started (epoch seconds): the end of its start-up
     folder: Path | None = field(default=None, compare=False)
 
     def path(self, name: str) -> Path:
@@ -130,12 +131,12 @@ class Manifest:
 
     def write(self, folder: Path, started: float | None = None) -> Manifest:
         """Digest the outputs, then write the manifest atomically: the stage is done after this.
-        `started`: the stage function's start (time.perf_counter()), to record its `seconds`."""
+        `started`: the stage function's start (time.time()), to record it and the function's `seconds`."""
         self.folder = folder
         self.digests = {name: digest(self.path(name)) for name in self.outputs}
         self.stats = {name: file_stats(self.path(name)) for name in self.outputs}
         if started is not None:
-            self.seconds = time.perf_counter() - started
+            self.started_at, self.seconds = started, time.time() - started
         self._write_body()
         return self
 

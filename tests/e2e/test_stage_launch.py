@@ -18,7 +18,7 @@ from pipeline.config.schema import PipelineConfig
 from pipeline.results.manifest import Manifest
 from flows.wiring import MODULES
 from pipeline.runtime.process import ERROR, preloaded_modules, run_forked, start_fork_server
-from stages import sft
+from stages import pairs, sft
 
 
 def request(tmp_path):
@@ -65,8 +65,14 @@ def test_a_forked_stage_that_fails_exits_nonzero_with_its_error_recorded(tmp_pat
 
 def test_the_fork_servers_imports_never_ask_cuda_anything():
     """Every query that would initialise the CUDA driver raises while the server's modules import."""
-    modules = preloaded_modules([module.STAGE for module in MODULES])
+    modules = preloaded_modules([module.STAGE for module in MODULES], "sqlite:////tmp/mlflow.db")
     assert "stages.sft" in modules and "pipeline.training.train" in modules and "pipeline.sampling.sampler" in modules
+    # MLflow's system-metrics monitor, which a stage running a model starts, and the SQL store it
+    # opens where MLflow keeps its runs in a database: 1-2 s to import in each stage otherwise.
+    monitor, store = "mlflow.system_metrics.system_metrics_monitor", "mlflow.store.tracking.sqlalchemy_store"
+    assert monitor in modules and monitor not in preloaded_modules([pairs.STAGE])
+    assert store in modules and store in preloaded_modules([sft.STAGE], "postgresql+psycopg2://mlflow@db/mlflow")
+    assert store not in preloaded_modules([sft.STAGE]) + preloaded_modules([sft.STAGE], "http://127.0.0.1:5000")
     probe = textwrap.dedent(f"""
         import torch, torch.cuda
         def refuse(*args, **kwargs):

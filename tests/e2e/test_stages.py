@@ -84,6 +84,11 @@ def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
         assert all(manifest.path(name).exists() for name in manifest.outputs)
         if not r.cached:  # the stage function's own time, inside the pipeline's time for the stage
             assert 0 < manifest.seconds < r.seconds
+            startup, work, bookkeeping = r.phases()  # a process to start before, MLflow to log after
+            assert startup > 0 and work == manifest.seconds and bookkeeping > 0
+            assert startup + work + bookkeeping == pytest.approx(r.seconds)
+        else:
+            assert r.phases() is None
     by_name = {r.name: r.manifest for r in results}
     # Keys follow content: SFT's input is the pretrained model's digest, DPO's the SFT model's and the pairs'.
     assert by_name["sft"].inputs == {"model": by_name["pretrain"].digests["model"],

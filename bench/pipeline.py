@@ -1,0 +1,98 @@
+"""The demo pipeline's wall time per stage, split into start-up, work and bookkeeping, before and
+after, in one run; then one SFT step of our trainer against stock TRL's SFTTrainer.
+
+    python bench/pipeline.py [--config configs/demo.yaml] [--no-before] [--sft-steps 20]
+
+After: the pipeline as it runs now (stages forked from the preloaded server, `sampling.backend`
+as the config says: auto samples with transformers `generate` on a CPU), into a fresh results
+folder with its own MLflow SQLite store. Before: the same stages again with a fresh Python per
+stage (`launch.preload: false`) and a vLLM engine per sampling stage (`sampling.backend: vllm`),
+the demo's defaults before; the demo world and its pretrained model are reused, every later
+stage is forced. Per stage: start-up (the stage's process, its imports, its MLflow run, until
+the stage function starts), work (the function), bookkeeping (the manifest, MLflow's logging,
+the process's end). Then `bench/sft_step.py` on the demo model's shape and a demo SFT batch: our
+CE step (chunked and full logits) against stock TRL `SFTTrainer`'s (its own LM head and loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows.pipeline_flow import StageResult, run_pipeline  # noqa: E402
+from flows.wiring import DEMO_STAGES, pipeline_stages  # noqa: E402
+from pipeline.config.schema import parse_config  # noqa: E402
+from pipeline.demo.world import build_tokenizer  # noqa: E402
+
+
+def phase_table(runs: dict[str, list[StageResult]]) -> None:
+    """Start-up / work / bookkeeping per stage, one column group per run, and the totals."""
+    labels = list(runs)
+    print(f"{'stage':15}" + "".join(f"{label + ': start-up / work / bookkeeping = wall':>52}" for label in labels))
+    by_stage = {label: {r.name: r for r in results} for label, results in runs.items()}
+    totals = {label: [0.0, 0.0, 0.0, 0.0] for label in labels}
+    for name in by_stage[labels[0]]:
+        row = f"{name:15}"
+        for label in labels:
+            result = by_stage[label].get(name)
+            phases = result.phases() if result else None
+            if phases is None:
+                row += f"{'reused' if result else '-':>52}"
+                continue
+            row += f"{'%6.1f s / %6.1f s / %5.1f s = %6.1f s' % (*phases, result.seconds):>52}"
+            for i, value in enumerate((*phases, result.seconds)):
+                totals[label][i] += value
+        print(row)
+    print(f"{'run stages':15}" + "".join(f"{'%6.1f s / %6.1f s / %5.1f s = %6.1f s' % tuple(totals[label]):>52}"
+                                         for label in labels))
+    if len(labels) == 2:
+        before, after = (totals[label] for label in labels)
+        print(f"after / before over the stages both ran: start-up {after[0] / before[0]:.2f}x, work "
+              f"{after[1] / before[1]:.2f}x, bookkeeping {after[2] / before[2]:.2f}x, wall {after[3] / before[3]:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    parser.add_argument("--no-before", dest="before", action="store_false", help="only the pipeline as it runs now")
+    parser.add_argument("--sft-steps", type=int, default=20, help="steps of each SFT case; 0 leaves the SFT step out")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    settings = yaml.safe_load(args.config.read_text()) | {
+        "results_dir": str(work / "results"), "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"}}
+    cfg = parse_config(settings)
+    runs = {}
+    start = time.perf_counter()
+    runs["after"] = run_pipeline(cfg)
+    after_wall = time.perf_counter() - start
+    if args.before:
+        earlier = parse_config(settings | {"launch": {"preload": False},
+                                           "sampling": {**settings.get("sampling", {}), "backend": "vllm"}})
+        forced = set(pipeline_stages(earlier)) - set(DEMO_STAGES)
+        runs = {"before": run_pipeline(earlier, force=forced), **runs}
+    print(f"\n{args.config}, results in {work}; the pipeline as it runs now took {after_wall:.0f} s in all")
+    phase_table(runs)
+
+    if args.sft_steps:
+        demo = cfg.demo
+        sft = cfg.sft.trainer
+        print(f"\nOne SFT step on the demo model's shape ({demo.num_layers} layers, hidden {demo.hidden_size}), "
+              f"{sft.get('per_device_train_batch_size', 8)} x {sft.get('max_length', 1024)} tokens:", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("sft_step.py")), "--arch", "llama",
+                        "--hidden", str(demo.hidden_size), "--layers", str(demo.num_layers), "--heads",
+                        str(demo.num_heads), "--intermediate", str(demo.intermediate_size), "--vocab", str(len(build_tokenizer())),
+                        "--seq", str(sft.get("max_length", 1024)), "--batch", str(sft.get("per_device_train_batch_size", 8)),
+                        "--steps", str(args.sft_steps), "--cases", "ce", "trl"], check=True)
+
+
+if __name__ == "__main__":  # vLLM starts processes that import this file again
+    main()
