@@ -386,7 +386,8 @@ class SFTStageConfig(TrainStage):
     lora: LoraConfig | None = None
     chunked_loss: bool = Field(
         True, description="the loss from the hidden states, projected to the vocabulary a chunk of tokens at a time, "
-        "where the model allows (a plain LM head, no logit scaling); false: from the full logits")
+        "where the model allows (a plain LM head, no logit scaling) and a batch's logits exceed one chunk; false: "
+        "from the full logits")
     reference: Literal["model", "cached"] = Field(
         "model", description="EKSFT's reference: the frozen starting model held in memory, or its top-K log-probs "
         "per token, computed once by the `reference` stage")

@@ -11,11 +11,19 @@ from pipeline.losses.stats import select_tokens
 from pipeline.losses.token_loss import build_loss
 from pipeline.training.reference import ReferenceMismatch, ReferenceTopK
 from pipeline.training.train import cache_reference_topk, trainer_config
+from pipeline.training import trainer as trainer_module
 from pipeline.training.trainer import TokenLossSFTTrainer, last_hidden_states
 
 ARGS = {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": 1e-2,
         "save_strategy": "no", "report_to": "none"}
 TINY = DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=64)
+
+
+@pytest.fixture(autouse=True)
+def chunk_every_batch(monkeypatch):
+    """The tiny model's logits fit in one chunk, where training takes the full logits: these tests
+    are about the chunked path, so it is taken whatever the batch."""
+    monkeypatch.setattr(trainer_module, "tokens_per_chunk", lambda vocab, device: 0)
 
 
 def rows():
@@ -102,3 +110,15 @@ def test_eksft_on_a_cache_of_all_but_one_token_trains_like_eksft_with_the_model(
     assert got_losses == pytest.approx(want_losses, rel=1e-4)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
+
+
+def test_a_batch_whose_logits_fit_in_one_chunk_takes_the_full_logits(tmp_path, monkeypatch):
+    """Where the chunked path would hold the whole batch's logits at once anyway, it only costs time."""
+    ce = {"name": "ce"}
+    tokens = ARGS["per_device_train_batch_size"] * 8  # the batch's positions, at least
+    monkeypatch.setattr(trainer_module, "tokens_per_chunk", lambda vocab, device: 10**6)
+    _, _, positions = trained(trainer(tmp_path / "fits", ce))
+    assert positions and min(positions) > 0  # the LM head made every position's logits
+    monkeypatch.setattr(trainer_module, "tokens_per_chunk", lambda vocab, device: tokens // 2)
+    _, _, positions = trained(trainer(tmp_path / "exceeds", ce))
+    assert set(positions) == {0}  # the chunked path: no logits from the model's forward
