@@ -34,29 +34,36 @@ from pipeline.demo.world import build_tokenizer  # noqa: E402
 
 
 def phase_table(runs: dict[str, list[StageResult]]) -> None:
-    """Start-up / work / bookkeeping per stage, one column group per run, and the totals."""
+    """Start-up / work / bookkeeping per stage, one column group per run; the totals, and with
+    two runs their ratios over the stages both ran."""
     labels = list(runs)
     print(f"{'stage':15}" + "".join(f"{label + ': start-up / work / bookkeeping = wall':>52}" for label in labels))
     by_stage = {label: {r.name: r for r in results} for label, results in runs.items()}
-    totals = {label: [0.0, 0.0, 0.0, 0.0] for label in labels}
-    for name in by_stage[labels[0]]:
-        row = f"{name:15}"
-        for label in labels:
-            result = by_stage[label].get(name)
-            phases = result.phases() if result else None
-            if phases is None:
-                row += f"{'reused' if result else '-':>52}"
-                continue
-            row += f"{'%6.1f s / %6.1f s / %5.1f s = %6.1f s' % (*phases, result.seconds):>52}"
-            for i, value in enumerate((*phases, result.seconds)):
-                totals[label][i] += value
-        print(row)
-    print(f"{'run stages':15}" + "".join(f"{'%6.1f s / %6.1f s / %5.1f s = %6.1f s' % tuple(totals[label]):>52}"
-                                         for label in labels))
+
+    def cells(label: str, name: str) -> tuple[float, float, float, float] | None:
+        result = by_stage[label].get(name)
+        phases = result.phases() if result else None
+        return None if phases is None else (*phases, result.seconds)
+
+    def row(values: tuple[float, ...] | None, missing: str) -> str:
+        return f"{'%6.1f s / %6.1f s / %5.1f s = %6.1f s' % values if values else missing:>52}"
+
+    names = list(by_stage[labels[-1]])
+    for name in names:
+        print(f"{name:15}" + "".join(row(cells(label, name), "reused" if name in by_stage[label] else "-")
+                                     for label in labels))
+
+    def total(label: str, among: list[str]) -> tuple[float, ...]:
+        ran = [c for c in (cells(label, name) for name in among) if c]
+        return tuple(map(sum, zip(*ran))) if ran else (0.0,) * 4
+
+    print(f"{'all it ran':15}" + "".join(row(total(label, names), "") for label in labels))
     if len(labels) == 2:
-        before, after = (totals[label] for label in labels)
-        print(f"after / before over the stages both ran: start-up {after[0] / before[0]:.2f}x, work "
-              f"{after[1] / before[1]:.2f}x, bookkeeping {after[2] / before[2]:.2f}x, wall {after[3] / before[3]:.2f}x")
+        both = [name for name in names if all(cells(label, name) for label in labels)]
+        before, after = (total(label, both) for label in labels)
+        print(f"{'both ran':15}" + row(before, "") + row(after, ""))
+        print(f"after / before over the {len(both)} stages both ran: start-up {after[0] / before[0]:.2f}x, "
+              f"work {after[1] / before[1]:.2f}x, bookkeeping {after[2] / before[2]:.2f}x, wall {after[3] / before[3]:.2f}x")
 
 
 def main() -> None:
