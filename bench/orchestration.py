@@ -24,14 +24,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.pipeline_flow import StageResult, run_pipeline  # noqa: E402
-from pipeline.config.schema import PipelineConfig, parse_config  # noqa: E402
-from pipeline.runtime.process import free_port  # noqa: E402
+# Imported in main(), not here: each stage forked from the server imports this script again as
+# multiprocessing's __mp_main__, and Prefect's import (1.5 s) would count as every stage's overhead.
+if TYPE_CHECKING:
+    from pipeline.config.schema import PipelineConfig
+    from pipeline.orchestration.runner import StageResult
 
 TINY = {
     "demo": {"hidden_size": 64, "num_heads": 1, "num_layers": 1, "intermediate_size": 64,
@@ -44,6 +47,10 @@ TINY = {
 
 
 def main() -> None:
+    from flows.pipeline_flow import run_pipeline
+    from pipeline.config.schema import parse_config
+    from pipeline.runtime.process import free_port
+
     work = Path(tempfile.mkdtemp())
     preference = work / "preference.jsonl"
     preference.write_text('{"prompt": "12*3=", "chosen": "63", "rejected": "36"}\n' * 8)

@@ -22,15 +22,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.pipeline_flow import StageResult, run_pipeline  # noqa: E402
-from flows.wiring import DEMO_STAGES, pipeline_stages  # noqa: E402
-from pipeline.config.schema import parse_config  # noqa: E402
-from pipeline.demo.world import build_tokenizer  # noqa: E402
+# Imported in main(), not here: each stage forked from the server imports this script again as
+# multiprocessing's __mp_main__, and Prefect's import (1.5 s) would count as every stage's start-up.
+if TYPE_CHECKING:
+    from pipeline.orchestration.runner import StageResult
 
 
 def phase_table(runs: dict[str, list[StageResult]]) -> None:
@@ -67,6 +68,11 @@ def phase_table(runs: dict[str, list[StageResult]]) -> None:
 
 
 def main() -> None:
+    from flows.pipeline_flow import run_pipeline
+    from flows.wiring import DEMO_STAGES, pipeline_stages
+    from pipeline.config.schema import parse_config
+    from pipeline.demo.world import build_tokenizer
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     parser.add_argument("--no-before", dest="before", action="store_false", help="only the pipeline as it runs now")
