@@ -39,6 +39,7 @@ from pipeline.demo.world import build_tokenizer  # noqa: E402
 from pipeline.losses.token_loss import build_loss
 from pipeline.training.reference import ReferenceTopK  # noqa: E402
 from pipeline.training.train import cache_reference_topk, trainer_config  # noqa: E402
+from pipeline.training import trainer as trainer_module  # noqa: E402
 from pipeline.training.trainer import TokenLossSFTTrainer  # noqa: E402
 
 CACHED_K = 64
@@ -161,6 +162,9 @@ def main() -> None:
     flops, peak = train_flops_per_token(start, args.seq), peak_flops(args)
     tokens = args.batch * args.seq
     results, kept = {}, None
+    # The chunked cases take the chunked path even where a batch's logits fit in one chunk (small
+    # shapes), where training itself takes the full logits: this bench compares the two paths.
+    trainer_module.tokens_per_chunk = lambda vocab, device: 0
     for label, chunked in cases:
         timer = StepTimes()
         common = {"model": clone(), "args": trainer_config(SFTConfig, work / label, trainer_args, 0),

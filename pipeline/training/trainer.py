@@ -206,7 +206,7 @@ def last_hidden_states(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.
 def logits_exceed_a_chunk(model: nn.Module, labels: torch.Tensor) -> bool:
     """Whether this batch's full logits are more than one chunk of the chunked path. If not, the
     chunked path holds as much memory and is slower: on the demo model (vocabulary 87) on a CPU,
-    1.28x the full logits' step (`bench/pipeline.py`)."""
+    1.07x to 1.28x the full logits' step in two runs of `bench/sft_step.py` at its shape."""
     return labels.numel() > tokens_per_chunk(unwrap(model).get_output_embeddings().weight.shape[0], labels.device)
 
 

@@ -57,12 +57,16 @@ def test_a_library_package_imports_only_itself_and_lower_layers(file):
     assert not upward, f"{file} ({package}, layer {LAYER[package]}) imports {sorted(upward)}"
 
 
-def test_no_flow_module_is_named_like_a_package():
-    """Prefect loads a deployment's entrypoint script as a module named after its file, searching
-    the script's folder and the working directory: a flows/pipeline.py shadowed the library (its
-    `pipeline.results` became the repository's results/ folder)."""
-    names = {p.stem for p in (ROOT / "flows").glob("*.py")}
-    assert not names & ({"pipeline", "stages", "flows"} | set(LAYER))
+@pytest.mark.parametrize("folder", ["flows", "bench"])
+def test_no_flow_or_bench_script_is_named_like_a_package(folder):
+    """A script's own folder comes first on the import path: Prefect loads a deployment's
+    entrypoint as a module named after its file (a flows/pipeline.py shadowed the library: its
+    `pipeline.results` became the repository's results/ folder), and `python bench/x.py` finds a
+    bench/pipeline.py before the library."""
+    names = {p.stem for p in (ROOT / folder).glob("*.py")}
+    assert not names & {"pipeline", "stages", "flows"}
+    if folder == "flows":  # Prefect's entrypoint module names, beside pipeline's own packages'
+        assert not names & set(LAYER)
 
 
 @pytest.mark.parametrize("file", sorted((ROOT / "stages").glob("*.py")), ids=lambda p: p.name)

@@ -1,7 +1,7 @@
 """The demo pipeline's wall time per stage, split into start-up, work and bookkeeping, before and
 after, in one run; then one SFT step of our trainer against stock TRL's SFTTrainer.
 
-    python bench/pipeline.py [--config configs/demo.yaml] [--no-before] [--sft-steps 20]
+    python bench/pipeline_speed.py [--config configs/demo.yaml] [--no-before] [--sft-steps 20]
 
 After: the pipeline as it runs now (stages forked from the preloaded server, `sampling.backend`
 as the config says: auto samples with transformers `generate` on a CPU), into a fresh results
