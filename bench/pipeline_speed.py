@@ -59,8 +59,8 @@ def phase_table(runs: dict[str, list[StageResult]]) -> None:
         return tuple(map(sum, zip(*ran))) if ran else (0.0,) * 4
 
     print(f"{'all it ran':15}" + "".join(row(total(label, names), "") for label in labels))
-    if len(labels) == 2:
-        both = [name for name in names if all(cells(label, name) for label in labels)]
+    both = [name for name in names if all(cells(label, name) for label in labels)]
+    if len(labels) == 2 and both:
         before, after = (total(label, both) for label in labels)
         print(f"{'both ran':15}" + row(before, "") + row(after, ""))
         print(f"after / before over the {len(both)} stages both ran: start-up {after[0] / before[0]:.2f}x, "

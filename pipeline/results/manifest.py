@@ -129,14 +129,15 @@ class Manifest:
         assert self.folder is not None, "manifest not yet written or read"
         return self.folder / self.outputs[name]
 
-    def write(self, folder: Path, started: float | None = None) -> Manifest:
+    def write(self, folder: Path, started: tuple[float, float] | None = None) -> Manifest:
         """Digest the outputs, then write the manifest atomically: the stage is done after this.
-        `started`: the stage function's start (time.time()), to record it and the function's `seconds`."""
+        `started`: when the stage function started, as (time.time(), time.perf_counter()), to
+        record it and the function's `seconds` (by the monotonic clock)."""
         self.folder = folder
         self.digests = {name: digest(self.path(name)) for name in self.outputs}
         self.stats = {name: file_stats(self.path(name)) for name in self.outputs}
         if started is not None:
-            self.started_at, self.seconds = started, time.time() - started
+            self.started_at, self.seconds = started[0], time.perf_counter() - started[1]
         self._write_body()
         return self
 

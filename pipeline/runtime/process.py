@@ -420,7 +420,7 @@ def run_request(stage: Stage, request_file: Path) -> None:
         monitor.start()
     try:
         cfg = PipelineConfig.model_validate(request["config"])
-        start = time.time()
+        start = time.time(), time.perf_counter()
         manifest = stage.run(cfg, out, **{k: Path(v) for k, v in request["paths"].items()})
         if processes > 1:
             import torch.distributed as dist

@@ -155,17 +155,22 @@ def shared_prefill(model: PreTrainedModel, batch: dict, n: int) -> dict:
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    plain = {"input_ids": ids, "attention_mask": mask, "num_return_sequences": n}
+    # generate refuses a cache given beside the generation config's own cache_implementation (Gemma's
+    # "hybrid"), and some architectures (RWKV, xLSTM, ...) take no DynamicCache at all.
+    if n == 1 or ids.shape[1] < 2 or getattr(model.generation_config, "cache_implementation", None) is not None \
+            or not getattr(model, "_supports_default_dynamic_cache", lambda: False)():
+        return plain  # one sample, or one token: nothing to share
     cache = DynamicCache(config=model.config)
     # Only a cache whose whole state is keys and values is copied right by batch_repeat_interleave
-    # (a linear-attention layer's recurrent state would not be); one token leaves nothing to share.
-    if n == 1 or ids.shape[1] < 2 or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)
-                                         for layer in cache.layers):
-        return {"input_ids": ids, "attention_mask": mask, "num_return_sequences": n}
-    # As generate numbers the positions of left-padded prompts.
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    only_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache,
-          use_cache=True, **only_last)
+    # (a linear-attention layer's recurrent state would not be).
+    if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        return plain
+    accepts = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+    if "position_ids" in accepts:  # as generate numbers the positions of left-padded prompts
+        extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, :-1]
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True, **extra)
     cache.batch_repeat_interleave(n)
     return {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0),
             "past_key_values": cache}

@@ -137,14 +137,20 @@ def test_hf_computes_each_prompt_once_and_samples_as_generate_alone_does(model_d
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, alone))
 
 
-def test_a_model_with_recurrent_layers_samples_through_generates_own_copies():
-    """A linear-attention layer's state is not keys and values, which batch_repeat_interleave copies:
-    such a model (Qwen3-Next) is left to generate's own num_return_sequences, with the model unused."""
+def test_models_whose_cache_cannot_be_shared_sample_through_generates_own_copies():
+    """A linear-attention layer's state is not keys and values, which batch_repeat_interleave copies
+    (Qwen3-Next), and a generation config with its own cache_implementation makes generate refuse
+    another: such models are left to generate's own num_return_sequences, the model unused."""
     import torch
-    from transformers import Qwen3NextConfig
+    from transformers import GenerationConfig, LlamaConfig, Qwen3NextConfig
 
     class Unused:
         config = Qwen3NextConfig(num_hidden_layers=4)
+        generation_config = GenerationConfig()
+
+        @staticmethod
+        def _supports_default_dynamic_cache() -> bool:
+            return True
 
         def __call__(self, *args, **kwargs):
             raise AssertionError("the prompts were computed for a cache that cannot be copied")
@@ -152,6 +158,11 @@ def test_a_model_with_recurrent_layers_samples_through_generates_own_copies():
     ids = torch.ones(2, 5, dtype=torch.long)
     inputs = shared_prefill(Unused(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 4)
     assert inputs["num_return_sequences"] == 4 and inputs["input_ids"] is ids and "past_key_values" not in inputs
+    # A generation config that names its own cache (Gemma's "hybrid"): generate would refuse another.
+    Unused.config = LlamaConfig(num_hidden_layers=2)  # keys and values only: shared but for that
+    Unused.generation_config = GenerationConfig(cache_implementation="hybrid")
+    inputs = shared_prefill(Unused(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 4)
+    assert inputs["num_return_sequences"] == 4 and "past_key_values" not in inputs
 
 
 def test_greedy_with_several_samples_is_refused(model_dir):

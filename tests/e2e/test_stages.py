@@ -85,8 +85,10 @@ def test_pipeline_runs_every_stage_and_writes_manifests(demo_run):
         if not r.cached:  # the stage function's own time, inside the pipeline's time for the stage
             assert 0 < manifest.seconds < r.seconds
             startup, work, bookkeeping = r.phases()  # a process to start before, MLflow to log after
-            assert startup > 0 and work == manifest.seconds and bookkeeping > 0
-            assert startup + work + bookkeeping == pytest.approx(r.seconds)
+            assert startup > 0 and bookkeeping > 0
+            # The stage function started (by the stage process's clock) after the pipeline took the
+            # stage up and ended before the pipeline was done with it.
+            assert r.began < manifest.started_at < manifest.started_at + manifest.seconds < r.began + r.seconds
         else:
             assert r.phases() is None
     by_name = {r.name: r.manifest for r in results}
