@@ -52,7 +52,7 @@ class StageResult:
     run_id: str  # the stage's MLflow run in this pipeline (a cached result's producer is manifest.run_id)
     seconds: float  # wall time in this pipeline, MLflow logging and the stage's process included
     link: str  # the stage's run in the MLflow UI
-    began: float = 0.0  # when this pipeline took the stage up (epoch seconds)
+    began: float  # when this pipeline took the stage up (epoch seconds)
 
     def phases(self) -> tuple[float, float, float] | None:
         """A stage run here, in seconds: its start-up (until the stage function starts: the process,
