@@ -449,6 +449,10 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(16, gt=0)
     seed: int = 0
+    batch_size: int = Field(
+        32, gt=0, description="hf: prompts per `generate` call (each n rows), taken by prompt length; generate "
+        "draws from one random stream, so this decides which samples each prompt gets (vLLM batches by itself)"
+    )
     # vLLM engine settings; null (or auto) picks the device's default when sampling starts.
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="vLLM: share of GPU memory (of RAM on CPU) each engine reserves; null: 0.9 on "
@@ -493,7 +497,13 @@ class SamplingConfig(Section):
         """The settings that decide what is sampled, for stage keys: the backend that samples (the
         two draw different completions), not how many devices the engines are spread over, so
         moving a pipeline to a bigger node keeps its results."""
-        return self.resolved().model_dump(exclude={"tensor_parallel_size", "data_parallel_size"})
+        resolved = self.resolved()
+        vllm = resolved.backend == "vllm"  # seeded per prompt: the batches do not matter
+        engines = {"tensor_parallel_size", "data_parallel_size"}
+        settings = resolved.model_dump(exclude=engines | ({"batch_size"} if vllm else set()))
+        if not vllm:  # generate's batches decide each prompt's samples: by prompt length (before: in prompt order)
+            settings["batches"] = "by prompt length"
+        return settings
 
 
 class LmEvalTask(Section):

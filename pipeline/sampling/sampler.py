@@ -111,18 +111,25 @@ def load_hf(model_dir: Path, tokenizer_dir: str | Path | None = None,
 
 
 def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt],
-                settings: SamplingConfig, batch_size: int = 64) -> list[list[str]]:
-    """n completions per prompt from a loaded model."""
+                settings: SamplingConfig) -> list[list[str]]:
+    """n completions per prompt from a loaded model, in batches of prompts of similar length."""
     import torch
 
     device = model.device
     sampling = settings.temperature > 0
     torch.manual_seed(settings.seed)  # seeds the CUDA generators too
-    results = []
+    texts = [format_prompt(p, tokenizer) for p in prompts]
+    # generate computes every row of a batch until the batch's longest completion ends, and pads
+    # each prompt to the batch's longest. Prompts of one length are often of one task, with answers
+    # of one length: on the demo's suites, batches in that order sample in 0.62x the time (bench/hf_batches.py).
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    results: list[list[str]] = [[] for _ in texts]
     progress = stage_bar(total=len(prompts), unit="prompt")
-    for start in range(0, len(prompts), batch_size):
-        texts = [format_prompt(p, tokenizer) for p in prompts[start:start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    for start in range(0, len(order), settings.batch_size):
+        rows = order[start:start + settings.batch_size]
+        batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
         with torch.no_grad():
             generated = model.generate(
                 **shared_prefill(model, batch, settings.n),
@@ -137,8 +144,9 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
                 pad_token_id=tokenizer.pad_token_id,
             )
         decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        results += [decoded[i:i + settings.n] for i in range(0, len(decoded), settings.n)]
-        progress.update(len(texts))
+        for j, i in enumerate(rows):
+            results[i] = decoded[j * settings.n:(j + 1) * settings.n]
+        progress.update(len(rows))
     progress.close()
     return results
 

@@ -206,6 +206,19 @@ def test_engine_layout_is_not_part_of_the_sampling_key():
     assert SamplingConfig(backend="vllm", n=2, temperature=1.0).key_settings() != one.key_settings()
 
 
+def test_the_hf_samplers_batch_order_is_part_of_its_key():
+    """generate's samples depend on the order its batches draw from one random stream: an
+    evaluation sampled in prompt order (before batches went by prompt length) is not reused."""
+    from pipeline.config.schema import SamplingConfig
+
+    hf = SamplingConfig(backend="hf")
+    assert hf.key_settings()["batches"] == "by prompt length"
+    assert hf.model_copy(update={"batch_size": 16}).key_settings() != hf.key_settings()
+    vllm = SamplingConfig(backend="vllm")  # seeded per prompt: its batches do not matter
+    assert "batches" not in vllm.key_settings()
+    assert vllm.model_copy(update={"batch_size": 16}).key_settings() == vllm.key_settings()
+
+
 @pytest.mark.parametrize("trainer, error", [
     ("max_steps: -5", r"sft\.trainer\.max_steps: must be a finite number, 0 or more \(or -1: off\), got -5"),
     ("max_steps: 0", r"sft\.trainer\.max_steps: must be greater than 0"),
