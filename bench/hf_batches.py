@@ -1,13 +1,15 @@
-"""The hf backend's batches by prompt length against batches in prompt order, on a trained demo
-model and the prompts an evaluation samples (the test and validation suites, 32 samples each).
+"""The hf backend's batches by prompt length against batches in prompt order, on the demo's SFT
+model and the prompts its evaluation samples (test and validation suites, in the stage's order).
 
     python bench/hf_batches.py [--results results] [--repeat 3]
 
-Run it after `make demo`: it takes the SFT model and the demo world from the results folder.
-`generate` computes every row of a batch until the batch's longest completion ends; batches in
-prompt order mix the tasks, batches by length mostly hold one. In prompt order is one
-`generate_hf` call per run of `sampling.batch_size` consecutive prompts: a call orders only its
-own prompts, which leaves a batch's work as it is.
+Run it after `make demo`: it takes the latest world and SFT model of the results folder
+(`results/latest/`) and `configs/demo.yaml`'s sampling settings. `generate` computes every row
+of a batch until the batch's longest completion ends; batches in prompt order mix the tasks,
+batches by length mostly hold one. Three cases: as the sampler runs now (by length, longest
+first, `sampling.batch_size` prompts a batch), in prompt order at that batch size, and in prompt
+order at 64, as it ran before. In prompt order is one `generate_hf` call per run of consecutive
+prompts: a call orders only its own prompts, which leaves a batch's work as it is.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config.schema import SamplingConfig
+from pipeline.config.schema import load_config
 from pipeline.data.sources import read_jsonl
 from pipeline.sampling.sampler import generate_hf, load_hf
 
-SUITES = ("general_test", "domain_test", "general_val", "domain_val")
+REPO = Path(__file__).resolve().parents[1]
+SUITES = ("domain_test", "general_test", "domain_val", "general_val")  # target, general, val_target, val_general
 
 
-def only_folder(pattern: str, results: Path) -> Path:
-    found = sorted(results.glob(pattern))
-    if len(found) != 1:
-        raise SystemExit(f"{results}: expected one {pattern} (run `make demo` first), found {len(found)}")
-    return found[0]
+def latest(results: Path, stage: str) -> Path:
+    pointer = results / "latest" / stage
+    if not pointer.is_file():
+        raise SystemExit(f"{pointer}: no {stage} result here (run `make demo` first)")
+    return results / stage / pointer.read_text().strip()
 
 
 def main() -> None:
@@ -37,29 +40,32 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("results"), help="the demo's results folder")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    world = only_folder("demo_data/*/", args.results)
-    model, tokenizer = load_hf(only_folder("sft/*/model", args.results), world / "tokenizer")
+    world = latest(args.results, "demo_data")
+    model, tokenizer = load_hf(latest(args.results, "sft") / "model", world / "tokenizer")
     prompts = [row["prompt"] for suite in SUITES for row in read_jsonl(world / f"{suite}.jsonl")]
-    settings = SamplingConfig(backend="hf", n=32, temperature=0.7, max_tokens=12)  # the demo's
-    size = settings.batch_size
+    settings = load_config(REPO / "configs" / "demo.yaml").sampling
 
-    def by_length() -> list[list[str]]:
-        return generate_hf(model, tokenizer, prompts, settings)
+    def in_prompt_order(size: int) -> None:
+        for start in range(0, len(prompts), size):
+            generate_hf(model, tokenizer, prompts[start:start + size], settings)
 
-    def in_prompt_order() -> list[list[str]]:
-        return [c for i in range(0, len(prompts), size) for c in generate_hf(model, tokenizer, prompts[i:i + size], settings)]
-
-    times: dict[str, list[float]] = {"by length": [], "in prompt order": []}
-    for _ in range(args.repeat):  # interleaved, so that both see the same machine
-        for name, run in (("by length", by_length), ("in prompt order", in_prompt_order)):
+    cases = {f"by length, {settings.batch_size} a batch (now)": lambda: generate_hf(model, tokenizer, prompts, settings),
+             f"in prompt order, {settings.batch_size} a batch": lambda: in_prompt_order(settings.batch_size),
+             "in prompt order, 64 a batch (before)": lambda: in_prompt_order(64)}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeat):  # interleaved, so that every case sees the same machine
+        for name, run in cases.items():
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    print(f"\n{len(prompts)} prompts x {settings.n} samples, batches of {size} prompts, "
+    print(f"\n{len(prompts)} prompts x {settings.n} samples, at most {settings.max_tokens} tokens, "
           f"{torch.get_num_threads()} CPU threads; best of {args.repeat}:")
+    best = {name: min(seconds) for name, seconds in times.items()}
     for name, seconds in times.items():
-        print(f"{name:>16}: {min(seconds):6.2f} s  (all: {', '.join(f'{s:.2f}' for s in seconds)})")
-    print(f"by length / in prompt order: {min(times['by length']) / min(times['in prompt order']):.2f}x")
+        print(f"{name:>38}: {best[name]:6.2f} s  (all: {', '.join(f'{s:.2f}' for s in seconds)})")
+    now, *others = best
+    for other in others:
+        print(f"{now} / {other}: {best[now] / best[other]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -450,8 +450,9 @@ class SamplingConfig(Section):
     max_tokens: int = Field(16, gt=0)
     seed: int = 0
     batch_size: int = Field(
-        32, gt=0, description="hf: prompts per `generate` call (each n rows), taken by prompt length; generate "
-        "draws from one random stream, so this decides which samples each prompt gets (vLLM batches by itself)"
+        32, gt=0, description="hf: prompts per `generate` call (each n rows, so lower it for a large n x "
+        "max_tokens), taken by prompt length, longest first; generate draws from one random stream, so this decides "
+        "which samples each prompt gets. vLLM batches by itself. (evaluate.lm_eval.batch_size is lm-eval's own)"
     )
     # vLLM engine settings; null (or auto) picks the device's default when sampling starts.
     gpu_memory_utilization: float | None = Field(
@@ -482,6 +483,13 @@ class SamplingConfig(Section):
                              "(transformers generate, one device) set it to 1, or use backend vllm")
         return value
 
+    @model_validator(mode="after")
+    def _batch_size_is_hf(self) -> SamplingConfig:
+        if "batch_size" in self.model_fields_set and self.backend == "vllm":
+            raise ValueError("batch_size is a setting of the hf backend (generate's batches): vLLM batches by "
+                             "itself, so with backend vllm leave it out")
+        return self
+
     def chosen_backend(self) -> Literal["hf", "vllm"]:
         """The backend that samples here: `backend`, with auto decided on this machine."""
         if self.backend != "auto":
@@ -502,7 +510,7 @@ class SamplingConfig(Section):
         engines = {"tensor_parallel_size", "data_parallel_size"}
         settings = resolved.model_dump(exclude=engines | ({"batch_size"} if vllm else set()))
         if not vllm:  # generate's batches decide each prompt's samples: by prompt length (before: in prompt order)
-            settings["batches"] = "by prompt length"
+            settings["batches"] = "by prompt length, longest first"
         return settings
 
 
@@ -537,7 +545,7 @@ class LmEvalConfig(Section):
         "own tasks")
     limit: int | float | None = Field(
         None, gt=0, description="documents per task (a number, or a share below 1); null: all")
-    batch_size: int = Field(32, gt=0, description="requests per batch (the HF backend)")
+    batch_size: int = Field(32, gt=0, description="requests per batch (lm-eval's HF backend; sampling.batch_size is the sampler's)")
     apply_chat_template: bool = Field(False, description="prompts through the tokenizer's chat template, as "
                                       "lm-eval's --apply_chat_template")
 

@@ -84,14 +84,20 @@ def check_prompts(config: Any, tokenizer: PreTrainedTokenizerBase, prompts: list
                          "template: use a tokenizer with one (model.tokenizer), or write the prompts as strings")
     context = settings.max_model_len or getattr(text_config, "max_position_embeddings", None)
     if context:
-        lengths = [len(ids) for ids in tokenizer([format_prompt(p, tokenizer) for p in prompts],
-                                                 add_special_tokens=False).input_ids]
-        for name, length in zip(names, lengths):
+        for name, length in zip(names, prompt_lengths(tokenizer, prompts)):
             if length + settings.max_tokens > context:
                 raise ValueError(
                     f"{name}: the prompt is {length} tokens, and with sampling.max_tokens = {settings.max_tokens} "
                     f"more than the model's context of {context}: shorten it, or lower sampling.max_tokens"
                 )
+
+
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> list[int]:
+    """Each prompt's length in tokens, as the model is given it (a chat through its template)."""
+    if not prompts:  # the tokenizer fails on an empty list
+        return []
+    return [len(ids) for ids in tokenizer([format_prompt(p, tokenizer) for p in prompts],
+                                          add_special_tokens=False).input_ids]
 
 
 def sample_hf(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
@@ -115,15 +121,19 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     """n completions per prompt from a loaded model, in batches of prompts of similar length."""
     import torch
 
+    if tokenizer.padding_side != "left":  # generate goes on from each row's last column
+        raise ValueError(f"the tokenizer {tokenizer.name_or_path} pads on the {tokenizer.padding_side}: "
+                         "generate needs left padding (load it with padding_side='left', as load_hf does)")
     device = model.device
     sampling = settings.temperature > 0
     torch.manual_seed(settings.seed)  # seeds the CUDA generators too
     texts = [format_prompt(p, tokenizer) for p in prompts]
     # generate computes every row of a batch until the batch's longest completion ends, and pads
     # each prompt to the batch's longest. Prompts of one length are often of one task, with answers
-    # of one length: on the demo's suites, batches in that order sample in 0.62x the time (bench/hf_batches.py).
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    # of one length (bench/hf_batches.py). Longest first: a batch too big for the device fails at
+    # once, not after the rest. The key names this order (SamplingConfig.key_settings).
+    lengths = prompt_lengths(tokenizer, prompts)
+    order = sorted(range(len(texts)), key=lengths.__getitem__, reverse=True)
     results: list[list[str]] = [[] for _ in texts]
     progress = stage_bar(total=len(prompts), unit="prompt")
     for start in range(0, len(order), settings.batch_size):

@@ -122,9 +122,9 @@ def test_hf_computes_each_prompt_once_and_samples_as_generate_alone_does(model_d
         decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [decoded[i:i + settings.n] for i in range(0, len(decoded), settings.n)]
 
-    # generate_hf samples the prompts shortest first: "9", "1+1=", "12345+678=".
-    alone = generate_alone([prompts[2], prompts[0], prompts[1]])
-    assert ours == [alone[1], alone[2], alone[0]]
+    # generate_hf samples the prompts longest first: "12345+678=", "1+1=", "9".
+    alone = generate_alone([prompts[1], prompts[0], prompts[2]])
+    assert ours == [alone[1], alone[0], alone[2]]
     assert one_token == generate_alone(prompts[2:])  # one token: generate's own path
     assert len({c for texts in ours for c in texts}) > 3  # samples, not one answer copied
     # The next-token logits at every step, not only the samples drawn from them.
@@ -140,9 +140,9 @@ def test_hf_computes_each_prompt_once_and_samples_as_generate_alone_does(model_d
 
 
 def test_hf_batches_prompts_of_similar_length_and_returns_them_in_prompt_order(model_dir):
-    """Batches of prompts of one length (generate runs a batch until its longest completion ends),
-    and each prompt's completions where the prompt is: the prompts in any order sample the same
-    batches, so the same completions, each at its own prompt."""
+    """Batches of prompts of one length, longest first (generate runs a batch until its longest
+    completion ends), and each prompt's completions where the prompt is: the prompts mixed, or
+    already in that order, sample the same batches, so the same completions, each at its prompt."""
     model, tokenizer = load_hf(model_dir)
     long, short = ["12345+678=", "98765+432=", "55555+111="], ["11=", "22=", "33="]
     mixed = [long[0], short[0], long[1], short[1], long[2], short[2]]
@@ -155,9 +155,9 @@ def test_hf_batches_prompts_of_similar_length_and_returns_them_in_prompt_order(m
     finally:
         hook.remove()
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) - 1 for p in (short[0], long[0])]
-    assert widths == lengths  # the three short prompts in one batch, then the three long
-    by_length = generate_hf(model, tokenizer, short + long, three)
-    assert completions == [by_length[3], by_length[0], by_length[4], by_length[1], by_length[5], by_length[2]]
+    assert widths == lengths[::-1]  # the three long prompts in one batch, then the three short
+    by_length = generate_hf(model, tokenizer, long + short, three)
+    assert completions == [by_length[0], by_length[3], by_length[1], by_length[4], by_length[2], by_length[5]]
     assert len({c for texts in completions for c in texts}) > 6  # samples, not one answer everywhere
 
 

@@ -206,17 +206,19 @@ def test_engine_layout_is_not_part_of_the_sampling_key():
     assert SamplingConfig(backend="vllm", n=2, temperature=1.0).key_settings() != one.key_settings()
 
 
-def test_the_hf_samplers_batch_order_is_part_of_its_key():
+def test_the_hf_samplers_batch_order_is_part_of_its_key(tmp_path):
     """generate's samples depend on the order its batches draw from one random stream: an
     evaluation sampled in prompt order (before batches went by prompt length) is not reused."""
     from pipeline.config.schema import SamplingConfig
 
     hf = SamplingConfig(backend="hf")
-    assert hf.key_settings()["batches"] == "by prompt length"
+    assert hf.key_settings()["batches"] == "by prompt length, longest first"
     assert hf.model_copy(update={"batch_size": 16}).key_settings() != hf.key_settings()
     vllm = SamplingConfig(backend="vllm")  # seeded per prompt: its batches do not matter
     assert "batches" not in vllm.key_settings()
     assert vllm.model_copy(update={"batch_size": 16}).key_settings() == vllm.key_settings()
+    with pytest.raises(ConfigError, match=r":2: sampling: batch_size is a setting of the hf backend"):
+        load_config(write(tmp_path, "name: x\nsampling:\n  backend: vllm\n  batch_size: 16\n"))
 
 
 @pytest.mark.parametrize("trainer, error", [
