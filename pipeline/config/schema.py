@@ -483,13 +483,6 @@ class SamplingConfig(Section):
                              "(transformers generate, one device) set it to 1, or use backend vllm")
         return value
 
-    @model_validator(mode="after")
-    def _batch_size_is_hf(self) -> SamplingConfig:
-        if "batch_size" in self.model_fields_set and self.backend == "vllm":
-            raise ValueError("batch_size is a setting of the hf backend (generate's batches): vLLM batches by "
-                             "itself, so with backend vllm leave it out")
-        return self
-
     def chosen_backend(self) -> Literal["hf", "vllm"]:
         """The backend that samples here: `backend`, with auto decided on this machine."""
         if self.backend != "auto":
