@@ -22,17 +22,22 @@ import torch
 
 from pipeline.config.schema import load_config
 from pipeline.data.sources import read_jsonl
+from pipeline.results.manifest import Manifest
 from pipeline.sampling.sampler import generate_hf, load_hf
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("domain_test", "general_test", "domain_val", "general_val")  # target, general, val_target, val_general
 
 
-def latest(results: Path, stage: str) -> Path:
+def latest(results: Path, stage: str) -> Manifest:
+    """The stage's latest result, as the runner records it, with its files checked."""
     pointer = results / "latest" / stage
-    if not pointer.is_file():
+    manifest = Manifest.find(results / stage / pointer.read_text()) if pointer.is_file() else None
+    if manifest is None:
         raise SystemExit(f"{pointer}: no {stage} result here (run `make demo` first)")
-    return results / stage / pointer.read_text().strip()
+    if changed := manifest.changed():
+        raise SystemExit(f"{manifest.folder}: {', '.join(changed)} changed since the stage wrote them")
+    return manifest
 
 
 def main() -> None:
@@ -41,8 +46,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     world = latest(args.results, "demo_data")
-    model, tokenizer = load_hf(latest(args.results, "sft") / "model", world / "tokenizer")
-    prompts = [row["prompt"] for suite in SUITES for row in read_jsonl(world / f"{suite}.jsonl")]
+    model, tokenizer = load_hf(latest(args.results, "sft").path("model"), world.path("tokenizer"))
+    prompts = [row["prompt"] for suite in SUITES for row in read_jsonl(world.path(suite))]
     settings = load_config(REPO / "configs" / "demo.yaml").sampling
 
     def in_prompt_order(size: int) -> None:

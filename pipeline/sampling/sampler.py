@@ -84,7 +84,7 @@ def check_prompts(config: Any, tokenizer: PreTrainedTokenizerBase, prompts: list
                          "template: use a tokenizer with one (model.tokenizer), or write the prompts as strings")
     context = settings.max_model_len or getattr(text_config, "max_position_embeddings", None)
     if context:
-        for name, length in zip(names, prompt_lengths(tokenizer, prompts)):
+        for name, length in zip(names, token_lengths(tokenizer, [format_prompt(p, tokenizer) for p in prompts])):
             if length + settings.max_tokens > context:
                 raise ValueError(
                     f"{name}: the prompt is {length} tokens, and with sampling.max_tokens = {settings.max_tokens} "
@@ -92,12 +92,11 @@ def check_prompts(config: Any, tokenizer: PreTrainedTokenizerBase, prompts: list
                 )
 
 
-def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> list[int]:
-    """Each prompt's length in tokens, as the model is given it (a chat through its template)."""
-    if not prompts:  # the tokenizer fails on an empty list
+def token_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
+    """Each text's length in tokens, as the model is given it (no special tokens added)."""
+    if not texts:  # the tokenizer fails on an empty list
         return []
-    return [len(ids) for ids in tokenizer([format_prompt(p, tokenizer) for p in prompts],
-                                          add_special_tokens=False).input_ids]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
 
 
 def sample_hf(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig,
@@ -132,7 +131,7 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     # each prompt to the batch's longest. Prompts of one length are often of one task, with answers
     # of one length (bench/hf_batches.py). Longest first: a batch too big for the device fails at
     # once, not after the rest. The key names this order (SamplingConfig.key_settings).
-    lengths = prompt_lengths(tokenizer, prompts)
+    lengths = token_lengths(tokenizer, texts)
     order = sorted(range(len(texts)), key=lengths.__getitem__, reverse=True)
     results: list[list[str]] = [[] for _ in texts]
     progress = stage_bar(total=len(prompts), unit="prompt")
