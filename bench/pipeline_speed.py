@@ -6,9 +6,9 @@ after, in one run; then one SFT step of our trainer against stock TRL's SFTTrain
 After: the pipeline as it runs now (stages forked from the preloaded server, `sampling.backend`
 as the config says: auto samples with transformers `generate` on a CPU), into a fresh results
 folder with its own MLflow SQLite store. Before: the same stages again with a fresh Python per
-stage (`launch.preload: false`) and a vLLM engine per sampling stage (`sampling.backend: vllm`),
-the demo's defaults before; the demo world and its pretrained model are reused, every later
-stage is forced. Per stage: start-up (the stage's process, its imports, its MLflow run, until
+stage (`launch.preload: false`) and a vLLM engine per sampling stage (`sampling.backend: vllm`,
+`warm_engine: false`), the demo's defaults before; the demo world and its pretrained model are
+reused, every later stage is forced. Per stage: start-up (the stage's process, its imports, its MLflow run, until
 the stage function starts), work (the function), bookkeeping (the manifest, MLflow's logging,
 the process's end). Then `bench/sft_step.py` on the demo model's shape and a demo SFT batch: our
 CE step (chunked and full logits) against stock TRL `SFTTrainer`'s (its own LM head and loss).
@@ -89,7 +89,8 @@ def main() -> None:
     after_wall = time.perf_counter() - start
     if args.before:
         earlier = parse_config(settings | {"launch": {"preload": False},
-                                           "sampling": {**settings.get("sampling", {}), "backend": "vllm"}})
+                                           "sampling": {**settings.get("sampling", {}), "backend": "vllm",
+                                                        "warm_engine": False}})
         forced = set(pipeline_stages(earlier)) - set(DEMO_STAGES)
         runs = {"before": run_pipeline(earlier, force=forced), **runs}
     print(f"\n{args.config}, results in {work}; the pipeline as it runs now took {after_wall:.0f} s in all")

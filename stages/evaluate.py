@@ -61,7 +61,7 @@ def score_suite(rows: list[dict], completions: list[list[str]], source: DataSour
             correct = pool.map(verify, *pairs)
     else:  # string comparisons: a thread per verdict would cost more than the verdict
         correct = map(verify, *pairs)
-    sampled_with = cfg.sampling.resolved().model_dump()
+    sampled_with = cfg.sampling.key_settings()  # what decides the samples: not the devices, not a warm engine
     return [{
         "id": row.get("id", str(i)),
         "task": row.get("task"),
@@ -117,7 +117,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     prompts = iter(rendered_prompts([r["prompt"] for suite in suites for r in rows[suite]], model, cfg.model))
     given = {suite: [next(prompts) for _ in rows[suite]] for suite in suites}
     if samples is None:
-        # One sampling call for all suites: the engine starts once per stage.
+        # One sampling call for all suites: one batch for vLLM, batches by length across suites for hf.
         names = [f"data.{EVAL_SUITES[suite]} ({source.name}) row {i + 1}"
                  for suite, source in suites.items() for i in range(len(rows[suite]))]
         completions = iter(sample(model, [p for suite in suites for p in given[suite]], cfg.sampling,
@@ -168,7 +168,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
 STAGE = Stage("evaluate", run, settings, data=eval_suites, samples_settings=samples_settings, scoring_inputs=("baseline",),
               preload=("pipeline.sampling.sampler", "pipeline.evaluation.answer_entropy",
                        "pipeline.evaluation.lm_eval_suite", "pipeline.evaluation.verifiers", "pipeline.reporting.plots"),
-              system_metrics=True)
+              system_metrics=True, samples=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

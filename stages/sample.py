@@ -32,7 +32,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
     names = [f"{source.name} row {i + 1}" for i in range(len(rows))]
     prompts = rendered_prompts([r["prompt"] for r in rows], model, cfg.model)
     completions = sample(model, prompts, settings, cfg.model.tokenizer, names, cfg.model.trust_remote_code)
-    sampled_with = settings.resolved().model_dump()
+    sampled_with = settings.key_settings()  # what decides the samples: not the devices, not a warm engine
     samples = [{"id": row.get("id", str(i)), **row, "completions": texts, "sampling": sampled_with}
                for i, (row, texts) in enumerate(zip(rows, completions, strict=True))]
     write_jsonl(out / "samples.jsonl", samples)
@@ -40,7 +40,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
 
 
 STAGE = Stage("sample", run, settings, data=lambda cfg: {"prompts": cfg.pair_prompts},
-              preload=("pipeline.sampling.sampler",), system_metrics=True)
+              preload=("pipeline.sampling.sampler",), system_metrics=True, samples=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

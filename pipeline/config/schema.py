@@ -471,6 +471,12 @@ class SamplingConfig(Section):
     enforce_eager: bool = Field(
         False, description="vLLM: no torch.compile or CUDA graphs: starts faster (about 40 s less on CPU), samples slower"
     )
+    warm_engine: bool = Field(
+        True, description="vLLM with one engine (data_parallel_size 1): the stages of a run (and of a compare) share "
+        "one engine, started by the first and given each next model's weights in place (a model of another "
+        "architecture or tokenizer, or other engine settings, get a new one); the same completions as an engine per "
+        "stage. false: each stage starts its own"
+    )
 
     @field_validator("tensor_parallel_size", "data_parallel_size")
     @classmethod
@@ -496,11 +502,11 @@ class SamplingConfig(Section):
 
     def key_settings(self) -> dict[str, Any]:
         """The settings that decide what is sampled, for stage keys: the backend that samples (the
-        two draw different completions), not how many devices the engines are spread over, so
-        moving a pipeline to a bigger node keeps its results."""
+        two draw different completions), not how many devices the engines are spread over (so
+        moving a pipeline to a bigger node keeps its results) nor whether the engine is warm."""
         resolved = self.resolved()
         vllm = resolved.backend == "vllm"  # seeded per prompt: the batches do not matter
-        engines = {"tensor_parallel_size", "data_parallel_size"}
+        engines = {"tensor_parallel_size", "data_parallel_size", "warm_engine"}
         settings = resolved.model_dump(exclude=engines | ({"batch_size"} if vllm else set()))
         if not vllm:  # generate's batches decide each prompt's samples: by prompt length (before: in prompt order)
             settings["batches"] = "by prompt length, longest first"

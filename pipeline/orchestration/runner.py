@@ -22,6 +22,7 @@ from pipeline.results.manifest import MANIFEST, DamagedResult, Manifest, atomic_
 from pipeline.runtime.contract import Input, Stage
 from pipeline.runtime.process import run_in_process
 from pipeline.runtime.progress import STAGE_ENV
+from pipeline.sampling.warm import sampler_env
 
 
 @dataclass
@@ -258,4 +259,6 @@ class StageRunner:
             paths["samples"] = samples
         record = {"inputs": planned.digests, "settings": planned.settings, "samples_key": planned.samples_key}
         env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}
+        if planned.stage.samples:
+            env |= sampler_env(planned.cfg.sampling)
         return run_in_process(planned.stage, planned.cfg, out, record, env, self.log_line, **paths)

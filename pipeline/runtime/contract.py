@@ -39,6 +39,7 @@ class Stage:
     trains: bool = False  # a training stage: several processes (`launch`) start through accelerate
     preload: tuple[str, ...] = ()  # the modules its `run` imports: the fork server imports them once
     system_metrics: bool = False  # MLflow's system metrics (CPU, memory, GPU) in its run: a stage that runs a model
+    samples: bool = False  # it samples with `sampling` settings: with vLLM, through the run's warm engine
     # Where a stage samples and then scores: the settings its saved samples depend on. A result
     # whose samples match is re-scored from them (input `samples`) instead of sampling again.
     samples_settings: Callable[[PipelineConfig], dict[str, Any]] | None = None

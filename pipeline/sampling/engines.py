@@ -150,19 +150,23 @@ def run_ranks(jobs: dict[int, tuple[Callable[..., Any], tuple]], slices: list[De
                     raise RuntimeError(f"{where} ended without a result ({how}); its log lines are marked "
                                        f"sampling-dp{rank}")
                 if message[0] == "error":
-                    kind, text, remote = message[1:]
-                    error = TransientError(f"{where}: {text}") if kind in TRANSIENT else \
-                        RuntimeError(f"{where}: {kind}: {text}")
-                    error.add_note(f"traceback of {where}:\n{remote}")
-                    raise error
+                    raise remote_error(where, *message[1:])
                 results[rank] = message[1]
                 process.join()
                 del running[rank]
         return results
     finally:
         for process, receiver in running.values():
-            _stop(process, grace_s)
+            stop_process(process, grace_s)
             receiver.close()
+
+
+def remote_error(where: str, kind: str, text: str, remote: str) -> Exception:
+    """An error another process sent back (its type's name, message and traceback), to raise here:
+    transient ones stay transient, so that the flow retries them."""
+    error = TransientError(f"{where}: {text}") if kind in TRANSIENT else RuntimeError(f"{where}: {kind}: {text}")
+    error.add_note(f"traceback of {where}:\n{remote}")
+    return error
 
 
 def _rank_main(sender: Any, function: Callable[..., Any], args: tuple, cores: tuple[int, ...] | None) -> None:
@@ -179,7 +183,9 @@ def _rank_main(sender: Any, function: Callable[..., Any], args: tuple, cores: tu
     sender.send(("ok", result))
 
 
-def _stop(process: Any, grace_s: float) -> None:
+def stop_process(process: Any, grace_s: float) -> None:
+    """SIGTERM to a multiprocessing child, then, after `grace_s`, SIGKILL to what is left of it
+    and of the processes it started."""
     import psutil
 
     try:

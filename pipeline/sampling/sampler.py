@@ -3,7 +3,9 @@ return the same thing: one list of n completion strings per prompt."""
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config.schema import SamplingConfig
 from pipeline.runtime.process import TransientError
-from pipeline.runtime.progress import stage_bar
-from pipeline.sampling.engines import device_slices, run_ranks
+from pipeline.runtime.progress import STAGE_ENV, stage_bar
+from pipeline.sampling.engines import device_slices, remote_error, run_ranks
 
 # torch, transformers and vLLM are imported where used: a data-parallel rank's process imports
 # this module first, and should not pay for them twice or before its devices are set.
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from vllm import LLM
 
 Prompt = str | list[dict]
+SAMPLER_ENV = "POSTTRAIN_SAMPLER"  # where the flow started a warm vLLM engine (pipeline.sampling.warm): its socket
 
 
 def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> str:
@@ -199,8 +202,10 @@ def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig
     engines, each in its own process on its own devices, each sampling its share of the prompts."""
     dp = settings.data_parallel_size
     shards = shard_prompts(prompts, settings.seed, dp)
-    if dp == 1:  # in this process, as before data parallelism
+    if dp == 1:  # one engine: the run's warm one where the flow started it, else one of this process
         _, part, seeds = shards[0]
+        if settings.warm_engine and (address := os.environ.get(SAMPLER_ENV)):
+            return sample_warm(address, model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code)
         return sample_shard(model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code)
     # With fewer prompts than engines, the ranks without prompts start none.
     jobs = {rank: (sample_shard, (model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code))
@@ -214,6 +219,35 @@ def sample_shard(model_dir: Path, prompts: list[Prompt], seeds: list[int], setti
     """One engine's work: start it, sample `prompts` with their `seeds`, shut it down."""
     with vllm_engine(model_dir, settings, tokenizer_dir, trust_remote_code) as llm:
         return generate_vllm(llm, prompts, settings, seeds)
+
+
+def sample_warm(address: str, model_dir: Path, prompts: list[Prompt], seeds: list[int], settings: SamplingConfig,
+                tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False) -> list[list[str]]:
+    """`sample_shard`'s work done by the run's sampler process (pipeline.sampling.warm), which
+    keeps its engine between stages; the sampling's output goes to this process's."""
+    from multiprocessing.connection import Client
+    from multiprocessing.reduction import send_handle
+
+    where = f"the run's vLLM sampler ({address})"
+    try:
+        connection = Client(address, family="AF_UNIX")
+    except OSError as error:
+        raise TransientError(f"{where} does not answer: {error}") from error
+    with connection:
+        connection.send({"model_dir": str(model_dir), "tokenizer_dir": tokenizer_dir and str(tokenizer_dir),
+                         "trust_remote_code": trust_remote_code, "settings": settings.model_dump(mode="json"),
+                         "prompts": prompts, "seeds": seeds, "stage": os.environ.get(STAGE_ENV, "posttrain")})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd in (1, 2):
+            send_handle(connection, fd, 0)  # over a Unix socket: the process is not needed
+        try:
+            reply = connection.recv()
+        except (EOFError, OSError) as error:  # it was stopped or died: the flow retries with a new one
+            raise TransientError(f"{where} ended before it answered (its output is the run's own)") from error
+    if reply[0] == "error":
+        raise remote_error(where, *reply[1:])
+    return reply[1]
 
 
 def prompt_seeds(seed: int, count: int) -> list[int]:
@@ -274,24 +308,35 @@ def vllm_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | 
                 trust_remote_code: bool = False) -> Iterator[LLM]:
     """A vLLM engine for the model, shut down on exit. vLLM starts processes: the entry
     script needs the `if __name__ == "__main__":` guard."""
-    from vllm import LLM
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    try:
-        llm = LLM(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), seed=settings.seed,
-                  trust_remote_code=trust_remote_code, **vllm_engine_args(settings))
-    except Exception as error:  # the flow retries these; `sample` has checked the model folder already
-        raise TransientError(f"the vLLM engine did not start: {error}") from error
+    llm = start_engine(model_dir, settings, tokenizer_dir, trust_remote_code)
     try:
         yield llm
     finally:
-        # The weights and KV cache live in vLLM's engine-core and worker processes. `LLM` has
-        # no close(): without this they would only stop when the garbage collector or the
-        # interpreter's exit got to them. Shutting the engine core down ends those processes,
-        # which returns their RAM or GPU memory; then vLLM's own cleanup destroys the process
-        # groups and frees the caches of this process.
-        llm.llm_engine.engine_core.shutdown()
-        cleanup_dist_env_and_memory()
+        shutdown_engine(llm)
+
+
+def start_engine(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None = None,
+                 trust_remote_code: bool = False, **extra: Any) -> LLM:
+    """A running vLLM engine for the model; `extra`: more engine arguments (the warm sampler's)."""
+    from vllm import LLM
+
+    try:
+        return LLM(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), seed=settings.seed,
+                   trust_remote_code=trust_remote_code, **vllm_engine_args(settings), **extra)
+    except Exception as error:  # the flow retries these; `sample` has checked the model folder already
+        raise TransientError(f"the vLLM engine did not start: {error}") from error
+
+
+def shutdown_engine(llm: LLM) -> None:
+    """The weights and KV cache live in vLLM's engine-core and worker processes. `LLM` has no
+    close(): without this they would only stop when the garbage collector or the interpreter's
+    exit got to them. Shutting the engine core down ends those processes, which returns their RAM
+    or GPU memory; then vLLM's own cleanup destroys the process groups and frees the caches of
+    this process."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
 
 
 def generate_vllm(llm: LLM, prompts: list[Prompt], settings: SamplingConfig,

@@ -1,5 +1,6 @@
 """Both sampling backends on a tiny untrained model: the format, seeds, and the sample stage;
-vLLM's data parallelism: the prompts' shards and seeds, each rank's devices, its errors.
+the warm vLLM engine that the stages of a run share; vLLM's data parallelism: the prompts' shards
+and seeds, each rank's devices, its errors.
 
 A real run with data_parallel_size 2 (two CPU engines) is `python bench/sampling_dp.py`: its
 dp 2 run alone took 95 s to 250 s on 2 shared cores, too long and too variable for the suite
@@ -19,7 +20,9 @@ from pipeline.data.sources import read_jsonl, write_jsonl
 from pipeline.demo.world import build_model, build_tokenizer
 from pipeline.results.manifest import Manifest
 from pipeline.sampling.engines import CPU_BIND_ENV, DP_ENV, DeviceSlice, cpu_slices, device_slices, gpu_slices, run_ranks
+from pipeline.sampling import warm
 from pipeline.sampling.sampler import (
+    SAMPLER_ENV,
     generate_hf,
     generate_vllm,
     load_hf,
@@ -27,6 +30,7 @@ from pipeline.sampling.sampler import (
     prompt_seeds,
     sample,
     sample_hf,
+    sample_warm,
     shard_prompts,
     shared_prefill,
     vllm_engine,
@@ -44,11 +48,14 @@ Sampler = Callable[[SamplingConfig], list[list[str]]]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
+    return save_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def save_tiny(folder: Path, seed: int, hidden_size: int = 64) -> Path:
     tokenizer = build_tokenizer()
     # head_dim 64, the smallest that vLLM's CPU attention takes.
-    build_model(DemoConfig(hidden_size=64, num_heads=1, num_layers=1, intermediate_size=128), tokenizer, 0) \
-        .save_pretrained(folder)
+    build_model(DemoConfig(hidden_size=hidden_size, num_heads=hidden_size // 64, num_layers=1, intermediate_size=128),
+                tokenizer, seed).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -206,9 +213,11 @@ def test_sample_stage_writes_rows_with_completions_and_settings(model_dir, tmp_p
     rows = read_jsonl(manifest.path("samples"))
     assert [r["id"] for r in rows] == ["a", "1"]  # max_prompts: 2
     assert rows[0]["answer"] == "2" and rows[1]["prompt"] == "2*4=" and rows[1]["answer"] == "8"
-    # The pairs' own n and temperature, the rest from `sampling`, with the backend that sampled (not auto).
+    # The pairs' own n and temperature, the rest from `sampling`, with the backend that sampled (not
+    # auto): the settings that decide the samples, as in the key (not the devices or a warm engine).
     assert SETTINGS.backend == "auto"
-    expected = SETTINGS.model_copy(update={"temperature": 0.5}).resolved().model_dump()
+    expected = SETTINGS.model_copy(update={"temperature": 0.5}).key_settings()
+    assert expected["backend"] != "auto" and "warm_engine" not in expected
     assert all(len(r["completions"]) == 3 and r["sampling"] == expected for r in rows)
 
 
@@ -242,6 +251,76 @@ def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(model_dir, tmp
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=rf"has {len(tokenizer)} tokens, the model's vocabulary only {len(tokenizer) - 1}"):
         sample(model_dir, ["1+1="], SETTINGS.model_copy(update={"backend": "vllm"}), tmp_path)
+
+
+# The warm engine: one vLLM engine that the stages of a run share
+
+VLLM_SETTINGS = SETTINGS.model_copy(update={"backend": "vllm", "enforce_eager": True})
+
+
+def test_the_warm_engine_given_another_models_weights_samples_what_a_fresh_engine_does(
+        model_dir, vllm_llm, tmp_path, monkeypatch):
+    other = save_tiny(tmp_path / "other", seed=1)  # the same architecture and tokenizer, other weights
+    prompts = ["12+3=", "2*4="]
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "answer": "0"} for p in prompts])
+    cfg = PipelineConfig(name="t", sampling=VLLM_SETTINGS, pairs={"prompts": {"path": str(tmp_path / "p.jsonl")},
+                                                                 "n": VLLM_SETTINGS.n, "max_prompts": 2})
+    sampler = warm.Sampler()
+    monkeypatch.setattr(warm, "SAMPLER", sampler)
+    try:
+        env = warm.sampler_env(cfg.sampling)
+        first = run_in_process(sample_stage.STAGE, cfg, tmp_path / "first", {}, env, model=other)
+        engine = {p.pid for p in psutil.Process(sampler.process.pid).children(recursive=True)}
+        lines: list[str] = []
+        # A stage's process of its own, as the runner starts it: its output shows how it sampled.
+        second = run_in_process(sample_stage.STAGE, cfg, tmp_path / "second", {}, env, lines.append, model=model_dir)
+        assert engine == {p.pid for p in psutil.Process(sampler.process.pid).children(recursive=True)}
+        assert any(f"sampling {model_dir} with the run's vLLM engine, its weights loaded in place" in line
+                   for line in lines)
+    finally:
+        sampler.stop()
+    warm_completions = [row["completions"] for row in read_jsonl(second.path("samples"))]
+    assert warm_completions == generate_vllm(vllm_llm, prompts, VLLM_SETTINGS)  # a fresh engine's
+    assert [row["completions"] for row in read_jsonl(first.path("samples"))] != warm_completions
+    assert not any(psutil.pid_exists(pid) for pid in engine)  # stopped with the sampler
+
+
+def test_a_model_of_other_architecture_tokenizer_or_engine_settings_gets_a_new_engine(model_dir, tmp_path):
+    pytest.importorskip("vllm")
+    identity = warm.engine_identity(model_dir, VLLM_SETTINGS)
+    assert warm.engine_identity(save_tiny(tmp_path / "weights", seed=3), VLLM_SETTINGS) == identity
+    assert warm.engine_identity(model_dir, VLLM_SETTINGS.model_copy(update={"seed": 9, "n": 1})) == identity
+    wider = save_tiny(tmp_path / "wider", seed=0, hidden_size=128)
+    assert warm.engine_identity(wider, VLLM_SETTINGS) != identity
+    assert warm.engine_identity(model_dir, VLLM_SETTINGS.model_copy(update={"max_model_len": 64})) != identity
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert warm.engine_identity(model_dir, VLLM_SETTINGS, tmp_path / "tokenizer") != identity
+
+
+def test_a_sampler_that_died_is_a_transient_error_and_the_next_stage_gets_a_new_one(model_dir):
+    sampler = warm.Sampler()
+    try:
+        address = sampler.address()
+        sampler.process.kill()
+        sampler.process.join()
+        with pytest.raises(TransientError, match=r"the run's vLLM sampler .* does not answer"):
+            sample_warm(address, model_dir, PROMPTS, prompt_seeds(0, 2), VLLM_SETTINGS)
+        assert sampler.address() != address and sampler.process.is_alive()
+    finally:
+        sampler.stop()
+    assert sampler.process is None
+
+
+def test_only_stages_sampling_with_one_vllm_engine_get_the_warm_engine(monkeypatch):
+    monkeypatch.setattr(warm.SAMPLER, "address", lambda: "/run/socket")
+    assert warm.sampler_env(SamplingConfig(backend="vllm")) == {SAMPLER_ENV: "/run/socket"}
+    for settings in (SamplingConfig(backend="hf"), SamplingConfig(backend="vllm", warm_engine=False),
+                     SamplingConfig(backend="vllm", data_parallel_size=2)):
+        assert warm.sampler_env(settings) == {}
+    # Warm or not, the same completions: not part of the stages' keys.
+    assert SamplingConfig(backend="vllm", warm_engine=False).key_settings() == SamplingConfig(backend="vllm").key_settings()
 
 
 # vLLM's tensor and data parallelism
