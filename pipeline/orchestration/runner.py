@@ -259,6 +259,6 @@ class StageRunner:
             paths["samples"] = samples
         record = {"inputs": planned.digests, "settings": planned.settings, "samples_key": planned.samples_key}
         env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}
-        if planned.stage.samples:
+        if planned.stage.samples and "samples" not in paths:  # not to re-score saved samples
             env |= sampler_env(planned.cfg.sampling)
         return run_in_process(planned.stage, planned.cfg, out, record, env, self.log_line, **paths)

@@ -1,24 +1,13 @@
-"""One vLLM engine for all the stages of a run, and of a `compare`, that sample with vLLM:
-started by the first of them, then given each stage's model by loading its weights into the
-running engine.
+"""One vLLM engine for the stages of a run, and of a `compare`, that sample with vLLM: started
+by the first of them, then given each stage's model by loading its weights into the running
+engine (docs/pipeline.md, "One vLLM engine for the whole run").
 
-Starting an engine takes about a minute on a CPU (tens of seconds on a GPU: loading, memory
-profiling, torch.compile, CUDA graphs); a stage samples for seconds. The stages are processes
-that end, so the engine lives in a process of its own, the sampler, which the flow's process
-starts when the first such stage runs (`sampler_env`) and stops when it exits. A stage's process
-sends it the request (`sampler.sample_warm`) with its stdout and stderr, where the sampling's
-progress goes, and gets the completions back.
-
-Written here because neither server does it: `vllm serve` serves one model for its life, and
-TRL's `trl vllm-serve` takes new weights over NCCL from a trainer of the same job; a stage hands
-over a folder. vLLM's engine loads a checkpoint in place (the workers' `reload_weights`), and
-`engine_identity` says when it may: a model whose architecture, generation defaults, tokenizer
-and engine settings are the running engine's differs from it in its weights only; any other gets
-a new engine. The completions are a fresh engine's (tests/e2e/test_sampling.py): vLLM seeds each
-prompt, and the prefix cache, the one state a request leaves, is emptied with each new model.
-
-On a GPU the engine sleeps between requests (vLLM's sleep mode, level 2: weights and KV cache
-dropped), so that the training stages in between get the GPU's memory back.
+The stages are processes that end, so the engine lives in a process of its own, the sampler,
+which the flow's process starts when the first such stage runs (`sampler_env`) and stops when it
+exits. A stage's process sends it the request (`sampler.sample_warm`) with its stdout and
+stderr, where the sampling's progress goes, and gets the completions back. Written here because
+neither `vllm serve` (one model for its life) nor TRL's `trl vllm-serve` (weights over NCCL from
+a trainer in the same job) loads a checkpoint folder into a running engine on request.
 """
 
 from __future__ import annotations
@@ -50,10 +39,8 @@ from pipeline.sampling.sampler import SAMPLER_ENV, generate_vllm, shutdown_engin
 if TYPE_CHECKING:
     from vllm import LLM
 
-# Files of a model folder that are weights: everything else in the tokenizer's folder may be the tokenizer's.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
-MODEL_FILES = ("config.json", "generation_config.json")  # digested as settings, not as files
-VOLATILE = ("_name_or_path", "transformers_version")  # differ between saves of one architecture
+# Config keys that do not change what vLLM builds: saves' own bookkeeping, and the cache switch training turns off.
+IGNORED = ("transformers_version", "use_cache")
 
 
 class CheckpointLoader:
@@ -61,48 +48,42 @@ class CheckpointLoader:
     `collective_rpc("load_checkpoint", ...)`: the checkpoint's weights, loaded in place."""
 
     def load_checkpoint(self, path: str) -> None:
-        import torch
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
         self.reload_weights(weights_path=path)
-        # A tied LM head loads nothing of its own, so vLLM's reload leaves it as processed from the
-        # old weights: on a CPU, a oneDNN copy packed at start, stale though the shared tensor is
-        # new. Process every layer whose weight another layer shares again, from the new values.
-        sharing: dict[int, list[torch.nn.Module]] = {}
-        for module in self.model_runner.get_model().modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.numel() and not weight.is_meta:
-                sharing.setdefault(weight.data_ptr(), []).append(module)
-        for modules in sharing.values():
-            for module in modules if len(modules) > 1 else ():
-                if (method := getattr(module, "quant_method", None)) is not None:
-                    method.process_weights_after_loading(module)
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def model_file(folder: Path, name: str) -> dict[str, Any]:
-    """A model folder's JSON file but for what differs between saves of the same thing."""
-    path = folder / name
-    content = json.loads(path.read_text()) if path.is_file() else {}
-    return {k: v for k, v in content.items() if k not in VOLATILE}
+        # A tied LM head loads nothing of its own, so vLLM 0.32's reload leaves it as processed from
+        # the old weights: on a CPU, a oneDNN copy packed at start, stale though the tensor it shares
+        # with the embedding is new. Processing it again packs the new one (elsewhere it does nothing).
+        head = getattr(self.model_runner.get_model(), "lm_head", None)
+        tied = getattr(self.vllm_config.model_config.hf_text_config, "tie_word_embeddings", False)
+        if tied and isinstance(getattr(head, "quant_method", None), UnquantizedEmbeddingMethod):
+            head.quant_method.process_weights_after_loading(head)
 
 
 def engine_identity(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None = None,
                     trust_remote_code: bool = False) -> str:
-    """What an engine is built from but the weights: the model's config (its architecture), its
-    generation config (vLLM reads its stop tokens at start), the tokenizer's files and the engine
-    settings. Not the seed: every request carries its prompts' own (sampler.prompt_seeds)."""
-    tokenizer = Path(tokenizer_dir or model_dir)
-    if tokenizer.is_dir():
-        files = {f.name: file_digest(f) for f in sorted(tokenizer.iterdir())
-                 if f.is_file() and f.name not in MODEL_FILES and not f.name.endswith(WEIGHT_SUFFIXES)}
-    else:  # a hub id: the engine downloads it by name
-        files = {"hub": str(tokenizer_dir)}
-    identity = {"config": model_file(Path(model_dir), "config.json"),
-                "generation": model_file(Path(model_dir), "generation_config.json"),
-                "tokenizer": files, "engine": vllm_engine_args(settings), "trust_remote_code": trust_remote_code}
+    """What an engine is built from but the weights, as loaded: the model's config (its
+    architecture), its generation config (vLLM takes its stop tokens at start), the tokenizer (the
+    engine renders the prompts and decodes with the one it started with) and the engine settings.
+    Not the seed: every request carries its prompts' own (sampler.prompt_seeds). A model with its
+    own code (`trust_remote_code`) is itself only in its own folder."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).to_dict()
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir).to_dict()
+    except OSError:  # none: vLLM's defaults
+        generation = {}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
+    identity = {
+        "config": {k: v for k, v in config.items() if not k.startswith("_") and k not in IGNORED},
+        "generation": {k: v for k, v in generation.items() if not k.startswith("_") and k not in IGNORED},
+        # A fast tokenizer's whole definition is its JSON; a slow one is only the same where it was read.
+        "tokenizer": tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else tokenizer.name_or_path,
+        "special": tokenizer.all_special_tokens, "chat_template": tokenizer.chat_template,
+        "code": str(model_dir) if trust_remote_code else None,
+        "engine": vllm_engine_args(settings),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -111,23 +92,24 @@ class WarmEngine:
     allows, else a new engine."""
 
     def __init__(self) -> None:
+        from vllm.platforms import current_platform
+
         self.llm: LLM | None = None
         self.identity = ""
         self.asleep = False
+        self.sleeps = current_platform.is_sleep_mode_available()  # on CUDA; not on a CPU
 
     def ready_for(self, model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None,
                   trust_remote_code: bool) -> str:
         """The engine, holding this model's weights; says how it got them."""
-        from vllm.platforms import current_platform
-
         identity = engine_identity(model_dir, settings, tokenizer_dir, trust_remote_code)
         began = time.perf_counter()
         if self.llm is not None and identity != self.identity:
             self.close()
         if self.llm is None:
-            sleeps = {"enable_sleep_mode": True} if current_platform.is_sleep_mode_available() else {}
             self.llm = start_engine(model_dir, settings, tokenizer_dir, trust_remote_code,
-                                    worker_extension_cls=f"{__name__}.{CheckpointLoader.__qualname__}", **sleeps)
+                                    worker_extension_cls=f"{__name__}.{CheckpointLoader.__qualname__}",
+                                    **({"enable_sleep_mode": True} if self.sleeps else {}))
             self.identity = identity
             return f"a new vLLM engine (started in {time.perf_counter() - began:.1f} s)"
         if self.asleep:  # as vLLM's sleep mode documents: the weights' memory, new weights, then the cache
@@ -140,17 +122,19 @@ class WarmEngine:
         return f"the run's vLLM engine, its weights loaded in place ({time.perf_counter() - began:.1f} s)"
 
     def rest(self) -> None:
-        """Between requests: on a GPU, give its memory back to the stages that train."""
-        from vllm.platforms import current_platform
-
-        if self.llm is not None and current_platform.is_sleep_mode_available():
+        """Between requests, on a GPU: its weights' and KV cache's memory back to the stages that
+        train (vLLM's sleep level 2; the CUDA context and its graphs' pool stay)."""
+        if self.llm is not None and self.sleeps:
             self.llm.sleep(level=2)
             self.asleep = True
 
     def close(self) -> None:
         if self.llm is not None:
             llm, self.llm, self.asleep = self.llm, None, False
-            shutdown_engine(llm)
+            try:
+                shutdown_engine(llm)
+            except Exception:  # noqa: BLE001 - its processes end with the sampler's at the latest
+                traceback.print_exc()
 
 
 @contextmanager
@@ -158,51 +142,67 @@ def output_to(stdout: int, stderr: int) -> Iterator[None]:
     """This process's stdout and stderr sent to a stage's for the duration. (The engine's own
     processes keep the sampler's: they outlive the stage.)"""
     saved = os.dup(1), os.dup(2)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(stdout, 1)
-    os.dup2(stderr, 2)
     try:
-        yield
-    finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        yield
+    finally:
+        with suppress(OSError, ValueError):  # the stage's end of the pipe may be gone
+            sys.stdout.flush()
+            sys.stderr.flush()
         for fd, original in zip((1, 2), saved):
             os.dup2(original, fd)
             os.close(original)
 
 
 def answer(connection: Connection, engine: WarmEngine) -> None:
-    """One stage's request: the completions, or the error, sent back."""
+    """One stage's request (sent by sampler.sample_warm): the completions, or the error, sent back."""
     try:
         request = connection.recv()
-        stdout, stderr = recv_handle(connection), recv_handle(connection)
     except (EOFError, OSError):
         return  # the stage ended (was stopped) before its request was in
+    output: list[int] = []
     try:
         settings = SamplingConfig.model_validate(request["settings"])
         how = engine.ready_for(Path(request["model_dir"]), settings, request["tokenizer_dir"],
                                request["trust_remote_code"])
+        # The stage's stdout and stderr, sent after the request, taken once the engine runs: its
+        # processes must not hold them (or the stage's output would not end with the stage).
+        output += [recv_handle(connection), recv_handle(connection)]
         os.environ[STAGE_ENV] = request["stage"]  # names the progress bar
-        with output_to(stdout, stderr):
+        with output_to(*output):
             print(f"sampling {request['model_dir']} with {how}", flush=True)
             completions = generate_vllm(engine.llm, request["prompts"], settings, request["seeds"])
-        engine.rest()
         reply = ("ok", completions)
     except Exception as error:
         engine.close()  # an engine that failed in a request is not trusted with the next
         reply = ("error", type(error).__name__, str(error), traceback.format_exc())
     finally:
-        os.close(stdout)
-        os.close(stderr)
+        for fd in output:
+            os.close(fd)
     with suppress(OSError):  # a stage stopped meanwhile: the next is answered all the same
         connection.send(reply)
+    try:
+        engine.rest()
+    except Exception:  # noqa: BLE001 - the completions are sent; a new engine serves the next request
+        traceback.print_exc()
+        engine.close()
 
 
 def serve(address: str, parent: int, ready: Connection) -> None:
     """The sampler's process: answer requests one at a time until stopped, or until the flow's
     process that started it is gone."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # shuts the engine down
+    os.setsid()  # a Ctrl-C at the terminal is the flow's to handle: it stops this process at its exit
+
+    def stop(*_: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the engine's shutdown short
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)  # as SystemExit: the `finally` below shuts the engine down
+    # vLLM forks its engine's processes on CUDA: they would hold this process's socket and a stage's output.
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
     def watch_parent() -> None:
         while os.getppid() == parent:
@@ -210,16 +210,16 @@ def serve(address: str, parent: int, ready: Connection) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch_parent, name="parent watch", daemon=True).start()
-    engine = WarmEngine()
-    try:
-        with Listener(address, family="AF_UNIX") as listener:
-            ready.send(os.getpid())
-            ready.close()
+    with Listener(address, family="AF_UNIX") as listener:
+        ready.send("listening")
+        ready.close()
+        engine = WarmEngine()
+        try:
             while True:
                 with listener.accept() as connection:
                     answer(connection, engine)
-    finally:
-        engine.close()
+        finally:
+            engine.close()
 
 
 class Sampler:
@@ -228,7 +228,7 @@ class Sampler:
     def __init__(self) -> None:
         self.process: Any = None
         self.folder = ""
-        self.lock = threading.Lock()  # stages of pipelines run side by side ask from several threads
+        self.lock = threading.RLock()  # stages run in Prefect's task threads; stop() is also the exit's
 
     def address(self) -> str:
         """The running sampler's socket; a sampler is started if none runs (or it died)."""
@@ -253,12 +253,13 @@ class Sampler:
             return address
 
     def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process, grace_s=30.0)
-            self.process = None
-        if self.folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = ""
+        with self.lock:
+            if self.process is not None:
+                stop_process(self.process, grace_s=30.0)
+                self.process = None
+            if self.folder:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = ""
 
 
 SAMPLER = Sampler()

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 from pydantic import ValidationError
+from transformers import AutoConfig
 
 from pipeline.config.schema import ConfigError, DemoConfig, PipelineConfig, SamplingConfig, load_config
 from pipeline.data.sources import read_jsonl, write_jsonl
@@ -290,13 +291,24 @@ def test_a_model_of_other_architecture_tokenizer_or_engine_settings_gets_a_new_e
     identity = warm.engine_identity(model_dir, VLLM_SETTINGS)
     assert warm.engine_identity(save_tiny(tmp_path / "weights", seed=3), VLLM_SETTINGS) == identity
     assert warm.engine_identity(model_dir, VLLM_SETTINGS.model_copy(update={"seed": 9, "n": 1})) == identity
+    trained = save_tiny(tmp_path / "trained", seed=4)  # as training saves it: no KV cache, another name
+    config = AutoConfig.from_pretrained(trained)
+    config.use_cache, config._name_or_path = False, "somewhere/else"
+    config.save_pretrained(trained)
+    assert warm.engine_identity(trained, VLLM_SETTINGS) == identity
     wider = save_tiny(tmp_path / "wider", seed=0, hidden_size=128)
     assert warm.engine_identity(wider, VLLM_SETTINGS) != identity
     assert warm.engine_identity(model_dir, VLLM_SETTINGS.model_copy(update={"max_model_len": 64})) != identity
+    assert warm.engine_identity(model_dir, VLLM_SETTINGS, trust_remote_code=True) != \
+        warm.engine_identity(trained, VLLM_SETTINGS, trust_remote_code=True)  # its own code: its own folder
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(["<extra>"])
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     assert warm.engine_identity(model_dir, VLLM_SETTINGS, tmp_path / "tokenizer") != identity
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # renders prompts otherwise
+    tokenizer.save_pretrained(tmp_path / "template")
+    assert warm.engine_identity(model_dir, VLLM_SETTINGS, tmp_path / "template") != identity
 
 
 def test_a_sampler_that_died_is_a_transient_error_and_the_next_stage_gets_a_new_one(model_dir):
