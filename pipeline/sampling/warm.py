@@ -79,7 +79,8 @@ def engine_identity(model_dir: Path, settings: SamplingConfig, tokenizer_dir: st
         "config": {k: v for k, v in config.items() if not k.startswith("_") and k not in IGNORED},
         "generation": {k: v for k, v in generation.items() if not k.startswith("_") and k not in IGNORED},
         # A fast tokenizer's whole definition is its JSON; a slow one is only the same where it was read.
-        "tokenizer": tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else tokenizer.name_or_path,
+        "tokenizer": tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False)
+        else tokenizer.name_or_path,
         "special": tokenizer.all_special_tokens, "chat_template": tokenizer.chat_template,
         "code": str(model_dir) if trust_remote_code else None,
         "engine": vllm_engine_args(settings),
@@ -99,10 +100,9 @@ class WarmEngine:
         self.asleep = False
         self.sleeps = current_platform.is_sleep_mode_available()  # on CUDA; not on a CPU
 
-    def ready_for(self, model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None,
+    def ready_for(self, identity: str, model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None,
                   trust_remote_code: bool) -> str:
-        """The engine, holding this model's weights; says how it got them."""
-        identity = engine_identity(model_dir, settings, tokenizer_dir, trust_remote_code)
+        """The engine, holding this model's weights (of `engine_identity`); says how it got them."""
         began = time.perf_counter()
         if self.llm is not None and identity != self.identity:
             self.close()
@@ -149,9 +149,9 @@ def output_to(stdout: int, stderr: int) -> Iterator[None]:
         os.dup2(stderr, 2)
         yield
     finally:
-        with suppress(OSError, ValueError):  # the stage's end of the pipe may be gone
-            sys.stdout.flush()
-            sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(OSError, ValueError):  # the stage's end of the pipe may be gone
+                stream.flush()
         for fd, original in zip((1, 2), saved):
             os.dup2(original, fd)
             os.close(original)
@@ -164,31 +164,40 @@ def answer(connection: Connection, engine: WarmEngine) -> None:
     except (EOFError, OSError):
         return  # the stage ended (was stopped) before its request was in
     output: list[int] = []
+    engine_used = False
     try:
         settings = SamplingConfig.model_validate(request["settings"])
-        how = engine.ready_for(Path(request["model_dir"]), settings, request["tokenizer_dir"],
-                               request["trust_remote_code"])
+        model_dir, tokenizer_dir = Path(request["model_dir"]), request["tokenizer_dir"]
+        trust = request["trust_remote_code"]
+        identity = engine_identity(model_dir, settings, tokenizer_dir, trust)  # unreadable: the request's fault
+        engine_used = True
+        how = engine.ready_for(identity, model_dir, settings, tokenizer_dir, trust)
         # The stage's stdout and stderr, sent after the request, taken once the engine runs: its
         # processes must not hold them (or the stage's output would not end with the stage).
-        output += [recv_handle(connection), recv_handle(connection)]
+        try:
+            output.append(recv_handle(connection))
+            output.append(recv_handle(connection))
+        except (EOFError, OSError, RuntimeError):
+            return  # the stage is gone
         os.environ[STAGE_ENV] = request["stage"]  # names the progress bar
         with output_to(*output):
-            print(f"sampling {request['model_dir']} with {how}", flush=True)
+            print(f"sampling {model_dir} with {how}", flush=True)
             completions = generate_vllm(engine.llm, request["prompts"], settings, request["seeds"])
         reply = ("ok", completions)
     except Exception as error:
-        engine.close()  # an engine that failed in a request is not trusted with the next
+        if engine_used:
+            engine.close()  # an engine that failed in a request is not trusted with the next
         reply = ("error", type(error).__name__, str(error), traceback.format_exc())
     finally:
         for fd in output:
             os.close(fd)
-    with suppress(OSError):  # a stage stopped meanwhile: the next is answered all the same
-        connection.send(reply)
-    try:
+    try:  # before the reply: the stage goes on to what needs the GPU's memory
         engine.rest()
-    except Exception:  # noqa: BLE001 - the completions are sent; a new engine serves the next request
+    except Exception:  # noqa: BLE001 - the completions are kept; a new engine serves the next request
         traceback.print_exc()
         engine.close()
+    with suppress(OSError):  # a stage stopped meanwhile: the next is answered all the same
+        connection.send(reply)
 
 
 def serve(address: str, parent: int, ready: Connection) -> None:
