@@ -1,4 +1,5 @@
-"""What a stage's key digests (pipeline.runtime.contract, pipeline.orchestration.runner), without running a stage."""
+"""What a stage's key digests (pipeline.runtime.contract, pipeline.orchestration.runner), and
+what the runner hands a stage's process, without running a stage."""
 
 import json
 
@@ -79,3 +80,28 @@ def test_a_manifest_whose_inputs_or_settings_are_not_a_mapping_is_damaged(tmp_pa
     (tmp_path / "manifest.json").write_text(json.dumps(body))
     with pytest.raises(DamagedResult, match="inputs or settings are not a mapping"):
         Manifest.read(tmp_path)
+
+
+class StageEnv:
+    """The tracker's part of a stage's environment (its MLflow run), as a real tracker gives it."""
+
+    def stage_env(self, run_id: str) -> dict[str, str]:
+        return {"MLFLOW_RUN_ID": run_id}
+
+
+@pytest.mark.parametrize(("module", "rescored", "warm"), [(evaluate, False, True), (evaluate, True, False),
+                                                          (pairs, False, False)])
+def test_the_runner_gives_the_warm_engines_address_to_a_stage_that_samples(tmp_path, monkeypatch, module, rescored,
+                                                                            warm):
+    from pipeline.orchestration import runner as runtime
+
+    given = {}
+    monkeypatch.setattr(runtime, "sampler_env", lambda sampling: {"POSTTRAIN_SAMPLER": "/run/socket"})
+    monkeypatch.setattr(runtime, "run_in_process", lambda stage, cfg, out, record, env, log_line, **paths:
+                        given.update(env=env, paths=paths))
+    runner = StageRunner(config(tmp_path), tracker=StageEnv())
+    monkeypatch.setattr(runner, "saved_samples", lambda planned: tmp_path if rescored else None)
+    inputs = {"samples": Input(tmp_path, "s")} if module is pairs else {"model": Input(tmp_path, "m")}
+    runner.execute(runner.plan("x", module.STAGE, config(tmp_path), inputs), "run")
+    assert ("POSTTRAIN_SAMPLER" in given["env"]) == warm and given["env"]["MLFLOW_RUN_ID"] == "run"
+    assert ("samples" in given["paths"]) == (rescored or module is pairs)
