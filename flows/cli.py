@@ -118,12 +118,10 @@ def _prefect_api():
             return False
 
     if not healthy():
-        prefect = Path(sys.executable).parent / "prefect"
-        subprocess.run([str(prefect), "server", "start", "--background", "--host", "127.0.0.1", "--port",
-                        str(PREFECT_PORT)], capture_output=True)
-        deadline = time.monotonic() + 60
-        while not healthy() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        if _start_kept_server():
+            deadline = time.monotonic() + 60
+            while not healthy() and time.monotonic() < deadline:
+                time.sleep(0.5)
         if not healthy():
             typer.echo(f"no Prefect server answers on port {PREFECT_PORT}: this run uses a temporary one", err=True)
             yield
@@ -132,6 +130,27 @@ def _prefect_api():
                    "next commands: `prefect server stop` stops it", err=True)
     with temporary_settings({PREFECT_API_URL: url}):
         yield
+
+
+def _start_kept_server() -> bool:
+    """Start the kept Prefect server in the background; False if Prefect refused. A server
+    that ended without `prefect server stop` (a reboot, a kill) leaves its PID file behind, and
+    Prefect then refuses to start another: `prefect server stop` cleans up the file of a process
+    that is gone, and the start is tried again."""
+    import psutil
+    from prefect.cli._server_utils import SERVER_PID_FILE_NAME
+    from prefect.settings import PREFECT_HOME
+
+    prefect = str(Path(sys.executable).parent / "prefect")
+    start = [prefect, "server", "start", "--background", "--host", "127.0.0.1", "--port", str(PREFECT_PORT)]
+    if subprocess.run(start, capture_output=True).returncode == 0:
+        return True
+    pid_file = Path(PREFECT_HOME.value()) / SERVER_PID_FILE_NAME
+    pid = pid_file.read_text().strip() if pid_file.is_file() else ""
+    if not pid.isdigit() or psutil.pid_exists(int(pid)):  # no file, or a server's that runs (or starts)
+        return False
+    subprocess.run([prefect, "server", "stop"], capture_output=True)
+    return subprocess.run(start, capture_output=True).returncode == 0
 
 
 def _load(config: Path, overrides: list[str] | None = None, debug: bool = False):

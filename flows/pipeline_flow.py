@@ -94,9 +94,11 @@ def stage_rows(results: list[StageResult], metrics: bool = True) -> list[dict[st
 
 @flow(name="posttrain", flow_run_name=flow_run_name)
 def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> list[StageResult]:
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 devices: dict[str, str] | None = None) -> list[StageResult]:
     """Run the whole pipeline, or only `stage` and what it needs; `force` re-runs stages by name.
-    Its MLflow run is nested under `parent_run_id` if given, with `tags` added. In Prefect the
+    Its MLflow run is nested under `parent_run_id` if given, with `tags` added; `devices`: its
+    GPUs beside other pipelines (a `compare`'s, pipeline.orchestration.devices). In Prefect the
     flow run is named after the config and tagged with its loss and seed, and its table
     artifact lists the stages with their MLflow links."""
     stages = pipeline_stages(cfg, *([stage] if stage else []), *force)
@@ -106,7 +108,7 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] = frozenset(), stage: str 
     tag_flow_run(cfg, tags)
     with results_lock(cfg.results_dir), stop_on_signals():
         tracker = Tracker(cfg, parent_run_id, tags=tags)
-        runner = StageRunner(cfg, tracker, set(force), log_line=log_stage_line)
+        runner = StageRunner(cfg, tracker, set(force), log_line=log_stage_line, devices=devices or {})
         run = PipelineRun(cfg, runner, submit_stage(runner))
         try:
             for name in [stage] if stage else stages:

@@ -8,8 +8,8 @@ imports neither Prefect nor MLflow, so that `posttrain status` answers at once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from functools import cached_property
 
 from pipeline.config.schema import ConfigError, DataConfig, DataSource, PipelineConfig
 from pipeline.orchestration.runner import NotBuilt, Planned, StageRunner, StageStatus
@@ -21,6 +21,19 @@ STAGES = ("demo_data", "pretrain", "evaluate_base", "reference", "sft", "evaluat
 DEMO_STAGES = ("demo_data", "pretrain")
 ON_POLICY_STAGES = ("sample", "pairs")  # not run when the config gives data.preference
 MODULES = (demo_data, pretrain, evaluate, reference, sft, sample, pairs, dpo)
+
+
+class cached_property(functools.cached_property):  # noqa: N801 - functools' name, for what it is
+    """functools.cached_property without the lock Python 3.11 takes around its getter, one lock
+    per property shared by every instance: a compare's pipelines side by side would each wait
+    for the others' stages of the same name. (Python 3.12 dropped that lock.)"""
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        if self.attrname not in instance.__dict__:
+            instance.__dict__[self.attrname] = self.func(instance)
+        return instance.__dict__[self.attrname]
 
 
 class PipelineRun:

@@ -18,7 +18,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -642,6 +642,10 @@ class LaunchConfig(Section):
         True, description="fork each one-process stage from a server that imported torch, transformers and TRL "
         "once (a fresh process spends 10-15 s of a small CPU importing them); false: a new `python -m "
         "stages.<name>` per stage")
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch's threads in each stage (OMP_NUM_THREADS); null: torch's default, the "
+        "machine's cores. On a CPU the thread count changes a training's float rounding, hence its weights: set "
+        "it to run `compare.parallel` pipelines side by side on a machine without GPUs")
 
     @field_validator("accelerate_config")
     @classmethod
@@ -690,6 +694,11 @@ class CompareConfig(Section):
     select: Literal["target+retention", "target", "retention"] = Field(
         "target+retention", description="how each arm's learning rate is chosen: the highest mean over seeds, after "
         "SFT and on the validation prompts only, of val_target/pass_at_1 + val_general/retention, or of either alone")
+    parallel: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="how many of the pipelines run side by side, each on devices of its own: on GPUs, "
+        "max(launch.num_processes, sampling.tensor_parallel_size x data_parallel_size) visible GPUs each; without "
+        "GPUs, launch.cpu_threads cores each. auto: as many as the devices hold (one where launch.cpu_threads is "
+        "unset on a CPU). The results are those of one at a time: each pipeline's devices and threads are the same")
     matched_target: list[float] | None = Field(
         None, min_length=1, description="target Pass@1 levels at which the report also compares general retention "
         "(interpolated along each arm's learning rates), besides the highest level every arm reaches; null: that one")

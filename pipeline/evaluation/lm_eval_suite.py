@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import gzip
+import io
 import json
 import logging
 import math
@@ -190,11 +191,7 @@ def run_lm_eval(model: Path, tokenizer: str | Path | None, cfg: PipelineConfig, 
     results = simple_evaluate(model=backend, model_args=model_args, tasks=tasks, task_manager=manager,
                               batch_size=batch_size, limit=settings.limit, log_samples=True,
                               apply_chat_template=settings.apply_chat_template)
-    samples = results.pop("samples")
-    with gzip.open(out / "lm_eval_samples.jsonl.gz", "wt") as f:
-        for task, rows in samples.items():
-            for row in rows:
-                f.write(json.dumps({"task": task, **row}, default=handle_non_serializable) + "\n")
+    write_samples(out / "lm_eval_samples.jsonl.gz", results.pop("samples"))
     record = {"backend": backend, "members": members,
               "primary": {name: primary_metric(results["results"], name, leaves, spec.metric)
                           for (name, leaves), spec in zip(members.items(), settings.tasks, strict=True)},
@@ -202,6 +199,17 @@ def run_lm_eval(model: Path, tokenizer: str | Path | None, cfg: PipelineConfig, 
                  if k in results}}
     (out / "lm_eval.json").write_text(json.dumps(record, indent=1, default=handle_non_serializable))
     return lm_eval_metrics(results["results"]), record
+
+
+def write_samples(path: Path, samples: dict[str, list[dict]]) -> None:
+    """lm-eval's logged samples, one JSON line per task row, gzipped with no time in its header:
+    the same samples make the same bytes, so the result's digest is its content's."""
+    from lm_eval.utils import handle_non_serializable
+
+    with io.TextIOWrapper(gzip.GzipFile(path, "wb", mtime=0), encoding="utf-8") as f:
+        for task, rows in samples.items():
+            for row in rows:
+                f.write(json.dumps({"task": task, **row}, default=handle_non_serializable) + "\n")
 
 
 class _MetadataAdvice(logging.Filter):

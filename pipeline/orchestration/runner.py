@@ -10,6 +10,7 @@ one that makes new ones (a GPU's training is not bit-reproducible) makes them st
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,16 @@ def what_changed(old: Manifest, planned: Planned) -> str:
     return "; ".join(changes) or "its key recipe changed"
 
 
+_KEY_LOCKS: dict[Path, threading.Lock] = {}
+_KEY_LOCKS_LOCK = threading.Lock()
+
+
+def _key_lock(out: Path) -> threading.Lock:
+    """The lock of one stage key's result folder, in this process."""
+    with _KEY_LOCKS_LOCK:
+        return _KEY_LOCKS.setdefault(out.resolve(), threading.Lock())
+
+
 @dataclass
 class StageRunner:
     cfg: PipelineConfig
@@ -107,6 +118,7 @@ class StageRunner:
     statuses: dict[str, StageStatus] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     log_line: Callable[[str], None] | None = None  # where each line a stage's process writes goes too (the flow's log)
+    devices: dict[str, str] = field(default_factory=dict)  # this pipeline's GPUs beside others (orchestration.devices)
 
     def digest_of(self, source: DataSource) -> str:
         """A data source's digest, computed once per run (a user's data set can be large)."""
@@ -195,13 +207,19 @@ class StageRunner:
     def run(self, planned: Planned) -> StageResult:
         """Run one stage in its own process, in a child run in MLflow, or reuse its result if its
         key matches: the pipeline's run then links the run that made it."""
+        began, start = time.time(), time.perf_counter()
+        # Pipelines side by side (a `compare`) share stages: the first to take one runs it, the others
+        # wait for it and reuse its result.
+        with _key_lock(planned.out):
+            return self._run(planned, began, start)
+
+    def _run(self, planned: Planned, began: float, start: float) -> StageResult:
         from mlflow.exceptions import MlflowException
 
         from pipeline.results.store import open_store
         from pipeline.tracking.tracker import TrackingUnavailable, dataset_input
 
         name, key, out, tracker = planned.name, planned.key, planned.out, self.tracker
-        began, start = time.time(), time.perf_counter()
         manifest = self.reusable(planned)
         store = open_store(self.cfg.results_store)  # results shared with other machines (docs/storage.md)
         if manifest is None and store is not None and name not in self.force:
@@ -258,7 +276,9 @@ class StageRunner:
             print(f"[{name}] re-scoring the samples of {samples} (only its scoring settings changed)", flush=True)
             paths["samples"] = samples
         record = {"inputs": planned.digests, "settings": planned.settings, "samples_key": planned.samples_key}
-        env = self.tracker.stage_env(run_id) | {STAGE_ENV: name}
+        env = self.tracker.stage_env(run_id) | {STAGE_ENV: name} | self.devices
+        if planned.cfg.launch.cpu_threads:
+            env["OMP_NUM_THREADS"] = str(planned.cfg.launch.cpu_threads)
         if planned.stage.samples and "samples" not in paths:  # not to re-score saved samples
-            env |= sampler_env(planned.cfg.sampling)
+            env |= sampler_env(planned.cfg.sampling, self.devices)
         return run_in_process(planned.stage, planned.cfg, out, record, env, self.log_line, **paths)

@@ -194,7 +194,9 @@ def run_launched(command: list[str], env: dict[str, str], output: tuple[int, int
     group of its own: interrupted, the whole group is stopped, so no worker outlives the run."""
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=output[0], stderr=output[1])
     try:
-        return process.wait()
+        while process.poll() is None:
+            wait_or_stop(process.wait)
+        return process.returncode
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -238,6 +240,20 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+# The signal that stopped the run, for the stages that other threads wait on (a `compare`'s
+# pipelines side by side): only the main thread gets signals.
+stopping: list[int] = []
+STOP_POLL_S = 0.2
+
+
+def wait_or_stop(wait: Callable[[float], Any]) -> None:
+    """`wait(timeout)` for a stage's process a moment; raises Stopped once the run is stopped."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        wait(STOP_POLL_S)
+    if stopping:
+        raise Stopped(stopping[0])
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM (a scheduler, `kill`) and SIGINT (Ctrl-C) stop the run as an interrupt: the stage
@@ -252,6 +268,7 @@ def stop_on_signals() -> Iterator[None]:
     def stop(signum: int, frame) -> None:
         for sig in previous:  # a second signal must not break off the cleanup the first one started
             signal.signal(sig, signal.SIG_IGN)
+        stopping.append(signum)
         if stop_grace_s is not None:
             watchdog = threading.Timer(stop_grace_s, exit_stopped, (signum,))
             watchdog.daemon = True  # fires even while the interpreter's exit hangs on a lost server
@@ -259,6 +276,7 @@ def stop_on_signals() -> Iterator[None]:
         raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stopping.clear()
     try:
         yield
     finally:
@@ -353,7 +371,8 @@ def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[in
         raise StageError(f"{module}: the fork server could not start it ({type(error).__name__}: {error}); "
                          "launch.preload: false starts stages as `python -m`") from error
     try:
-        child.join()
+        while child.exitcode is None:
+            wait_or_stop(child.join)
     except BaseException:  # interrupted: the stage must not outlive its pipeline
         child.terminate()
         child.join(5)

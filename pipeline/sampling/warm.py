@@ -157,7 +157,7 @@ def output_to(stdout: int, stderr: int) -> Iterator[None]:
             os.close(original)
 
 
-def answer(connection: Connection, engine: WarmEngine) -> None:
+def answer(connection: Connection, engine: WarmEngine, devices: dict[str, str]) -> None:
     """One stage's request (sent by sampler.sample_warm): the completions, or the error, sent back."""
     try:
         request = connection.recv()
@@ -181,7 +181,8 @@ def answer(connection: Connection, engine: WarmEngine) -> None:
             return  # the stage is gone
         os.environ[STAGE_ENV] = request["stage"]  # names the progress bar
         with output_to(*output):
-            print(f"sampling {model_dir} with {how}", flush=True)
+            on = f" ({', '.join(f'{k}={os.environ.get(k)}' for k in devices)})" if devices else ""
+            print(f"sampling {model_dir} with {how}{on}", flush=True)
             completions = generate_vllm(engine.llm, request["prompts"], settings, request["seeds"])
         reply = ("ok", completions)
     except Exception as error:
@@ -200,10 +201,11 @@ def answer(connection: Connection, engine: WarmEngine) -> None:
         connection.send(reply)
 
 
-def serve(address: str, parent: int, ready: Connection) -> None:
+def serve(address: str, parent: int, ready: Connection, devices: dict[str, str]) -> None:
     """The sampler's process: answer requests one at a time until stopped, or until the flow's
-    process that started it is gone."""
+    process that started it is gone. `devices`: its pipeline's GPUs, when pipelines run side by side."""
     os.setsid()  # a Ctrl-C at the terminal is the flow's to handle: it stops this process at its exit
+    os.environ.update(devices)  # before vLLM, hence torch, is imported
 
     def stop(*_: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the engine's shutdown short
@@ -226,15 +228,17 @@ def serve(address: str, parent: int, ready: Connection) -> None:
         try:
             while True:
                 with listener.accept() as connection:
-                    answer(connection, engine)
+                    answer(connection, engine, devices)
         finally:
             engine.close()
 
 
 class Sampler:
-    """The flow process's handle on its sampler process."""
+    """The flow process's handle on a sampler process: the one of the run, or with pipelines side
+    by side, the one on a pipeline's `devices`."""
 
-    def __init__(self) -> None:
+    def __init__(self, devices: dict[str, str]) -> None:
+        self.devices = devices
         self.process: Any = None
         self.folder = ""
         self.lock = threading.RLock()  # stages run in Prefect's task threads; stop() is also the exit's
@@ -249,7 +253,8 @@ class Sampler:
             address = str(Path(self.folder) / "socket")
             context = multiprocessing.get_context("spawn")  # vLLM starts processes: not from a forked copy of the flow
             receiver, sender = context.Pipe(duplex=False)
-            self.process = context.Process(target=serve, args=(address, os.getpid(), sender), name="posttrain-sampler")
+            self.process = context.Process(target=serve, args=(address, os.getpid(), sender, self.devices),
+                                           name="posttrain-sampler")
             self.process.start()
             sender.close()
             try:
@@ -271,12 +276,24 @@ class Sampler:
                 self.folder = ""
 
 
-SAMPLER = Sampler()
-atexit.register(SAMPLER.stop)
+SAMPLERS: dict[str, Sampler] = {}  # by the devices they sample on
+_SAMPLERS_LOCK = threading.Lock()
 
 
-def sampler_env(sampling: SamplingConfig) -> dict[str, str]:
-    """The environment of a stage that samples with these settings: the sampler's address where
-    the warm engine is used (vLLM, one engine, `sampling.warm_engine`), else nothing."""
+def sampler_for(devices: dict[str, str]) -> Sampler:
+    with _SAMPLERS_LOCK:
+        return SAMPLERS.setdefault(json.dumps(devices, sort_keys=True), Sampler(devices))
+
+
+@atexit.register
+def stop_samplers() -> None:
+    for sampler in list(SAMPLERS.values()):
+        sampler.stop()
+
+
+def sampler_env(sampling: SamplingConfig, devices: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a stage that samples with these settings on `devices` (its pipeline's,
+    beside others; None: the machine's): the address of the sampler on those devices where the warm
+    engine is used (vLLM, one engine, `sampling.warm_engine`), else nothing."""
     warm = sampling.warm_engine and sampling.data_parallel_size == 1 and sampling.chosen_backend() == "vllm"
-    return {SAMPLER_ENV: SAMPLER.address()} if warm else {}
+    return {SAMPLER_ENV: sampler_for(devices or {}).address()} if warm else {}

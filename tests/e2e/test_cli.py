@@ -221,7 +221,8 @@ def test_lineage_without_a_store_says_so_and_creates_none(tmp_path):
 def test_run_keeps_one_local_prefect_server_for_the_next_commands(tmp_path):
     """With no Prefect API configured, the first `posttrain run` starts a local server in the
     background and later ones use it: both runs are in its API afterwards, and it answers
-    until `prefect server stop`."""
+    until `prefect server stop`. An earlier server that was killed (its PID file left) does
+    not stand in the way."""
     import requests
 
     from pipeline.runtime.process import free_port
@@ -233,6 +234,10 @@ def test_run_keeps_one_local_prefect_server_for_the_next_commands(tmp_path):
     config.write_text(f"name: kept\nresults_dir: {tmp_path / 'results'}\n")
     command = [sys.executable, "-m", "flows.cli", "run", str(config), "--stage", "demo_data"]
     api = f"http://127.0.0.1:{port}/api"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "prefect").mkdir()
+    (tmp_path / "prefect" / "server.pid").write_text(str(gone.pid))  # as a server killed by a reboot leaves it
     try:
         first = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
         assert first.returncode == 0, first.stderr[-2000:]

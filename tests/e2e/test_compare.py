@@ -378,9 +378,7 @@ def test_shipped_claim_configs_are_valid(name):
     assert result.exit_code == 0, result.output
 
 
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("compare")
+def run_compare_command(tmp_path: Path, parallel) -> tuple[dict, str]:
     preference = tmp_path / "preference.jsonl"
     write_jsonl(preference, [{"prompt": "12*3=", "chosen": "63", "rejected": "36"}] * 8)
     config = {
@@ -388,15 +386,52 @@ def compared(tmp_path_factory):
         "data": {"preference": {"path": str(preference)}},
         "sampling": {"max_tokens": 4, "n": 4, "temperature": 1.0},
         "evaluate": {"ks": [1, 4]},
+        # One thread per stage: auto runs as many pipelines side by side as there are cores.
+        "launch": {"cpu_threads": 1},
         "compare": {"arms": {arm: {"name": arm} for arm in ARMS}, "seeds": list(SEEDS), "bootstrap": 500,
-                    "report_dir": str(tmp_path / "report")},
+                    "report_dir": str(tmp_path / "report"), "parallel": parallel},
     }
     path = tmp_path / "claim.yaml"
     path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["compare", str(path)])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
-    return tmp_path, report, result.output
+    return json.loads((tmp_path / "report" / "report.json").read_text()), result.output
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("compare")
+    report, output = run_compare_command(tmp_path, "auto")
+    return tmp_path, report, output
+
+
+def stage_manifests(results: Path) -> dict[tuple[str, str], Manifest]:
+    return {(m.parent.parent.name, m.parent.name): Manifest.read(m.parent) for m in results.glob("*/*/manifest.json")}
+
+
+def test_pipelines_side_by_side_make_what_one_at_a_time_makes(compared, tmp_path):
+    side_by_side, report, output = compared
+    assert "[compare] 2 pipelines side by side" in output  # this machine's 2 cores, or more
+    made = stage_manifests(side_by_side / "results")
+    # Two pipelines trained at once: they waited together for the stages they share.
+    trained = sorted((m.started_at, m.started_at + m.seconds) for (stage, _), m in made.items() if stage == "sft")
+    assert any(later[0] < earlier[1] for earlier, later in zip(trained, trained[1:]))
+    one_at_a_time = run_compare_command(tmp_path, 1)[0]
+    alone = stage_manifests(tmp_path / "results")
+    assert alone.keys() == made.keys() and len(made) == 3 + 4 * len(ARMS) * len(SEEDS)
+    timed = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    for where, manifest in made.items():
+        # The same bytes (weights, samples, scores), but for the trainer's log, which times the run.
+        assert {k: v for k, v in manifest.digests.items() if k != "log_history"} == \
+            {k: v for k, v in alone[where].digests.items() if k != "log_history"}, where
+        if "log_history" in manifest.digests:
+            logs = [[{k: v for k, v in entry.items() if k not in timed} for entry in json.loads(m.path("log_history")
+                                                                                           .read_text())]
+                    for m in (manifest, alone[where])]
+            assert logs[0] == logs[1], where
+        assert {k: v for k, v in manifest.metrics.items() if k not in timed} == pytest.approx(
+            {k: v for k, v in alone[where].metrics.items() if k not in timed}, nan_ok=True), where
+    assert report["summary"] == one_at_a_time["summary"] and report["differences"] == one_at_a_time["differences"]
 
 
 def test_compare_shares_common_stages_and_runs_each_arm_and_seed(compared):

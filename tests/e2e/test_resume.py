@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -76,6 +77,24 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
         torch.testing.assert_close(resumed_weights[name], weight, msg=f"{name} differs after resuming from {resumed}")
 
 
+def stopped_at_checkpoint_20(command: list[str], tmp_path: Path, trainings: int) -> str:
+    """Run the command in a process group of its own until `trainings` SFT stages have saved
+    checkpoint 20, then SIGTERM the group; asserts it stops within 15 s, as stopped. Its output."""
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline = time.time() + 600
+    seal = f"*/checkpoints/checkpoint-20/{CHECKPOINT_SEAL}"  # written last, once the checkpoint is whole
+    while time.time() < deadline and len(list((tmp_path / "results" / "sft").glob(seal))) < trainings:
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.1)
+    stopped = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert time.monotonic() - stopped < 15, output[-2000:]
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    return output
+
+
 def test_sigterm_to_the_run_stops_it_within_15_s_and_it_resumes_after(tmp_path):
     """What a scheduler or `kill` sends to the process group: the stage process, the temporary
     Prefect server and the run itself all get it."""
@@ -85,18 +104,7 @@ def test_sigterm_to_the_run_stops_it_within_15_s_and_it_resumes_after(tmp_path):
     path = tmp_path / "term.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "flows.cli", "run", str(path), "--stage", "sft"]
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    deadline = time.time() + 600
-    seal = f"*/checkpoints/checkpoint-20/{CHECKPOINT_SEAL}"  # written last, once the checkpoint is whole
-    while time.time() < deadline and not list((tmp_path / "results" / "sft").glob(seal)):
-        assert process.poll() is None, "the run ended before it could be stopped"
-        time.sleep(0.1)
-    stopped = time.monotonic()
-    os.killpg(process.pid, signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert time.monotonic() - stopped < 15, output[-2000:]
-    assert process.returncode == 128 + signal.SIGTERM
+    output = stopped_at_checkpoint_20(command, tmp_path, trainings=1)
     assert "stopped by SIGTERM: every finished stage is kept" in output
 
     from mlflow.tracking import MlflowClient
@@ -108,3 +116,26 @@ def test_sigterm_to_the_run_stops_it_within_15_s_and_it_resumes_after(tmp_path):
     # it leaves a checkpoint the next run resumes from (one cut off by the signal, if any, is dropped)
     resumable = last_complete_checkpoint(next((tmp_path / "results" / "sft").glob("*/checkpoints")))
     assert resumable is not None and int(resumable.name.split("-")[1]) >= 20
+
+
+def test_sigterm_stops_a_compares_pipelines_side_by_side(tmp_path):
+    """Two pipelines training at once, in threads of the compare's process that get no signal:
+    the stop reaches both, their stage processes end, and every run still open ends KILLED."""
+    config = {"name": "both", "results_dir": str(tmp_path / "results"), **TINY, "launch": {"cpu_threads": 1},
+              "sft": {"trainer": {"max_steps": 400, "save_steps": 20, "per_device_train_batch_size": 8,
+                                  "logging_steps": 10}},
+              "compare": {"arms": {"ce": {"name": "ce"}, "dft": {"name": "dft"}}, "seeds": [0, 1], "parallel": 2}}
+    path = tmp_path / "both.yaml"
+    path.write_text(yaml.safe_dump(config))
+    output = stopped_at_checkpoint_20([sys.executable, "-m", "flows.cli", "compare", str(path)], tmp_path, trainings=2)
+    assert "stopped by SIGTERM" in output
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("posttrain").experiment_id])
+    trained = [r for r in runs if r.data.tags.get("posttrain.stage") == "sft"]
+    assert len(trained) == 2 and {r.info.status for r in trained} == {"KILLED"}  # both were training
+    assert {r.info.status for r in runs if r.info.status not in ("FINISHED", "KILLED")} == set()  # none left RUNNING
+    kinds = {r.data.tags.get("posttrain.kind") for r in runs if r.info.status == "KILLED"}
+    assert "compare" in kinds

@@ -6,6 +6,7 @@ A real run with data_parallel_size 2 (two CPU engines) is `python bench/sampling
 dp 2 run alone took 95 s to 250 s on 2 shared cores, too long and too variable for the suite
 (docs/pipeline.md, "Sampling on many GPUs")."""
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -266,10 +267,11 @@ def test_the_warm_engine_given_another_models_weights_samples_what_a_fresh_engin
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "answer": "0"} for p in prompts])
     cfg = PipelineConfig(name="t", sampling=VLLM_SETTINGS, pairs={"prompts": {"path": str(tmp_path / "p.jsonl")},
                                                                  "n": VLLM_SETTINGS.n, "max_prompts": 2})
-    sampler = warm.Sampler()
-    monkeypatch.setattr(warm, "SAMPLER", sampler)
+    devices = {"POSTTRAIN_TEST_DEVICES": "slot 1"}  # a pipeline's among others (its GPUs): the engine's too
+    sampler = warm.Sampler(devices)
+    monkeypatch.setitem(warm.SAMPLERS, json.dumps(devices), sampler)
     try:
-        env = warm.sampler_env(cfg.sampling)
+        env = warm.sampler_env(cfg.sampling, devices)
         first = run_in_process(sample_stage.STAGE, cfg, tmp_path / "first", {}, env, model=other)
         engine = {p.pid for p in psutil.Process(sampler.process.pid).children(recursive=True)}
         lines: list[str] = []
@@ -277,7 +279,7 @@ def test_the_warm_engine_given_another_models_weights_samples_what_a_fresh_engin
         second = run_in_process(sample_stage.STAGE, cfg, tmp_path / "second", {}, env, lines.append, model=model_dir)
         assert engine == {p.pid for p in psutil.Process(sampler.process.pid).children(recursive=True)}
         assert any(f"sampling {model_dir} with the run's vLLM engine, its weights loaded in place" in line
-                   for line in lines)
+                   and line.endswith("(POSTTRAIN_TEST_DEVICES=slot 1)") for line in lines)
     finally:
         sampler.stop()
     warm_completions = [row["completions"] for row in read_jsonl(second.path("samples"))]
@@ -312,7 +314,7 @@ def test_a_model_of_other_architecture_tokenizer_or_engine_settings_gets_a_new_e
 
 
 def test_a_sampler_that_died_is_a_transient_error_and_the_next_stage_gets_a_new_one(model_dir):
-    sampler = warm.Sampler()
+    sampler = warm.Sampler({})
     try:
         address = sampler.address()
         sampler.process.kill()
@@ -326,8 +328,13 @@ def test_a_sampler_that_died_is_a_transient_error_and_the_next_stage_gets_a_new_
 
 
 def test_only_stages_sampling_with_one_vllm_engine_get_the_warm_engine(monkeypatch):
-    monkeypatch.setattr(warm.SAMPLER, "address", lambda: "/run/socket")
-    assert warm.sampler_env(SamplingConfig(backend="vllm")) == {SAMPLER_ENV: "/run/socket"}
+    monkeypatch.setattr(warm, "SAMPLERS", {})
+    monkeypatch.setattr(warm.Sampler, "address", lambda self: f"/run/{self.devices.get('CUDA_VISIBLE_DEVICES', 'all')}")
+    assert warm.sampler_env(SamplingConfig(backend="vllm")) == {SAMPLER_ENV: "/run/all"}
+    # Pipelines side by side: one engine on each one's GPUs.
+    assert warm.sampler_env(SamplingConfig(backend="vllm"), {"CUDA_VISIBLE_DEVICES": "2,3"}) == {SAMPLER_ENV: "/run/2,3"}
+    assert warm.sampler_for({"CUDA_VISIBLE_DEVICES": "2,3"}) is warm.sampler_for({"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert len(warm.SAMPLERS) == 2
     for settings in (SamplingConfig(backend="hf"), SamplingConfig(backend="vllm", warm_engine=False),
                      SamplingConfig(backend="vllm", data_parallel_size=2)):
         assert warm.sampler_env(settings) == {}

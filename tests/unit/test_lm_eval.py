@@ -266,3 +266,18 @@ def test_the_shipped_tasks_run_on_a_model_by_generation_and_by_log_likelihood(tm
     assert set(metrics) >= {"general/lm_eval/posttrain_general_choice/acc_norm",
                             "general/lm_eval/posttrain_general_choice/acc_stderr"}
     assert [s["doc"]["prompt"] for s in exact] == [r["prompt"] for r in read_jsonl(tmp_path / "general.jsonl")]
+
+
+def test_logged_samples_are_the_same_bytes_whenever_written(tmp_path, monkeypatch):
+    """gzip's header holds the time of writing by default: two evaluations that logged the same
+    samples would differ in digest, so a rerun (or pipelines side by side) would look changed."""
+    samples = {"posttrain_general_exact": [{"doc_id": 0, "resps": [["12"]], "filtered_resps": ["12"]}]}
+    first, second = (tmp_path / name / "lm_eval_samples.jsonl.gz" for name in ("first", "second"))
+    first.parent.mkdir()
+    second.parent.mkdir()
+    lm_eval_suite.write_samples(first, samples)
+    monkeypatch.setattr("time.time", lambda: 2_000_000_000.0)  # what gzip stamps otherwise
+    lm_eval_suite.write_samples(second, samples)
+    assert first.read_bytes() == second.read_bytes()
+    rows = [json.loads(line) for line in gzip.open(first, "rt")]
+    assert rows == [{"task": "posttrain_general_exact", **samples["posttrain_general_exact"][0]}]

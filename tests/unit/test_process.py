@@ -1,9 +1,15 @@
-"""A stage process's output on its way to the console and to the flow's log (pipeline.runtime.process)."""
+"""A stage process's output on its way to the console and to the flow's log; a stop reaching the
+stages other threads wait on (pipeline.runtime.process)."""
 
 import os
+import signal
 import threading
 
-from pipeline.runtime.process import forward
+import psutil
+import pytest
+
+from pipeline.runtime import process
+from pipeline.runtime.process import Stopped, forward
 
 BAR = b"sft: 10%\rsft: 50%\rsft: 100%\n"
 
@@ -77,3 +83,36 @@ def forwarded_from(source: int, log_line) -> bytes:
     os.close(sink[1])
     with open(sink[0], "rb") as copied:
         return copied.read()
+
+
+def test_a_stop_ends_the_stage_a_thread_waits_on(monkeypatch):
+    """A compare's pipelines side by side wait on their stages in threads, which get no signal:
+    the main thread's stop reaches them, and their stages' processes end."""
+    monkeypatch.setattr(process, "stopping", [])
+    raised, started = [], []
+
+    def pipeline_thread():
+        try:
+            process.run_launched(["sleep", "60"], dict(os.environ), (1, 2))
+        except Stopped as error:
+            raised.append(error.signum)
+
+    real_popen = process.subprocess.Popen
+    monkeypatch.setattr(process.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    thread = threading.Thread(target=pipeline_thread)
+    thread.start()
+    thread.join(1)
+    assert thread.is_alive() and started and started[0].poll() is None  # the stage runs on
+    process.stopping.append(signal.SIGTERM)  # what the main thread's handler records
+    thread.join(10)
+    assert raised == [signal.SIGTERM] and started[0].poll() is not None
+    assert not psutil.pid_exists(started[0].pid) or psutil.Process(started[0].pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_stop_on_signals_records_the_signal_for_the_other_threads(monkeypatch):
+    monkeypatch.setattr(process, "stopping", [signal.SIGINT])  # an earlier run's
+    with pytest.raises(Stopped), process.stop_on_signals():
+        assert process.stopping == []  # a new run starts unstopped
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Event().wait(5)
+    assert process.stopping == [signal.SIGTERM]

@@ -96,7 +96,7 @@ def test_the_runner_gives_the_warm_engines_address_to_a_stage_that_samples(tmp_p
     from pipeline.orchestration import runner as runtime
 
     given = {}
-    monkeypatch.setattr(runtime, "sampler_env", lambda sampling: {"POSTTRAIN_SAMPLER": "/run/socket"})
+    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices: {"POSTTRAIN_SAMPLER": "/run/socket"})
     monkeypatch.setattr(runtime, "run_in_process", lambda stage, cfg, out, record, env, log_line, **paths:
                         given.update(env=env, paths=paths))
     runner = StageRunner(config(tmp_path), tracker=StageEnv())
@@ -105,3 +105,68 @@ def test_the_runner_gives_the_warm_engines_address_to_a_stage_that_samples(tmp_p
     runner.execute(runner.plan("x", module.STAGE, config(tmp_path), inputs), "run")
     assert ("POSTTRAIN_SAMPLER" in given["env"]) == warm and given["env"]["MLFLOW_RUN_ID"] == "run"
     assert ("samples" in given["paths"]) == (rescored or module is pairs)
+
+
+def test_a_pipelines_devices_and_threads_reach_its_stages_and_not_their_keys(tmp_path, monkeypatch):
+    from pipeline.orchestration import runner as runtime
+
+    given = {}
+    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices: given.update(sampler=devices) or {})
+    monkeypatch.setattr(runtime, "run_in_process", lambda stage, cfg, out, record, env, log_line, **paths:
+                        given.update(env=env))
+    cfg = config(tmp_path, launch={"cpu_threads": 3})
+    runner = StageRunner(cfg, tracker=StageEnv(), devices={"CUDA_VISIBLE_DEVICES": "2,3"})
+    planned = runner.plan("x", evaluate.STAGE, cfg, {"model": Input(tmp_path, "m")})
+    runner.execute(planned, "run")
+    assert given["env"]["CUDA_VISIBLE_DEVICES"] == "2,3" and given["env"]["OMP_NUM_THREADS"] == "3"
+    assert given["sampler"] == {"CUDA_VISIBLE_DEVICES": "2,3"}  # the warm engine on the pipeline's GPUs
+    alone = StageRunner(config(tmp_path), tracker=StageEnv())
+    assert planned.key == alone.plan("x", evaluate.STAGE, config(tmp_path), {"model": Input(tmp_path, "m")}).key
+    alone.execute(alone.plan("x", evaluate.STAGE, config(tmp_path), {"model": Input(tmp_path, "m")}), "run")
+    assert "CUDA_VISIBLE_DEVICES" not in given["env"] and "OMP_NUM_THREADS" not in given["env"]
+
+
+def test_pipelines_sharing_a_stage_run_it_once_the_others_reuse_it(tmp_path, monkeypatch):
+    import threading
+
+    from pipeline.orchestration import runner as runtime
+
+    started, release, ran = threading.Event(), threading.Event(), []
+
+    def stage_process(stage, cfg, out, record, env, log_line, **paths):
+        ran.append(out)
+        started.set()
+        release.wait(10)
+        manifest = Manifest("sft", out.name, {}, metrics={"x": 1.0}, **record)
+        manifest.write(out)
+        return manifest
+
+    class Tracker(StageEnv):
+        def start_stage(self, *args):
+            return "run"
+
+        def reuse(self, *args):
+            return "producer"
+
+        def finish_stage(self, *args):
+            pass
+
+        def link(self, run_id):
+            return run_id
+
+    monkeypatch.setattr(runtime, "run_in_process", stage_process)
+    cfg = config(tmp_path)
+    runners = [StageRunner(cfg, tracker=Tracker()) for _ in range(2)]
+    plans = [r.plan("sft", sft.STAGE, cfg, {"model": Input(tmp_path, "m")}) for r in runners]
+    first = threading.Thread(target=runners[0].run, args=(plans[0],))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=runners[1].run, args=(plans[1],))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waits on the first's run of the same key
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert len(ran) == 1
+    assert [r.results[0].cached for r in runners] == [False, True]
