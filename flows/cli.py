@@ -135,8 +135,8 @@ def _prefect_api():
 def _start_kept_server() -> bool:
     """Start the kept Prefect server in the background; False if Prefect refused. A server
     that ended without `prefect server stop` (a reboot, a kill) leaves its PID file behind, and
-    Prefect then refuses to start another: `prefect server stop` cleans up the file of a process
-    that is gone, and the start is tried again."""
+    Prefect then refuses to start another: a file whose process is not a Prefect server is
+    removed, and the start tried again."""
     import psutil
     from prefect.cli._server_utils import SERVER_PID_FILE_NAME
     from prefect.settings import PREFECT_HOME
@@ -147,9 +147,14 @@ def _start_kept_server() -> bool:
         return True
     pid_file = Path(PREFECT_HOME.value()) / SERVER_PID_FILE_NAME
     pid = pid_file.read_text().strip() if pid_file.is_file() else ""
-    if not pid.isdigit() or psutil.pid_exists(int(pid)):  # no file, or a server's that runs (or starts)
+    if not pid.isdigit():  # no file, or one a starting server has yet to write
         return False
-    subprocess.run([prefect, "server", "stop"], capture_output=True)
+    try:  # after a reboot the number may well be another program's
+        if "prefect" in " ".join(psutil.Process(int(pid)).cmdline()):
+            return False  # a server that runs, on another port
+    except psutil.Error:
+        pass
+    pid_file.unlink(missing_ok=True)
     return subprocess.run(start, capture_output=True).returncode == 0
 
 

@@ -125,6 +125,9 @@ def compare_flow(cfg: PipelineConfig, devices: list[dict[str, str]]) -> Path:
             files = write_report(cfg, runs, report_dir(cfg))
             tracker.log_report(files)
         except BaseException as error:
+            # No more pipelines start; a stop reaches the running ones' stages, which end their own
+            # runs. Not waited on: after a stop their flows' last calls to the Prefect server, which
+            # the signal may have ended, would hang.
             failed.set()
             tracker.finish(error)
             raise

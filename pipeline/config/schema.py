@@ -698,7 +698,7 @@ class CompareConfig(Section):
         "auto", description="how many of the pipelines run side by side, each on devices of its own: on GPUs, "
         "max(launch.num_processes, sampling.tensor_parallel_size x data_parallel_size) visible GPUs each; without "
         "GPUs, launch.cpu_threads cores each. auto: as many as the devices hold (one where launch.cpu_threads is "
-        "unset on a CPU). The results are those of one at a time: each pipeline's devices and threads are the same")
+        "unset on a CPU). The keys are those of one at a time, and so are a CPU's results: each stage's threads are the same")
     matched_target: list[float] | None = Field(
         None, min_length=1, description="target Pass@1 levels at which the report also compares general retention "
         "(interpolated along each arm's learning rates), besides the highest level every arm reaches; null: that one")

@@ -13,13 +13,13 @@ GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them; without that
-    variable, those of the driver's device files (one for WSL2's, which does not say)."""
+    variable, CUDA's numbers for the driver's device files (one for WSL2's, which does not say).
+    Only their count: in a container the files keep the host's numbers, CUDA counts from 0."""
     if not cuda_gpu_visible():
         return []
     if (named := os.environ.get(GPU_ENV)) is not None:
         return [d.strip() for d in named.split(",") if d.strip()]
-    numbers = sorted(int(p.name.removeprefix("nvidia")) for p in DEVICES.glob("nvidia[0-9]*"))
-    return [str(n) for n in numbers] or ["0"]
+    return [str(i) for i in range(len(list(DEVICES.glob("nvidia[0-9]*"))) or 1)]
 
 
 def gpus_per_pipeline(cfg: PipelineConfig) -> int:
@@ -45,7 +45,7 @@ def pipeline_devices(cfg: PipelineConfig, pipelines: int) -> list[dict[str, str]
         each = cfg.launch.cpu_threads or cores
         fit = cores // each
         need = f"{each} cores each (launch.cpu_threads{'' if cfg.launch.cpu_threads else ' unset: all'}), and {cores} are here"
-    if wanted != "auto" and wanted > fit:
+    if wanted != "auto" and wanted > max(fit, 1):  # one at a time always runs, on whatever there is
         advice = "" if gpus else ("; a lower launch.cpu_threads fits more, and changes the weights a CPU trains (the "
                                   "same for every pipeline)")
         raise ConfigError(f"compare.parallel: {wanted} pipelines side by side need {need}: lower it, or set it to "

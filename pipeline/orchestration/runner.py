@@ -12,7 +12,8 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pipeline.config.schema import DataSource, PipelineConfig, dotted
 from pipeline.data.sources import source_digest
 from pipeline.results.manifest import MANIFEST, DamagedResult, Manifest, atomic_write_text, stage_key
 from pipeline.runtime.contract import Input, Stage
-from pipeline.runtime.process import run_in_process
+from pipeline.runtime.process import StageError, Stopped, run_in_process, stopping
 from pipeline.runtime.progress import STAGE_ENV
 from pipeline.sampling.warm import sampler_env
 
@@ -98,14 +99,43 @@ def what_changed(old: Manifest, planned: Planned) -> str:
     return "; ".join(changes) or "its key recipe changed"
 
 
-_KEY_LOCKS: dict[Path, threading.Lock] = {}
-_KEY_LOCKS_LOCK = threading.Lock()
+@dataclass
+class KeyTurn:
+    """Whose turn it is at one stage key's result folder, among the pipelines of this process, and
+    how the last turn ended: an error, for those that waited on it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    failed: str | None = None
 
 
-def _key_lock(out: Path) -> threading.Lock:
-    """The lock of one stage key's result folder, in this process."""
-    with _KEY_LOCKS_LOCK:
-        return _KEY_LOCKS.setdefault(out.resolve(), threading.Lock())
+_KEY_TURNS: dict[Path, KeyTurn] = {}
+_KEY_TURNS_LOCK = threading.Lock()
+
+
+@contextmanager
+def key_turn(name: str, out: Path) -> Iterator[KeyTurn]:
+    """Hold the stage key's folder. Pipelines side by side (a `compare`) share stages: the first
+    to take one runs it, the others wait and then reuse its result, or, if it failed for good,
+    fail with its error rather than run it again (after a transient failure they run it, as the
+    retry would); a stopped run starts nothing more."""
+    with _KEY_TURNS_LOCK:
+        turn = _KEY_TURNS.setdefault(out.resolve(), KeyTurn())
+    waited = not turn.lock.acquire(blocking=False)
+    if waited:
+        turn.lock.acquire()
+    try:
+        if stopping:
+            raise Stopped(stopping[0])
+        if waited and turn.failed is not None:
+            raise StageError(f"stage '{name}' failed in another pipeline that shares it: {turn.failed}")
+        try:
+            yield turn
+        except Exception as error:
+            turn.failed = None if getattr(error, "transient", False) else str(error)
+            raise
+        turn.failed = None
+    finally:
+        turn.lock.release()
 
 
 @dataclass
@@ -208,9 +238,7 @@ class StageRunner:
         """Run one stage in its own process, in a child run in MLflow, or reuse its result if its
         key matches: the pipeline's run then links the run that made it."""
         began, start = time.time(), time.perf_counter()
-        # Pipelines side by side (a `compare`) share stages: the first to take one runs it, the others
-        # wait for it and reuse its result.
-        with _key_lock(planned.out):
+        with key_turn(planned.name, planned.out):
             return self._run(planned, began, start)
 
     def _run(self, planned: Planned, began: float, start: float) -> StageResult:

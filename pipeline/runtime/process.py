@@ -83,6 +83,8 @@ def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[st
         else:
             exit_code = run_launched(command, env, output)
     if exit_code != 0:
+        if not (out / ERROR).is_file():  # killed: by the run's stop, which a thread may hear after the stage ended
+            wait_or_stop(time.sleep)
         reason = (out / ERROR).read_text().strip() if (out / ERROR).is_file() else ""
         launched = command is not None and "accelerate.commands.launch" in command
         others = " (the other processes': traceback-rank<N>.txt)" if launched else ""

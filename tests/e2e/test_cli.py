@@ -234,10 +234,9 @@ def test_run_keeps_one_local_prefect_server_for_the_next_commands(tmp_path):
     config.write_text(f"name: kept\nresults_dir: {tmp_path / 'results'}\n")
     command = [sys.executable, "-m", "flows.cli", "run", str(config), "--stage", "demo_data"]
     api = f"http://127.0.0.1:{port}/api"
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    other = subprocess.Popen(["sleep", "300"])  # after a reboot, the dead server's number is another program's
     (tmp_path / "prefect").mkdir()
-    (tmp_path / "prefect" / "server.pid").write_text(str(gone.pid))  # as a server killed by a reboot leaves it
+    (tmp_path / "prefect" / "server.pid").write_text(str(other.pid))
     try:
         first = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
         assert first.returncode == 0, first.stderr[-2000:]
@@ -249,6 +248,7 @@ def test_run_keeps_one_local_prefect_server_for_the_next_commands(tmp_path):
         commands = [r for r in runs if r["name"].startswith("kept/") and r["parent_task_run_id"] is None]
         assert [r["state"]["type"] for r in commands] == ["COMPLETED", "COMPLETED"]  # each with its pipeline subflow
     finally:
+        other.kill()
         subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "stop"], env=env, capture_output=True)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{api}/health", timeout=2)

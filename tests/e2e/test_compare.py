@@ -2,6 +2,7 @@
 and the statistics behind its report."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -411,7 +412,7 @@ def stage_manifests(results: Path) -> dict[tuple[str, str], Manifest]:
 
 def test_pipelines_side_by_side_make_what_one_at_a_time_makes(compared, tmp_path):
     side_by_side, report, output = compared
-    assert "[compare] 2 pipelines side by side" in output  # this machine's 2 cores, or more
+    assert re.search(r"\[compare\] [2-4] pipelines side by side", output)  # one per core, 4 to run
     made = stage_manifests(side_by_side / "results")
     # Two pipelines trained at once: they waited together for the stages they share.
     trained = sorted((m.started_at, m.started_at + m.seconds) for (stage, _), m in made.items() if stage == "sft")

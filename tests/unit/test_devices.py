@@ -13,8 +13,8 @@ def compare(parallel="auto", **sections):
 
 @pytest.fixture
 def gpus(monkeypatch, tmp_path):
-    """Four GPUs' device files, and no CUDA_VISIBLE_DEVICES."""
-    for i in range(4):
+    """Four GPUs' device files, as a container sees the host's GPUs 2-5, and no CUDA_VISIBLE_DEVICES."""
+    for i in range(2, 6):
         (tmp_path / f"nvidia{i}").touch()
     (tmp_path / "nvidiactl").touch()
     monkeypatch.setattr(devices, "DEVICES", tmp_path)
@@ -23,7 +23,8 @@ def gpus(monkeypatch, tmp_path):
 
 
 def test_each_pipeline_gets_gpus_of_its_own(gpus, monkeypatch):
-    assert devices.visible_gpus() == ["0", "1", "2", "3"]
+    assert devices.visible_gpus() == ["0", "1", "2", "3"]  # CUDA's numbers, not the files'
+    assert devices.pipeline_devices(compare(1, launch={"num_processes": 8}), 8) == [{}]  # one at a time: always
     assert devices.pipeline_devices(compare(), 8) == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(4)]
     two_each = compare(launch={"num_processes": 2})
     assert devices.pipeline_devices(two_each, 8) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
@@ -44,6 +45,7 @@ def test_without_gpus_the_cores_hold_as_many_as_launch_cpu_threads_allow(monkeyp
     assert devices.pipeline_devices(compare(), 8) == [{}]  # each stage takes every core: one at a time
     assert devices.pipeline_devices(compare(launch={"cpu_threads": 2}), 8) == [{}] * 4
     assert devices.pipeline_devices(compare(3, launch={"cpu_threads": 2}), 8) == [{}] * 3
+    assert devices.pipeline_devices(compare(1, launch={"cpu_threads": 16}), 8) == [{}]  # more threads than cores
     with pytest.raises(ConfigError, match=r"^compare\.parallel: 2 pipelines side by side need 8 cores each "
                                           r"\(launch\.cpu_threads unset: all\), and 8 are here: .*cpu_threads fits more"):
         devices.pipeline_devices(compare(2), 8)

@@ -111,6 +111,8 @@ def test_a_stop_ends_the_stage_a_thread_waits_on(monkeypatch):
 
 def test_stop_on_signals_records_the_signal_for_the_other_threads(monkeypatch):
     monkeypatch.setattr(process, "stopping", [signal.SIGINT])  # an earlier run's
+    # No exit after the grace the command line sets (a test in this process may have run it).
+    monkeypatch.setattr(process, "stop_grace_s", None)
     with pytest.raises(Stopped), process.stop_on_signals():
         assert process.stopping == []  # a new run starts unstopped
         os.kill(os.getpid(), signal.SIGTERM)

@@ -170,3 +170,53 @@ def test_pipelines_sharing_a_stage_run_it_once_the_others_reuse_it(tmp_path, mon
     second.join(10)
     assert len(ran) == 1
     assert [r.results[0].cached for r in runners] == [False, True]
+
+
+def test_a_shared_stage_that_failed_fails_its_waiters_and_a_stopped_run_starts_nothing(tmp_path):
+    import signal
+    import threading
+
+    from pipeline.orchestration.runner import key_turn
+    from pipeline.runtime import process
+    from pipeline.runtime.process import StageError, Stopped
+
+    out, holding, release, seen = tmp_path / "sft" / "key", threading.Event(), threading.Event(), []
+
+    def first(error: Exception) -> None:
+        try:
+            with key_turn("sft", out):
+                holding.set()
+                release.wait(10)
+                raise error
+        except Exception:  # noqa: BLE001 - its own pipeline's to report
+            pass
+
+    def waiter() -> None:
+        try:
+            with key_turn("sft", out):
+                seen.append("ran it")
+        except StageError as error:
+            seen.append(str(error))
+
+    for error, expected in ((ValueError("bad row 3"), "stage 'sft' failed in another pipeline that shares it: "
+                                                      "bad row 3"),
+                            (StageError("the engine did not start", "TransientError"), "ran it")):  # as a retry
+        holding.clear(), release.clear()
+        threads = [threading.Thread(target=first, args=(error,)), threading.Thread(target=waiter)]
+        threads[0].start()
+        assert holding.wait(10)
+        threads[1].start()
+        threads[1].join(0.3)
+        assert threads[1].is_alive()
+        release.set()
+        for thread in threads:
+            thread.join(10)
+        assert seen.pop() == expected
+    with key_turn("sft", out):  # a run that did not wait on the failure (the user's next try) runs it
+        pass
+    process.stopping.append(signal.SIGTERM)
+    try:
+        with pytest.raises(Stopped), key_turn("sft", out):
+            pytest.fail("a stopped run started a stage")
+    finally:
+        process.stopping.clear()
