@@ -8,15 +8,14 @@ The config's pipeline, compared over `--arms` and `--seeds` at its own learning 
 times, each into a fresh results folder with its own MLflow store: each stage on every core, one
 pipeline at a time (what a CPU machine does by default); `launch.cpu_threads: --threads`, one at
 a time; the same, as many side by side as the cores hold (`compare.parallel: auto`). The stages
-every pipeline shares (the demo world and its base model) are copied from `--reuse` where it
-holds them under the same keys (after `make demo`), else made by the first run and copied from
-it. Prints each run's wall time, the ratios, and whether the last two made the same files.
+every pipeline shares (the demo world and its base model) are hard-linked from `--reuse` where
+it holds them under the same keys (after `make demo`), else made by the first run and linked
+from it. Prints each run's wall time, the ratios, and whether the last two made the same files.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ def main() -> None:
     from flows.compare import run_compare
     from pipeline.config.schema import parse_config
     from pipeline.orchestration.devices import pipeline_devices
+    from pipeline_speed import isolated, reuse_stages  # bench/: this script's folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
@@ -60,15 +60,11 @@ def main() -> None:
     seconds, folders = {}, {}
     for i, (label, (launch, parallel)) in enumerate(runs.items()):
         folder = work / f"run{i}"
-        settings = base | {"results_dir": str(folder / "results"), "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}"},
-                           "launch": base.get("launch", {}) | launch,
-                           "compare": base.get("compare", {}) | compare | {"parallel": parallel,
-                                                                          "report_dir": str(folder / "report")}}
+        settings = isolated(base, folder) | {
+            "launch": base.get("launch", {}) | launch,
+            "compare": base.get("compare", {}) | compare | {"parallel": parallel, "report_dir": str(folder / "report")}}
         cfg = parse_config(settings)
-        source = args.reuse if i == 0 else folders[next(iter(runs))] / "results"
-        for stage in SHARED:
-            if (source / stage).is_dir():
-                shutil.copytree(source / stage, folder / "results" / stage)
+        reuse_stages(args.reuse if i == 0 else folders[next(iter(runs))] / "results", folder, SHARED)
         side_by_side = len(pipeline_devices(cfg, len(args.arms) * len(args.seeds)))
         print(f"\n=== {label}: {side_by_side} pipeline(s) at a time", flush=True)
         start = time.perf_counter()

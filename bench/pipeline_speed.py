@@ -17,6 +17,8 @@ CE step (chunked and full logits) against stock TRL `SFTTrainer`'s (its own LM h
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # multiprocessing's __mp_main__, and Prefect's import (1.5 s) would count as every stage's start-up.
 if TYPE_CHECKING:
     from pipeline.orchestration.runner import StageResult
+
+
+def isolated(settings: dict, folder: Path) -> dict:
+    """A config's settings with a results folder and an MLflow SQLite store of their own in `folder`."""
+    return settings | {"results_dir": str(folder / "results"), "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}"}}
+
+
+def reuse_stages(source: Path, folder: Path, stages: tuple[str, ...]) -> None:
+    """Hard links to the results of `stages` in the results folder `source`, in `folder`'s: reused
+    there wherever their keys are the config's."""
+    for stage in stages:
+        if (source / stage).is_dir():
+            shutil.copytree(source / stage, folder / "results" / stage, copy_function=os.link)
 
 
 def phase_table(runs: dict[str, list[StageResult]]) -> None:
@@ -80,8 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    settings = yaml.safe_load(args.config.read_text()) | {
-        "results_dir": str(work / "results"), "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"}}
+    settings = isolated(yaml.safe_load(args.config.read_text()), work)
     cfg = parse_config(settings)
     runs = {}
     start = time.perf_counter()

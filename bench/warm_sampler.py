@@ -16,8 +16,6 @@ second run's pairs and DPO were reused, which they are only if its samples are t
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ REUSED_STAGES = ("demo_data", "pretrain", "reference", "sft")
 def main() -> None:
     from flows.pipeline_flow import run_pipeline
     from pipeline.config.schema import parse_config
-    from pipeline_speed import phase_table  # bench/: this script's folder
+    from pipeline_speed import isolated, phase_table, reuse_stages  # bench/: this script's folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
@@ -42,11 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-warm-"))
-    for stage in REUSED_STAGES:
-        if (args.results / stage).is_dir():
-            shutil.copytree(args.results / stage, work / "results" / stage, copy_function=os.link)
-    settings = yaml.safe_load(args.config.read_text()) | {
-        "results_dir": str(work / "results"), "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"}}
+    reuse_stages(args.results, work, REUSED_STAGES)
+    settings = isolated(yaml.safe_load(args.config.read_text()), work)
     runs, walls = {}, {}
     for label, warm in (("engine per stage", False), ("warm engine", True)):
         cfg = parse_config(settings | {"sampling": {**settings.get("sampling", {}), "backend": "vllm",

@@ -22,7 +22,7 @@ from pipeline.config.schema import DataSource, PipelineConfig, dotted
 from pipeline.data.sources import source_digest
 from pipeline.results.manifest import MANIFEST, DamagedResult, Manifest, atomic_write_text, stage_key
 from pipeline.runtime.contract import Input, Stage
-from pipeline.runtime.process import StageError, Stopped, run_in_process, stopping
+from pipeline.runtime.process import StageError, raise_if_stopped, run_in_process
 from pipeline.runtime.progress import STAGE_ENV
 from pipeline.sampling.warm import sampler_env
 
@@ -124,8 +124,7 @@ def key_turn(name: str, out: Path) -> Iterator[KeyTurn]:
     if waited:
         turn.lock.acquire()
     try:
-        if stopping:
-            raise Stopped(stopping[0])
+        raise_if_stopped()
         if waited and turn.failed is not None:
             raise StageError(f"stage '{name}' failed in another pipeline that shares it: {turn.failed}")
         try:

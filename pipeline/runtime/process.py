@@ -248,12 +248,17 @@ stopping: list[int] = []
 STOP_POLL_S = 0.2
 
 
+def raise_if_stopped() -> None:
+    """Stopped, once the run is stopped: for the threads the signal does not interrupt."""
+    if stopping:
+        raise Stopped(stopping[0])
+
+
 def wait_or_stop(wait: Callable[[float], Any]) -> None:
     """`wait(timeout)` for a stage's process a moment; raises Stopped once the run is stopped."""
     with contextlib.suppress(subprocess.TimeoutExpired):
         wait(STOP_POLL_S)
-    if stopping:
-        raise Stopped(stopping[0])
+    raise_if_stopped()
 
 
 @contextlib.contextmanager

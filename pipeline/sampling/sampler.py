@@ -202,9 +202,9 @@ def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig
     engines, each in its own process on its own devices, each sampling its share of the prompts."""
     dp = settings.data_parallel_size
     shards = shard_prompts(prompts, settings.seed, dp)
-    if dp == 1:  # one engine: the run's warm one where the flow started it, else one of this process
+    if dp == 1:  # one engine: the run's warm one where the runner gave its address, else one of this process
         _, part, seeds = shards[0]
-        if settings.warm_engine and (address := os.environ.get(SAMPLER_ENV)):
+        if address := os.environ.get(SAMPLER_ENV):  # given only with sampling.warm_engine (warm.sampler_env)
             return sample_warm(address, model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code)
         return sample_shard(model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code)
     # With fewer prompts than engines, the ranks without prompts start none.
