@@ -168,7 +168,9 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
 STAGE = Stage("evaluate", run, settings, data=eval_suites, samples_settings=samples_settings, scoring_inputs=("baseline",),
               preload=("pipeline.sampling.sampler", "pipeline.evaluation.answer_entropy",
                        "pipeline.evaluation.lm_eval_suite", "pipeline.evaluation.verifiers", "pipeline.reporting.plots",
-                       "lm_eval.evaluator", "lm_eval.tasks"),  # run_lm_eval's: 0.4 s a stage else
+                       "lm_eval.evaluator", "lm_eval.tasks", "lm_eval.models.huggingface",  # run_lm_eval's: 0.4 s
+                       # transformers imports these lazily, at the first Auto class: 0.4 s a stage else
+                       "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto"),
               system_metrics=True, samples=True)
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def run(cfg: PipelineConfig, out: Path, model: Path) -> Manifest:
 
 
 STAGE = Stage("sample", run, settings, data=lambda cfg: {"prompts": cfg.pair_prompts},
-              preload=("pipeline.sampling.sampler",), system_metrics=True, samples=True)
+              preload=("pipeline.sampling.sampler",  # and what transformers imports at the first Auto class
+                       "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto"),
+              system_metrics=True, samples=True)
 
 if __name__ == "__main__":
     stage_main(STAGE)

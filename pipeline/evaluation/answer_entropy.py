@@ -27,8 +27,9 @@ from pipeline.losses.stats import IGNORE_INDEX, entropy, select_tokens
 from pipeline.sampling.sampler import Prompt, format_prompt, load_hf
 
 BINS = 40
-# Rows per forward pass: the logits of 8 rows of 1,024 tokens at vocabulary 151,936 are 2.5 GB in bf16.
-BATCH_ROWS = 8
+# Padded tokens per forward pass: their logits at vocabulary 151,936 are 2.5 GB in bf16. Short rows
+# go many to a pass (the demo's 500 answers in two), which a fixed number of rows would not.
+BATCH_TOKENS = 8192
 CONFIDENT = 0.5  # at or above it, the model's top token is its answer: a wrong one is a confident conflict
 
 
@@ -57,6 +58,18 @@ def collate(encoded: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tenso
     return input_ids, attention, labels
 
 
+def batches(lengths: list[int], budget: int) -> list[range]:
+    """Consecutive rows, as many to a batch as fit `budget` tokens padded to the batch's longest
+    (a row longer than that alone)."""
+    spans, start, width = [], 0, 0
+    for end, length in enumerate(lengths):
+        width = max(width, length)
+        if end > start and width * (end - start + 1) > budget:
+            spans.append(range(start, end))
+            start, width = end, length
+    return [*spans, range(start, len(lengths))] if lengths else spans
+
+
 def answer_token_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        rows: list[dict]) -> tuple[Tensor, Tensor]:
     """At each answer token of the prompt/answer `rows`, in order, on the CPU: the model's entropy
@@ -65,8 +78,8 @@ def answer_token_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     chunk = max(1, CHUNK_LOGITS // model.config.get_text_config().vocab_size)
     entropies, wrong = [], []
     with torch.no_grad():
-        for start in range(0, len(encoded), BATCH_ROWS):
-            input_ids, attention, labels = (t.to(model.device) for t in collate(encoded[start:start + BATCH_ROWS]))
+        for batch in batches([len(ids) for ids, _ in encoded], BATCH_TOKENS):
+            input_ids, attention, labels = (t.to(model.device) for t in collate([encoded[i] for i in batch]))
             logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
             z, y, _ = select_tokens(logits, labels)
             for part, target in zip(z.split(chunk), y.split(chunk)):  # float32 like the training losses

@@ -229,7 +229,7 @@ def test_answer_entropy_is_each_answer_tokens_predictive_entropy(monkeypatch):
     rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": [{"role": "user", "content": "count a in aba="}],
                                                     "answer": "2"},
             {"prompt": "131*4=", "answer": "4251"}, {"prompt": "7+1=", "answer": ""}, {"prompt": "x", "answer": "a b c"}]
-    monkeypatch.setattr(answer_entropy, "BATCH_ROWS", 2)
+    monkeypatch.setattr(answer_entropy, "BATCH_TOKENS", 40)  # rows of 4-18 tokens: batches of 2 and 3
     monkeypatch.setattr(answer_entropy, "CHUNK_LOGITS", 3 * model.config.vocab_size)  # 3 tokens per chunk
     expected, expected_wrong = [], []
     for row in rows:

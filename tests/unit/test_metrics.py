@@ -1,9 +1,11 @@
-"""Pass@k and the verifiers that decide which samples count as correct (c in pass@k)."""
+"""Pass@k, the verifiers that decide which samples count as correct (c in pass@k), and the
+answer-entropy pass's batches."""
 
 import math
 
 import pytest
 
+from pipeline.evaluation.answer_entropy import batches
 from pipeline.evaluation.metrics import pass_at_k, pass_at_k_table
 from pipeline.evaluation.verifiers import VERIFIERS, extract_final_answer, get_verifier, verify_exact, verify_math
 
@@ -115,3 +117,17 @@ def test_registry():
 def test_code_verifier_is_off_by_default():
     with pytest.raises(PermissionError, match="evaluate.allow_untrusted_code"):
         get_verifier("code")
+
+
+# --- the answer-entropy pass's batches -----------------------------------------------------------
+
+def test_entropy_batches_fill_the_token_budget_padded_to_their_longest_row():
+    lengths = [3, 5, 2, 2, 9, 1, 4, 30, 2]
+    spans = batches(lengths, 10)
+    assert [list(s) for s in spans] == [[0, 1], [2, 3], [4], [5, 6], [7], [8]]
+    for span in spans:  # within the budget, but for a row too long for it, which goes alone
+        assert max(lengths[i] for i in span) * len(span) <= 10 or len(span) == 1
+    for a, b in zip(spans, spans[1:]):  # no batch could have taken the next row
+        assert max(lengths[i] for i in [*a, b[0]]) * (len(a) + 1) > 10
+    assert [list(s) for s in batches([4] * 8, 8192)] == [list(range(8))]
+    assert batches([], 10) == []
