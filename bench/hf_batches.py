@@ -1,15 +1,18 @@
-"""The hf backend's batches by prompt length against batches in prompt order, on the demo's SFT
-model and the prompts its evaluation samples (test and validation suites, in the stage's order).
+"""The hf backend's batches: by prompt length, with the rows that ended taken out once half of a
+batch's have, against the rows kept to the batch's end, and against batches in prompt order;
+on the demo's SFT model and the prompts its evaluation samples (test and validation suites, in
+the stage's order).
 
     python bench/hf_batches.py [--results results] [--repeat 3]
 
 Run it after `make demo`: it takes the latest world and SFT model of the results folder
 (`results/latest/`) and `configs/demo.yaml`'s sampling settings. `generate` computes every row
 of a batch until the batch's longest completion ends; batches in prompt order mix the tasks,
-batches by length mostly hold one. Three cases: as the sampler runs now (by length, longest
-first, `sampling.batch_size` prompts a batch), in prompt order at that batch size, and in prompt
-order at 64, as it ran before. In prompt order is one `generate_hf` call per run of consecutive
-prompts: a call orders only its own prompts, which leaves a batch's work as it is.
+batches by length mostly hold one. Four cases: as the sampler runs now (by length, longest
+first, `sampling.batch_size` prompts a batch, the ended rows out at half), the same with the
+ended rows kept (one `generate` call per batch, as before), in prompt order at that batch size,
+and in prompt order at 64, as it ran before that. In prompt order is one `generate_hf` call per
+run of consecutive prompts: a call orders only its own prompts, which leaves a batch's work as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from pipeline.config.schema import load_config
 from pipeline.data.sources import read_jsonl
 from pipeline.results.manifest import Manifest
+from pipeline.sampling import sampler
 from pipeline.sampling.sampler import generate_hf, load_hf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +58,15 @@ def main() -> None:
         for start in range(0, len(prompts), size):
             generate_hf(model, tokenizer, prompts[start:start + size], settings)
 
+    def ended_rows_kept() -> None:
+        share, sampler.ENDED_SHARE = sampler.ENDED_SHARE, 2.0  # never: one generate call per batch
+        try:
+            generate_hf(model, tokenizer, prompts, settings)
+        finally:
+            sampler.ENDED_SHARE = share
+
     cases = {f"by length, {settings.batch_size} a batch (now)": lambda: generate_hf(model, tokenizer, prompts, settings),
+             "by length, ended rows kept": ended_rows_kept,
              f"in prompt order, {settings.batch_size} a batch": lambda: in_prompt_order(settings.batch_size),
              "in prompt order, 64 a batch (before)": lambda: in_prompt_order(64)}
     times: dict[str, list[float]] = {name: [] for name in cases}

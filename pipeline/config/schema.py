@@ -508,8 +508,9 @@ class SamplingConfig(Section):
         vllm = resolved.backend == "vllm"  # seeded per prompt: the batches do not matter
         engines = {"tensor_parallel_size", "data_parallel_size", "warm_engine"}
         settings = resolved.model_dump(exclude=engines | ({"batch_size"} if vllm else set()))
-        if not vllm:  # generate's batches decide each prompt's samples: by prompt length (before: in prompt order)
-            settings["batches"] = "by prompt length, longest first"
+        if not vllm:  # generate's batches decide each prompt's samples: by prompt length (before: in prompt
+            # order), the rows that ended taken out once half had (before: kept to the batch's end)
+            settings["batches"] = "by prompt length, longest first; ended rows out at half"
         return settings
 
 

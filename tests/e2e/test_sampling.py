@@ -101,12 +101,16 @@ def test_same_seed_same_completions_other_seed_others(sampler):
     assert sampler(SETTINGS.model_copy(update={"seed": 8})) != first
 
 
-def test_hf_computes_each_prompt_once_and_samples_as_generate_alone_does(model_dir):
+def test_hf_computes_each_prompt_once_and_samples_as_generate_alone_does(model_dir, monkeypatch):
     """The prompts go through the model once each, not once per sample, and the completions are
     generate's own with num_return_sequences (each prompt copied n times), for the same seed;
-    prompts of different lengths (left padding) and a one-token prompt included."""
+    prompts of different lengths (left padding) and a one-token prompt included. (With the ended
+    rows kept to the batch's end: taking them out draws in other turns, tested below.)"""
     import torch
 
+    from pipeline.sampling import sampler
+
+    monkeypatch.setattr(sampler, "ENDED_SHARE", 2.0)  # never
     model, tokenizer = load_hf(model_dir)
     prompts, settings = ["1+1=", "12345+678=", "9"], SETTINGS.model_copy(update={"n": 5})
     rows = []  # the shape of each batch the model computes
@@ -146,6 +150,42 @@ def test_hf_computes_each_prompt_once_and_samples_as_generate_alone_does(model_d
     alone = model.generate(**batch, num_return_sequences=5, **options).logits
     assert len(shared) == len(alone) == 6
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, alone))
+
+
+def test_hf_takes_the_ended_rows_out_and_the_others_go_on_as_in_one_call():
+    """Once half of a batch's rows have ended, generate goes on with the others alone, from their
+    rows of the KV cache: greedy, the completions are those of one generate call over the batch,
+    for prompts of several lengths (left padding) that end at different steps."""
+    import torch
+
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "left"
+    model = build_model(DemoConfig(hidden_size=64, num_heads=1, num_layers=2, intermediate_size=128), tokenizer, 0)
+    with torch.no_grad():  # untrained weights, made peaky: greedy then goes somewhere, not one token forever
+        for weight in (p for p in model.parameters() if p.dim() == 2):
+            weight.mul_(8)
+    model.eval()
+    prompts = ["12345+678=", "100/7=", "2+2+2=", "77*3=", "9-4=", "x=y+", "1+1=", "abc"]  # longest first
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    one_call = model.generate(**batch, do_sample=False, max_new_tokens=12, eos_token_id=None,
+                              pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:].tolist()
+
+    # End tokens: the second token of the first row, the third of the second, ..., so that five
+    # rows or more end, at several steps, and the others run on.
+    ends = sorted({row[1 + i] for i, row in enumerate(one_call[:5])} - {tokenizer.pad_token_id})
+    model.generation_config.eos_token_id = ends
+    stops = [min([row.index(t) for t in ends if t in row], default=12) for row in one_call]
+    assert len(set(stops)) > 2 and max(stops) > sorted(stops)[len(stops) // 2]
+    expected = [tokenizer.decode(row[:stop + 1], skip_special_tokens=True) for row, stop in zip(one_call, stops)]
+    rows, generate = [], model.generate
+
+    def counting(**inputs):
+        rows.append(len(inputs["input_ids"]))
+        return generate(**inputs)
+    model.generate = counting
+    greedy = SamplingConfig(n=2, temperature=0.0, max_tokens=12, batch_size=len(prompts))
+    assert generate_hf(model, tokenizer, prompts, greedy) == [[text, text] for text in expected]
+    assert len(rows) > 1 and rows[0] == 2 * len(prompts) and all(b < a for a, b in zip(rows, rows[1:]))
 
 
 def test_hf_batches_prompts_of_similar_length_and_returns_them_in_prompt_order(model_dir):
