@@ -128,8 +128,10 @@ def drop_damaged_checkpoints(folder: Path) -> Path | None:
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint training can resume from: a damaged newest one costs one checkpoint
-    interval. The first process decides; the others wait for it and take what it left."""
+    """The newest checkpoint training can resume from (None without any, or without the folder):
+    a damaged newest one costs one checkpoint interval. The first process decides; the others
+    wait for it and take what it left. Every process calls it, whatever it sees on disk: it waits
+    for the others."""
     state = PartialState()
     if state.is_main_process:
         drop_damaged_checkpoints(folder)
@@ -304,7 +306,9 @@ def fit(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path, merge: 
     every process trains and only the first writes."""
     show_stage_progress(trainer)
     checkpoints = out / "checkpoints"
-    last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    # Each process, folder or not: a process that skipped the wait because the folder was not
+    # there yet (the first one's Trainer makes it) left the others waiting for ever.
+    last = last_complete_checkpoint(checkpoints)
     if last is not None and trainer.is_world_process_zero():
         print(f"resumed from step {checkpoint_step(last)} ({last})", flush=True)
     try:

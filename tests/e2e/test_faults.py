@@ -3,6 +3,7 @@ error and leaves the last good checkpoint intact; a stage process killed while i
 outputs or manifest is not done; a disk that fills up during a checkpoint save."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -319,6 +320,35 @@ def test_a_checkpoint_cut_off_before_its_state_was_written_is_removed(tmp_path, 
     assert last_complete_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "checkpoint-2"
     assert "checkpoint-4 removed: it was cut off while it was saved" in capsys.readouterr().out
     assert not (tmp_path / "checkpoints" / "checkpoint-4").exists()
+
+
+def test_every_training_process_waits_for_the_checkpoint_decision_with_or_without_the_folder(tmp_path,
+                                                                                            monkeypatch):
+    """Under `accelerate launch` the first process's Trainer makes the checkpoints folder: a
+    process that looked before it did, and skipped the wait, left the first waiting for ever."""
+    from accelerate import PartialState
+
+    from pipeline.training import train
+    from pipeline.training.train import last_complete_checkpoint
+
+    waits = []  # the function that waited, each time
+    monkeypatch.setattr(PartialState, "wait_for_everyone", lambda self: waits.append(sys._getframe(1).f_code.co_name))
+    assert last_complete_checkpoint(tmp_path / "not yet made") is None and waits == ["last_complete_checkpoint"]
+    waits.clear()
+    show_stage_progress = train.show_stage_progress
+
+    def as_another_process_sees_it(trainer):  # at fit's start: the first process has not made the folder yet
+        shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+        show_stage_progress(trainer)
+    monkeypatch.setattr(train, "show_stage_progress", as_another_process_sees_it)
+    waited, train_from = [], Trainer.train  # by the time training starts (which has waits of its own)
+
+    def training(self, *args, **kwargs):
+        waited.append("last_complete_checkpoint" in waits)
+        return train_from(self, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "train", training)
+    train_tiny(tmp_path, max_steps=2)
+    assert waited == [True]
 
 
 def test_a_bad_row_anywhere_stops_the_run_before_any_stage(tmp_path):
