@@ -509,8 +509,8 @@ class SamplingConfig(Section):
         engines = {"tensor_parallel_size", "data_parallel_size", "warm_engine"}
         settings = resolved.model_dump(exclude=engines | ({"batch_size"} if vllm else set()))
         if not vllm:  # generate's batches decide each prompt's samples: by prompt length (before: in prompt
-            # order), the rows that ended taken out once half had (before: kept to the batch's end)
-            settings["batches"] = "by prompt length, longest first; ended rows out at half"
+            # order), and with n > 1 the rows that ended taken out once half had (before: kept to the end)
+            settings["batches"] = "by prompt length, longest first" + ("; ended rows out at half" if self.n > 1 else "")
         return settings
 
 

@@ -130,10 +130,11 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     sampling = settings.temperature > 0
     torch.manual_seed(settings.seed)  # seeds the CUDA generators too
     texts = [format_prompt(p, tokenizer) for p in prompts]
-    # generate computes every row of a batch until the batch's longest completion ends, and pads
-    # each prompt to the batch's longest. Prompts of one length are often of one task, with answers
-    # of one length (bench/hf_batches.py). Longest first: a batch too big for the device fails at
-    # once, not after the rest. The key names this order (SamplingConfig.key_settings).
+    # generate pads each prompt to the batch's longest, and computes every row of a call until
+    # its longest completion ends (generate_rows takes the ended rows out once half have). Prompts
+    # of one length are often of one task, with answers of one length (bench/hf_batches.py).
+    # Longest first: a batch too big for the device fails at once, not after the rest. The key
+    # names this order (SamplingConfig.key_settings).
     lengths = token_lengths(tokenizer, texts)
     order = sorted(range(len(texts)), key=lengths.__getitem__, reverse=True)
     results: list[list[str]] = [[] for _ in texts]
@@ -165,6 +166,9 @@ def generate_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
 # Once this share of a batch's running rows has ended, the rest go on without them (generate_rows);
 # above 1, never.
 ENDED_SHARE = 0.5
+# Generation settings counted from the start of a call: a model whose generation_config.json sets
+# one samples each batch in one call.
+PER_CALL = ("min_length", "min_new_tokens", "begin_suppress_tokens", "exponential_decay_length_penalty", "max_time")
 
 
 def generate_rows(model: PreTrainedModel, inputs: dict, max_tokens: int, options: dict) -> list[list[int]]:
@@ -178,19 +182,26 @@ def generate_rows(model: PreTrainedModel, inputs: dict, max_tokens: int, options
     import torch
     from transformers import StoppingCriteriaList
 
-    ends = model.generation_config.eos_token_id
+    config = model.generation_config
+    ends = config.eos_token_id
     # No end to wait for, no cache whose rows can be selected (shared_prefill makes one where it
-    # can), or a share that never comes (the bench's "kept"): one call.
-    if ends is None or "past_key_values" not in inputs or ENDED_SHARE > 1:
+    # can), settings that a new call would apply again from its start, or a share that never comes
+    # (the bench's "kept"): one call.
+    if ends is None or "past_key_values" not in inputs or any(getattr(config, name, None) for name in PER_CALL) \
+            or ENDED_SHARE > 1:
         out = model.generate(**inputs, max_new_tokens=max_tokens, **options)
         return out[:, inputs["input_ids"].shape[1]:].tolist()
     ends = torch.tensor(ends if isinstance(ends, list) else [ends], device=inputs["input_ids"].device)
 
-    def share_ended(start: int) -> Callable[..., Any]:
-        """A stopping criterion: every row of the call, once ENDED_SHARE of its rows have an end
-        token after column `start`."""
+    def share_ended() -> Callable[..., Any]:
+        """A stopping criterion for one call: every row, once ENDED_SHARE of its rows have drawn
+        an end token (generate pads a row after its end: the rows that ended are remembered)."""
+        ended = None
+
         def stop(input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            ended = torch.isin(input_ids[:, start:], ends).any(-1)
+            nonlocal ended
+            last = torch.isin(input_ids[:, -1], ends)
+            ended = last if ended is None else ended | last
             return ended.new_full(ended.shape, bool(ended.float().mean() >= ENDED_SHARE))
         return stop
 
@@ -201,7 +212,7 @@ def generate_rows(model: PreTrainedModel, inputs: dict, max_tokens: int, options
     while True:
         start = inputs["input_ids"].shape[1]
         out = model.generate(**inputs, max_new_tokens=max_tokens - made, return_dict_in_generate=True,
-                             stopping_criteria=StoppingCriteriaList([share_ended(start)]), **options)
+                             stopping_criteria=StoppingCriteriaList([share_ended()]), **options)
         made += out.sequences.shape[1] - start
         ended = torch.isin(out.sequences[:, width:], ends).any(-1) | (made >= max_tokens)
         for j in ended.nonzero().flatten().tolist():

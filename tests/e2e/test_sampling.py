@@ -105,7 +105,8 @@ def test_hf_computes_each_prompt_once_and_samples_as_generate_alone_does(model_d
     """The prompts go through the model once each, not once per sample, and the completions are
     generate's own with num_return_sequences (each prompt copied n times), for the same seed;
     prompts of different lengths (left padding) and a one-token prompt included. (With the ended
-    rows kept to the batch's end: taking them out draws in other turns, tested below.)"""
+    rows kept to the batch's end: taken out, the rows draw in other turns of the random stream;
+    the test below checks, greedy, that they go on as in one call.)"""
     import torch
 
     from pipeline.sampling import sampler
@@ -186,6 +187,12 @@ def test_hf_takes_the_ended_rows_out_and_the_others_go_on_as_in_one_call():
     greedy = SamplingConfig(n=2, temperature=0.0, max_tokens=12, batch_size=len(prompts))
     assert generate_hf(model, tokenizer, prompts, greedy) == [[text, text] for text in expected]
     assert len(rows) > 1 and rows[0] == 2 * len(prompts) and all(b < a for a, b in zip(rows, rows[1:]))
+    # A setting counted from a call's start (min_new_tokens, ..., here a time limit that never
+    # comes) would count again in each new call: such a model samples a batch in one call.
+    rows.clear()
+    model.generation_config.max_time = 600.0
+    assert generate_hf(model, tokenizer, prompts, greedy) == [[text, text] for text in expected]
+    assert rows == [2 * len(prompts)]
 
 
 def test_hf_batches_prompts_of_similar_length_and_returns_them_in_prompt_order(model_dir):

@@ -210,12 +210,13 @@ def test_engine_layout_is_not_part_of_the_sampling_key():
 
 def test_the_hf_samplers_batch_order_is_part_of_its_key():
     """generate's samples depend on the order its batches draw from one random stream: an
-    evaluation sampled in prompt order (before batches went by prompt length), or with the ended
-    rows kept to the batch's end, is not reused."""
+    evaluation sampled in prompt order (before batches went by prompt length), or n > 1 samples with
+    the ended rows kept to the batch's end, is not reused."""
     from pipeline.config.schema import SamplingConfig
 
     hf = SamplingConfig(backend="hf")
-    assert hf.key_settings()["batches"] == "by prompt length, longest first; ended rows out at half"
+    assert hf.key_settings()["batches"] == "by prompt length, longest first"  # n = 1: one row a prompt, one call
+    assert hf.model_copy(update={"n": 8}).key_settings()["batches"] == "by prompt length, longest first; ended rows out at half"
     assert hf.model_copy(update={"batch_size": 16}).key_settings() != hf.key_settings()
     vllm = SamplingConfig(backend="vllm")  # seeded per prompt: its batches do not matter
     assert "batches" not in vllm.key_settings()
