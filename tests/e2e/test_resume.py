@@ -79,13 +79,17 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
 
 def stopped_at_checkpoint_20(command: list[str], tmp_path: Path, trainings: int) -> str:
     """Run the command in a process group of its own until `trainings` SFT stages have saved
-    checkpoint 20, then SIGTERM the group; asserts it stops within 15 s, as stopped. Its output."""
+    checkpoint 20 or a later one, then SIGTERM the group; asserts it stops within 15 s, as
+    stopped. Its output."""
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     deadline = time.time() + 600
-    seal = f"*/checkpoints/checkpoint-20/{CHECKPOINT_SEAL}"  # written last, once the checkpoint is whole
-    while time.time() < deadline and len(list((tmp_path / "results" / "sft").glob(seal))) < trainings:
-        assert process.poll() is None, "the run ended before it could be stopped"
+    # The seal is written last, once the checkpoint is whole. Any step's: the Trainer removes
+    # checkpoint 20 at 60, and on a loaded machine two trainings can be that far apart.
+    seal = f"*/checkpoints/checkpoint-*/{CHECKPOINT_SEAL}"
+    while time.time() < deadline and len({p.parents[2] for p in (tmp_path / "results" / "sft").glob(seal)}) < trainings:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before it could be stopped:\n{process.stdout.read()[-3000:]}")
         time.sleep(0.1)
     stopped = time.monotonic()
     os.killpg(process.pid, signal.SIGTERM)
