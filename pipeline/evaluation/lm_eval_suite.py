@@ -54,18 +54,22 @@ def _is_file(task: str) -> bool:
     return task.endswith((".yaml", ".yml")) and Path(task).is_file()
 
 
-def check_lm_eval(cfg: PipelineConfig) -> None:
+def check_lm_eval(cfg: PipelineConfig, general_chats: bool) -> None:
     """Before any stage runs: every task is in lm-eval's registry (or a YAML file), and the data
     each needs can be read here: local files that exist, or a hub data set that is cached or
-    reachable. The error names the task, its key and the data it needs."""
+    reachable. The error names the task, its key and the data it needs. `general_chats`: the
+    general suite's prompts are chats (message lists), which the project's own tasks cannot pose."""
     settings = cfg.evaluate.lm_eval
     if settings is None:
         return
     general = cfg.data.general_eval
+    name = general.name if general is not None else f"the {cfg.demo.world} demo world's general suite"
     for i, spec in enumerate(settings.tasks):
-        if spec.task in SHIPPED and general is not None and (not general.as_is or general.verifier == "code"):
+        if spec.task in SHIPPED and (general_chats or (general is not None and (
+                not general.as_is or general.verifier == "code"))):
             raise ConfigError(f"evaluate.lm_eval.tasks[{i}] ({spec.task}) reads data.general_eval as prompt/answer "
-                              f"rows of a local JSONL file read as it is, and {general.name} is not one: use lm-eval tasks of its own")
+                              f"rows of a local JSONL file read as it is, with text prompts, and {name} is not one"
+                              f"{' (its prompts are chats)' if general_chats else ''}: use lm-eval tasks of its own")
     if all(spec.task in SHIPPED for spec in settings.tasks):
         return  # the project's own, over data.general_eval, checked above; importing lm-eval to index them takes 1.5 s
     manager = task_manager(settings, None)

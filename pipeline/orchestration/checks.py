@@ -21,17 +21,20 @@ def check_inputs(cfg: PipelineConfig) -> None:
     sources += [(key, EVAL_FIELDS) for key in EVAL_SUITES.values()]
     checked = [(f"data.{key}", getattr(cfg.data, key), fields) for key, fields in sources]
     checked.append(("pairs.prompts", cfg.pairs.prompts, TRAIN_PROMPT_FIELDS))
-    chats = False
+    chats: set[str] = set()  # the keys of the data sets that hold chats
     for key, source, fields in checked:
         if source is None or (source.hub is not None and not hub_data_readable(source.hub)):
             continue
         try:
             for row in checked_rows(source_rows(source), scored_fields(source, fields), source.columns,
                                     source.answer_pattern):
-                chats = chats or "messages" in row or not isinstance(row.get("prompt", ""), str)
+                if "messages" in row or not isinstance(row.get("prompt", ""), str):
+                    chats.add(key)
         except DataError as error:
             raise DataError(f"{key}: {error}") from None
     check_hub_models(cfg)
-    check_tokenizer(cfg, chats)
-    check_lm_eval(cfg)
+    check_tokenizer(cfg, bool(chats))
+    # The demo world writes its general suite later, in chats where it is the chat world.
+    demo_chats = cfg.is_demo and cfg.data.general_eval is None and cfg.demo.world == "chat"
+    check_lm_eval(cfg, "data.general_eval" in chats or demo_chats)
     check_quantization(cfg)

@@ -146,7 +146,7 @@ def test_unknown_task_names_the_key_and_the_close_names(tmp_path):
     cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "posttrain_general_exakt"]})
     with pytest.raises(ConfigError, match=r"evaluate\.lm_eval\.tasks\[1\]: 'posttrain_general_exakt' is not an lm-eval "
                                           r"task.*did you mean posttrain_general_exact"):
-        check_lm_eval(cfg)
+        check_lm_eval(cfg, general_chats=False)
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ def test_the_real_model_example_lists_the_papers_general_tasks_and_fails_offline
     cfg = load_config(tmp_path / "c.yaml")
     assert [t.task for t in cfg.evaluate.lm_eval.tasks] == ["mmlu", "ifeval", "gsm8k"]
     with pytest.raises(ConfigError) as error:
-        check_lm_eval(cfg)
+        check_lm_eval(cfg, general_chats=False)
     message = str(error.value)
     assert "evaluate.lm_eval.tasks[0] (mmlu) needs the hub data set cais/mmlu (abstract_algebra, anatomy" in message
     assert "tasks[2] (gsm8k) needs the hub data set openai/gsm8k (main)" in message
@@ -185,7 +185,7 @@ def test_the_real_model_example_lists_the_papers_general_tasks_and_fails_offline
     # Where the hub's data sets are cached, the same config passes.
     for dataset in ("cais--mmlu", "google--IFEval", "openai--gsm8k"):
         (tmp_path / "hub-cache" / f"datasets--{dataset}").mkdir(parents=True)
-    check_lm_eval(cfg)
+    check_lm_eval(cfg, general_chats=False)
 
 
 def test_local_task_files_pass_offline_and_a_missing_data_file_is_named(offline):
@@ -198,10 +198,10 @@ def test_local_task_files_pass_offline_and_a_missing_data_file_is_named(offline)
             "metric_list:\n  - metric: exact_match\n")
     (folder / "my_qa.yaml").write_text(task.format(file=tmp_path / "qa.jsonl"))
     cfg = real_model_config(tmp_path, {"tasks": ["my_qa"], "include_path": [str(folder)]})
-    check_lm_eval(cfg)
+    check_lm_eval(cfg, general_chats=False)
     (folder / "my_qa.yaml").write_text(task.format(file=tmp_path / "gone.jsonl"))
     with pytest.raises(ConfigError, match=rf"tasks\[0\] \(my_qa\) needs the file {tmp_path / 'gone.jsonl'}"):
-        check_lm_eval(cfg)
+        check_lm_eval(cfg, general_chats=False)
 
 
 def test_the_shipped_tasks_need_a_local_prompt_answer_general_suite(tmp_path):
@@ -210,8 +210,39 @@ def test_the_shipped_tasks_need_a_local_prompt_answer_general_suite(tmp_path):
         update={"path": None, "hub": "org/general"})})
     with pytest.raises(ConfigError, match=r"tasks\[0\] \(posttrain_general_choice\) reads data\.general_eval .* "
                                           r"org/general \(train\) is not one"):
-        check_lm_eval(cfg.model_copy(update={"data": hub}))
+        check_lm_eval(cfg.model_copy(update={"data": hub}), general_chats=False)
 
+
+def test_the_shipped_tasks_refuse_a_general_suite_of_chats_before_any_stage(tmp_path):
+    """lm-eval would get a message list as the prompt and fail in the evaluate stage, after the
+    trainings; the check names the task and the file first."""
+    from pipeline.orchestration.checks import check_inputs
+
+    text_rows, chats, sft = tmp_path / "text.jsonl", tmp_path / "chats.jsonl", tmp_path / "sft.jsonl"
+    write_jsonl(text_rows, ROWS)
+    write_jsonl(chats, [r | {"prompt": [{"role": "user", "content": r["prompt"]}]} for r in ROWS])
+    write_jsonl(sft, [{"prompt": r["prompt"], "completion": r["answer"]} for r in ROWS])
+    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"]}, general=chats)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"chat_template": "chatml"}),
+                                 "data": cfg.data.model_copy(update={"sft": cfg.data.sft.model_copy(
+                                     update={"path": str(sft)})})})
+    with pytest.raises(ConfigError, match=rf"tasks\[0\] \(posttrain_general_exact\) reads data\.general_eval .* "
+                                          rf"{chats} is not one \(its prompts are chats\): use lm-eval tasks"):
+        check_inputs(cfg)
+    text = cfg.data.model_copy(update={"general_eval": cfg.data.general_eval.model_copy(update={"path": str(text_rows)})})
+    assert cfg.data.target_eval.path == str(chats)
+    check_inputs(cfg.model_copy(update={"data": text}))  # the target suite's chats are no matter to the tasks
+
+
+def test_the_chat_demo_world_with_the_shipped_tasks_fails_before_its_world_is_made():
+    from pipeline.orchestration.checks import check_inputs
+
+    chat = parse_config({"name": "x", "demo": {"world": "chat"},
+                         "evaluate": {"lm_eval": {"tasks": ["posttrain_general_choice"]}}})
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(posttrain_general_choice\) .* the chat demo world's general "
+                                          r"suite is not one \(its prompts are chats\)"):
+        check_inputs(chat)
+    check_inputs(parse_config({"name": "x", "evaluate": {"lm_eval": {"tasks": ["posttrain_general_choice"]}}}))
 
 def test_the_shipped_tasks_alone_are_checked_without_building_lm_evals_task_index(tmp_path, monkeypatch):
     """`posttrain validate` of the demo config stays under a second: lm-eval's index takes 1.5 s."""
@@ -219,9 +250,10 @@ def test_the_shipped_tasks_alone_are_checked_without_building_lm_evals_task_inde
         raise AssertionError("lm-eval's task index was built")
 
     monkeypatch.setattr(lm_eval_suite, "task_manager", no_index)
-    check_lm_eval(real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "posttrain_general_choice"]}))
+    check_lm_eval(real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "posttrain_general_choice"]}),
+                  general_chats=False)
     with pytest.raises(AssertionError, match="index was built"):  # any other task is looked up in it
-        check_lm_eval(real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "mmlu"]}))
+        check_lm_eval(real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "mmlu"]}), general_chats=False)
 
 
 def test_the_backend_follows_sampling_and_falls_back_to_hf_where_lm_eval_cannot_load_vllm(tmp_path, monkeypatch):
@@ -240,7 +272,7 @@ def test_the_backend_follows_sampling_and_falls_back_to_hf_where_lm_eval_cannot_
 def test_the_shipped_tasks_run_on_a_model_by_generation_and_by_log_likelihood(tmp_path):
     cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact",
                                                  {"task": "posttrain_general_choice", "metric": "acc_norm"}]})
-    check_lm_eval(cfg)
+    check_lm_eval(cfg, general_chats=False)
     out = tmp_path / "out"
     out.mkdir()
     metrics, record = run_lm_eval(tmp_path / "model", None, cfg, out)
