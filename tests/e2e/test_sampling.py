@@ -53,11 +53,19 @@ def model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
+# The test models' context: more than one of vLLM's KV-cache blocks on a CPU (128 tokens), so that
+# a prompt can fill a block that its prefix cache keeps (the demo world's models hold 128).
+CONTEXT = 320
+
+
 def save_tiny(folder: Path, seed: int, hidden_size: int = 64) -> Path:
     tokenizer = build_tokenizer()
+    tokenizer.model_max_length = CONTEXT
     # head_dim 64, the smallest that vLLM's CPU attention takes.
-    build_model(DemoConfig(hidden_size=hidden_size, num_heads=hidden_size // 64, num_layers=1, intermediate_size=128),
-                tokenizer, seed).save_pretrained(folder)
+    model = build_model(DemoConfig(hidden_size=hidden_size, num_heads=hidden_size // 64, num_layers=1,
+                                   intermediate_size=128), tokenizer, seed)
+    model.config.max_position_embeddings = CONTEXT  # rotary positions: the same values at every position
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -277,10 +285,10 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_engine_starts(tmp_pa
 
 
 def test_a_prompt_longer_than_the_context_names_its_row(model_dir):
-    # The demo model's context is 128 tokens (one per character): 120 + 12 do not fit.
-    prompts = ["1+1=", "1" * 120 + "="]
-    with pytest.raises(ValueError, match=r"eval\.jsonl row 2: the prompt is 121 tokens, and with sampling\.max_tokens "
-                                         r"= 12 more than the model's context of 128"):
+    # The model's context is CONTEXT tokens (one per character): CONTEXT - 8 + 12 do not fit.
+    prompts = ["1+1=", "1" * (CONTEXT - 9) + "="]
+    with pytest.raises(ValueError, match=rf"eval\.jsonl row 2: the prompt is {CONTEXT - 8} tokens, and with "
+                                         rf"sampling\.max_tokens = 12 more than the model's context of {CONTEXT}"):
         sample(model_dir, prompts, SETTINGS.model_copy(update={"backend": "vllm"}), names=["eval.jsonl row 1",
                                                                                           "eval.jsonl row 2"])
 
@@ -310,10 +318,12 @@ VLLM_SETTINGS = SETTINGS.model_copy(update={"backend": "vllm", "enforce_eager": 
 def test_the_warm_engine_given_another_models_weights_samples_what_a_fresh_engine_does(
         model_dir, vllm_llm, tmp_path, monkeypatch):
     other = save_tiny(tmp_path / "other", seed=1)  # the same architecture and tokenizer, other weights
-    prompts = ["12+3=", "2*4="]
+    # The last prompt fills one of vLLM's KV-cache blocks, which its prefix cache keeps: one computed
+    # with the first model's weights must not be reused with the second's.
+    prompts = ["12+3=", "2*4=", "1+" * 100 + "1="]
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "answer": "0"} for p in prompts])
     cfg = PipelineConfig(name="t", sampling=VLLM_SETTINGS, pairs={"prompts": {"path": str(tmp_path / "p.jsonl")},
-                                                                 "n": VLLM_SETTINGS.n, "max_prompts": 2})
+                                                                 "n": VLLM_SETTINGS.n, "max_prompts": len(prompts)})
     devices = {"POSTTRAIN_TEST_DEVICES": "slot 1"}  # a pipeline's among others (its GPUs): the engine's too
     sampler = warm.Sampler(devices)
     monkeypatch.setitem(warm.SAMPLERS, json.dumps(devices), sampler)
