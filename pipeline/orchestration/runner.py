@@ -24,7 +24,8 @@ from pipeline.results.manifest import MANIFEST, DamagedResult, Manifest, atomic_
 from pipeline.runtime.contract import Input, Stage
 from pipeline.runtime.process import StageError, raise_if_stopped, run_in_process
 from pipeline.runtime.progress import STAGE_ENV
-from pipeline.sampling.warm import sampler_env
+from pipeline.sampling.sampler import SAMPLER_ENV
+from pipeline.sampling.warm import sampler_env, stop_sampler
 
 
 @dataclass
@@ -308,4 +309,9 @@ class StageRunner:
             env["OMP_NUM_THREADS"] = str(planned.cfg.launch.cpu_threads)
         if planned.stage.samples and "samples" not in paths:  # not to re-score saved samples
             env |= sampler_env(planned.cfg.sampling, self.devices)
-        return run_in_process(planned.stage, planned.cfg, out, record, env, self.log_line, **paths)
+        try:
+            return run_in_process(planned.stage, planned.cfg, out, record, env, self.log_line, **paths)
+        except StageError as error:
+            if error.timed_out and SAMPLER_ENV in env:
+                stop_sampler(self.devices)
+            raise

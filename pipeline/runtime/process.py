@@ -55,6 +55,11 @@ class StageError(RuntimeError):
     def __init__(self, message: str, error_type: str = ""):
         super().__init__(message)
         self.transient = error_type in TRANSIENT
+        self.timed_out = error_type == TimedOut.__name__
+
+
+class TimedOut(Exception):
+    """A stage's process ran past `launch.stage_timeout_s` (it has been stopped)."""
 
 
 def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[str, Any],
@@ -76,12 +81,19 @@ def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[st
     command = stage_command(stage, cfg, out / REQUEST)
     # Output that is forwarded (through a pipe) is flushed line by line, as on a terminal.
     env = os.environ | (env or {}) | ({"PYTHONUNBUFFERED": "1"} if log_line else {})
-    with stage_output(log_line) as output:
-        if command is None:
-            start_fork_server(_preload or [stage], env.get("MLFLOW_TRACKING_URI"))  # a no-op once a stage started it
-            exit_code = run_forked(stage.module, out / REQUEST, env, output)
-        else:
-            exit_code = run_launched(command, env, output)
+    limit = cfg.launch.stage_timeout_s
+    deadline = time.monotonic() + limit if limit else None
+    try:
+        with stage_output(log_line) as output:
+            if command is None:
+                start_fork_server(_preload or [stage], env.get("MLFLOW_TRACKING_URI"))  # a no-op once a stage started it
+                exit_code = run_forked(stage.module, out / REQUEST, env, output, deadline)
+            else:
+                exit_code = run_launched(command, env, output, deadline)
+    except TimedOut:
+        raise StageError(f"stage '{stage.name}' ran past launch.stage_timeout_s ({limit:g} s) and was stopped (a hung "
+                         "engine or collective, or a limit too short for the stage): raise the limit, or run again; "
+                         "a training resumes from its last checkpoint", error_type=TimedOut.__name__) from None
     if exit_code != 0:
         if not (out / ERROR).is_file():  # killed: by the run's stop, which a thread may hear after the stage ended
             wait_or_stop(time.sleep)
@@ -191,13 +203,15 @@ def stage_output(log_line: Callable[[str], None] | None) -> Iterator[tuple[int, 
             thread.join(drain)
 
 
-def run_launched(command: list[str], env: dict[str, str], output: tuple[int, int]) -> int:
+def run_launched(command: list[str], env: dict[str, str], output: tuple[int, int],
+                 deadline: float | None = None) -> int:
     """Run a stage's command (`python -m`, or `accelerate launch` and its workers) in a process
-    group of its own: interrupted, the whole group is stopped, so no worker outlives the run."""
+    group of its own: interrupted or past `deadline`, the whole group is stopped, so no worker
+    outlives the run."""
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=output[0], stderr=output[1])
     try:
         while process.poll() is None:
-            wait_or_stop(process.wait)
+            wait_or_stop(process.wait, deadline)
         return process.returncode
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
@@ -254,11 +268,14 @@ def raise_if_stopped() -> None:
         raise Stopped(stopping[0])
 
 
-def wait_or_stop(wait: Callable[[float], Any]) -> None:
-    """`wait(timeout)` for a stage's process a moment; raises Stopped once the run is stopped."""
+def wait_or_stop(wait: Callable[[float], Any], deadline: float | None = None) -> None:
+    """`wait(timeout)` for a stage's process a moment; raises Stopped once the run is stopped,
+    TimedOut once `time.monotonic()` is past `deadline`."""
     with contextlib.suppress(subprocess.TimeoutExpired):
         wait(STOP_POLL_S)
     raise_if_stopped()
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimedOut
 
 
 @contextlib.contextmanager
@@ -363,10 +380,11 @@ def received_fd(duplicate) -> int:
     return duplicate.detach()
 
 
-def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[int, int] = (1, 2)) -> int:
+def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[int, int] = (1, 2),
+               deadline: float | None = None) -> int:
     """Run a stage module's request in a child of the fork server, with `env` as its environment
     and `output` (this process's file descriptors) as its stdout and stderr; its exit code
-    (negative: killed by that signal)."""
+    (negative: killed by that signal). Past `deadline` (`time.monotonic()`) it is stopped."""
     sys.stdout.flush()
     sys.stderr.flush()
     child = multiprocessing.get_context("forkserver").Process(
@@ -379,8 +397,8 @@ def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[in
                          "launch.preload: false starts stages as `python -m`") from error
     try:
         while child.exitcode is None:
-            wait_or_stop(child.join)
-    except BaseException:  # interrupted: the stage must not outlive its pipeline
+            wait_or_stop(child.join, deadline)
+    except BaseException:  # interrupted or timed out: the stage must not outlive its pipeline
         child.terminate()
         child.join(5)
         child.kill()

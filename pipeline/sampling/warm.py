@@ -285,6 +285,16 @@ def sampler_for(devices: dict[str, str]) -> Sampler:
         return SAMPLERS.setdefault(json.dumps(devices, sort_keys=True), Sampler(devices))
 
 
+def stop_sampler(devices: dict[str, str]) -> None:
+    """Stop the sampler on these devices, if one runs: a stage that waited on it ran past its
+    time, and an engine that may hang in that request is not trusted with the next (a new one
+    starts for it)."""
+    with _SAMPLERS_LOCK:
+        sampler = SAMPLERS.get(json.dumps(devices, sort_keys=True))
+    if sampler is not None:
+        sampler.stop()
+
+
 @atexit.register
 def stop_samplers() -> None:
     for sampler in list(SAMPLERS.values()):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.results.manifest import Manifest
 from pipeline.runtime.contract import Stage
+from pipeline.runtime.process import stage_main
 
 PRELOADED = "trl" in sys.modules  # at import: in the fork server, after the stages' preloads brought TRL in
 
@@ -19,6 +21,9 @@ def run(cfg: PipelineConfig, out: Path) -> Manifest:
     print("probe says hello on stderr", file=sys.stderr, flush=True)
     if os.environ.get("PROBE_FAIL"):
         raise ValueError("the probe was told to fail")
+    if hang := os.environ.get("PROBE_HANG"):  # as a hung engine: it says its pid, then waits
+        Path(hang).write_text(str(os.getpid()))
+        threading.Event().wait(60)  # then goes on: a broken time limit fails its test rather than hang it
     import multiprocessing
 
     import numpy as np
@@ -31,4 +36,13 @@ def run(cfg: PipelineConfig, out: Path) -> Manifest:
     return Manifest("probe", out.name, {"seen": "seen.json"})
 
 
-STAGE = Stage("probe", run, lambda cfg: {})
+class ProbeStage(Stage):
+    @property
+    def module(self) -> str:  # this test module, not one of stages/
+        return "tests.e2e.stage_probe"
+
+
+STAGE = ProbeStage("probe", run, lambda cfg: {})
+
+if __name__ == "__main__":  # launch.preload: false runs it as `python -m tests.e2e.stage_probe request.json`
+    stage_main(STAGE)

@@ -17,7 +17,7 @@ import pytest
 from pipeline.config.schema import PipelineConfig
 from pipeline.results.manifest import Manifest
 from flows.wiring import MODULES
-from pipeline.runtime.process import ERROR, preloaded_modules, run_forked, start_fork_server
+from pipeline.runtime.process import ERROR, StageError, preloaded_modules, run_forked, run_in_process, start_fork_server
 from stages import evaluate, pairs, sample, sft
 
 
@@ -61,6 +61,27 @@ def test_a_forked_stage_that_fails_exits_nonzero_with_its_error_recorded(tmp_pat
     assert (out / ERROR).read_text() == "ValueError: the probe was told to fail\n"
     assert "raise ValueError" in (out / "traceback.txt").read_text()
     assert Manifest.find(out) is None
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_a_stage_past_its_time_limit_is_stopped_and_fails_naming_the_limit(tmp_path, preload):
+    """A hung engine or collective would hold the run for ever: `launch.stage_timeout_s` ends it,
+    forked from the preloaded server or started as `python -m`."""
+    import psutil
+
+    from tests.e2e import stage_probe
+
+    cfg = PipelineConfig(name="probe", launch={"stage_timeout_s": 3, "preload": preload})
+    with pytest.raises(StageError, match=r"^stage 'probe' ran past launch\.stage_timeout_s \(3 s\) and was stopped "
+                                         r"\(a hung engine or collective.*run again") as error:
+        run_in_process(stage_probe.STAGE, cfg, tmp_path / "probe", {}, {"PROBE_HANG": str(tmp_path / "pid")})
+    assert error.value.timed_out and not error.value.transient  # not retried: the next try would hang as well
+    pid = int((tmp_path / "pid").read_text())  # it did start, and hang
+    try:
+        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # ended; its parent has yet to reap it
+    except psutil.NoSuchProcess:
+        pass
+    assert Manifest.find(tmp_path / "probe") is None
 
 
 def test_the_fork_servers_imports_never_ask_cuda_anything():

@@ -107,6 +107,27 @@ def test_the_runner_gives_the_warm_engines_address_to_a_stage_that_samples(tmp_p
     assert ("samples" in given["paths"]) == (rescored or module is pairs)
 
 
+@pytest.mark.parametrize(("error_type", "stopped"), [("TimedOut", True), ("ValueError", False)])
+def test_a_sampling_stage_past_its_time_limit_stops_the_warm_engine_it_waited_on(tmp_path, monkeypatch, error_type,
+                                                                                 stopped):
+    """Its request may hang in the engine, which would hold every later stage: the next gets a new one."""
+    from pipeline.orchestration import runner as runtime
+    from pipeline.runtime.process import StageError
+
+    stops = []
+    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices: {"POSTTRAIN_SAMPLER": "/run/socket"})
+    monkeypatch.setattr(runtime, "stop_sampler", stops.append)
+
+    def fails(*args, **kwargs):
+        raise StageError("stage 'x' failed", error_type=error_type)
+
+    monkeypatch.setattr(runtime, "run_in_process", fails)
+    runner = StageRunner(config(tmp_path), tracker=StageEnv(), devices={"CUDA_VISIBLE_DEVICES": "1"})
+    with pytest.raises(StageError):
+        runner.execute(runner.plan("x", evaluate.STAGE, config(tmp_path), {"model": Input(tmp_path, "m")}), "run")
+    assert stops == ([{"CUDA_VISIBLE_DEVICES": "1"}] if stopped else [])
+
+
 def test_a_pipelines_devices_and_threads_reach_its_stages_and_not_their_keys(tmp_path, monkeypatch):
     from pipeline.orchestration import runner as runtime
 
