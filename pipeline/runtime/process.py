@@ -398,15 +398,32 @@ def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[in
     try:
         while child.exitcode is None:
             wait_or_stop(child.join, deadline)
-    except BaseException:  # interrupted or timed out: the stage must not outlive its pipeline
-        child.terminate()
-        child.join(5)
-        child.kill()
-        child.join()
+    except BaseException:  # interrupted or timed out: the stage (and what it started) must not outlive its pipeline
+        stop_process(child, grace_s=5.0)
         raise
     exit_code = child.exitcode
     child.close()
     return exit_code
+
+
+def stop_process(process: Any, grace_s: float) -> None:
+    """SIGTERM to a multiprocessing child, then, after `grace_s`, SIGKILL to what is left of it
+    and of the processes it started (a vLLM engine's, a data loader's workers)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)  # before they are orphaned
+    except psutil.NoSuchProcess:
+        tree = []
+    if process.is_alive():
+        process.terminate()
+        process.join(grace_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    for child in tree:  # psutil checks that the pid is still that process
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def forked_stage(module: str, request: Path, env: dict[str, str], stdout: int, stderr: int) -> None:

@@ -9,11 +9,11 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.runtime.process import TRANSIENT, TransientError
+from pipeline.runtime.process import TRANSIENT, TransientError, stop_process
 from pipeline.runtime.progress import STAGE_ENV
 
 # Each data-parallel rank is an independent vLLM engine of data_parallel_size 1, and none gets
@@ -181,26 +181,6 @@ def _rank_main(sender: Any, function: Callable[..., Any], args: tuple, cores: tu
         sender.send(("error", type(error).__name__, str(error), traceback.format_exc()))
         sys.exit(1)
     sender.send(("ok", result))
-
-
-def stop_process(process: Any, grace_s: float) -> None:
-    """SIGTERM to a multiprocessing child, then, after `grace_s`, SIGKILL to what is left of it
-    and of the processes it started."""
-    import psutil
-
-    try:
-        tree = psutil.Process(process.pid).children(recursive=True)  # before they are orphaned
-    except psutil.NoSuchProcess:
-        tree = []
-    if process.is_alive():
-        process.terminate()
-        process.join(grace_s)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    for child in tree:  # psutil checks that the pid is still that process
-        with suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 @contextmanager

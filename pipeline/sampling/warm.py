@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config.schema import SamplingConfig
 from pipeline.runtime.progress import STAGE_ENV
-from pipeline.sampling.engines import stop_process
+from pipeline.runtime.process import stop_process
 from pipeline.sampling.sampler import SAMPLER_ENV, generate_vllm, shutdown_engine, start_engine, vllm_engine_args
 
 if TYPE_CHECKING:

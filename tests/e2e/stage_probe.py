@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -21,8 +22,9 @@ def run(cfg: PipelineConfig, out: Path) -> Manifest:
     print("probe says hello on stderr", file=sys.stderr, flush=True)
     if os.environ.get("PROBE_FAIL"):
         raise ValueError("the probe was told to fail")
-    if hang := os.environ.get("PROBE_HANG"):  # as a hung engine: it says its pid, then waits
-        Path(hang).write_text(str(os.getpid()))
+    if hang := os.environ.get("PROBE_HANG"):  # as a hung engine: it starts a process, says both pids, then waits
+        engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        Path(hang).write_text(f"{os.getpid()} {engine.pid}")
         threading.Event().wait(60)  # then goes on: a broken time limit fails its test rather than hang it
     import multiprocessing
 
