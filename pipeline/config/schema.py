@@ -648,10 +648,10 @@ class LaunchConfig(Section):
         "machine's cores. On a CPU the thread count changes a training's float rounding, hence its weights: set "
         "it to run `compare.parallel` pipelines side by side on a machine without GPUs")
     stage_timeout_s: float | None = Field(
-        None, gt=0, description="wall-clock limit of each stage's process: past it the stage is stopped and fails, "
-        "naming the limit (a hung vLLM engine or NCCL collective, which would otherwise hold the run); the run's "
-        "warm vLLM engine is stopped with a sampling stage, and a new one serves the next. A training resumes "
-        "from its last checkpoint when run again. null: no limit")
+        None, gt=0, description="wall-clock limit of each stage's process from its start: past it the stage and "
+        "the processes it started are stopped and it fails, naming the limit (a hung vLLM engine or worker, which "
+        "would otherwise hold the run); the run's warm vLLM engine too where it was answering that stage, and a "
+        "new one serves the next. A training resumes from its last checkpoint when run again. null: no limit")
 
     @field_validator("accelerate_config")
     @classmethod

@@ -308,10 +308,10 @@ class StageRunner:
         if planned.cfg.launch.cpu_threads:
             env["OMP_NUM_THREADS"] = str(planned.cfg.launch.cpu_threads)
         if planned.stage.samples and "samples" not in paths:  # not to re-score saved samples
-            env |= sampler_env(planned.cfg.sampling, self.devices)
+            env |= sampler_env(planned.cfg.sampling, self.devices, client=str(out))
         try:
             return run_in_process(planned.stage, planned.cfg, out, record, env, self.log_line, **paths)
         except StageError as error:
             if error.timed_out and SAMPLER_ENV in env:
-                stop_sampler(self.devices)
+                stop_sampler(self.devices, client=str(out))
             raise

@@ -82,16 +82,16 @@ def run_in_process(stage: Stage, cfg: PipelineConfig, out: Path, record: dict[st
     # Output that is forwarded (through a pipe) is flushed line by line, as on a terminal.
     env = os.environ | (env or {}) | ({"PYTHONUNBUFFERED": "1"} if log_line else {})
     limit = cfg.launch.stage_timeout_s
-    deadline = time.monotonic() + limit if limit else None
     try:
         with stage_output(log_line) as output:
             if command is None:
                 start_fork_server(_preload or [stage], env.get("MLFLOW_TRACKING_URI"))  # a no-op once a stage started it
-                exit_code = run_forked(stage.module, out / REQUEST, env, output, deadline)
+                exit_code = run_forked(stage.module, out / REQUEST, env, output, limit)
             else:
-                exit_code = run_launched(command, env, output, deadline)
+                exit_code = run_launched(command, env, output, limit)
     except TimedOut:
-        raise StageError(f"stage '{stage.name}' ran past launch.stage_timeout_s ({limit:g} s) and was stopped (a hung "
+        shown = int(limit) if limit == int(limit) else limit
+        raise StageError(f"stage '{stage.name}' ran past launch.stage_timeout_s ({shown} s) and was stopped (a hung "
                          "engine or collective, or a limit too short for the stage): raise the limit, or run again; "
                          "a training resumes from its last checkpoint", error_type=TimedOut.__name__) from None
     if exit_code != 0:
@@ -204,23 +204,26 @@ def stage_output(log_line: Callable[[str], None] | None) -> Iterator[tuple[int, 
 
 
 def run_launched(command: list[str], env: dict[str, str], output: tuple[int, int],
-                 deadline: float | None = None) -> int:
+                 limit_s: float | None = None) -> int:
     """Run a stage's command (`python -m`, or `accelerate launch` and its workers) in a process
-    group of its own: interrupted or past `deadline`, the whole group is stopped, so no worker
-    outlives the run."""
+    group of its own. Interrupted, or running past `limit_s`, the group is stopped, and every
+    process it started: torchrun starts each worker in a session of its own, out of the group's
+    reach, and SIGKILL to the launcher would leave a worker that ignores its SIGTERM running."""
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=output[0], stderr=output[1])
     try:
-        while process.poll() is None:
-            wait_or_stop(process.wait, deadline)
+        wait_for(lambda: process.poll() is not None, process.wait, limit_s)
         return process.returncode
     except BaseException:
+        started = descendants(process.pid) if process.poll() is None else []  # an ended one's pid may be another's now
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            process.wait()
+        kill_all(started)
         raise
 
 
@@ -268,14 +271,21 @@ def raise_if_stopped() -> None:
         raise Stopped(stopping[0])
 
 
-def wait_or_stop(wait: Callable[[float], Any], deadline: float | None = None) -> None:
-    """`wait(timeout)` for a stage's process a moment; raises Stopped once the run is stopped,
-    TimedOut once `time.monotonic()` is past `deadline`."""
+def wait_or_stop(wait: Callable[[float], Any]) -> None:
+    """`wait(timeout)` for a stage's process a moment; raises Stopped once the run is stopped."""
     with contextlib.suppress(subprocess.TimeoutExpired):
         wait(STOP_POLL_S)
     raise_if_stopped()
-    if deadline is not None and time.monotonic() > deadline:
-        raise TimedOut
+
+
+def wait_for(ended: Callable[[], bool], wait: Callable[[float], Any], limit_s: float | None) -> None:
+    """Wait until a stage's process has `ended`, by `wait_or_stop`; raises TimedOut once it has
+    run `limit_s` (from now) and still runs."""
+    deadline = time.monotonic() + limit_s if limit_s else None
+    while not ended():
+        wait_or_stop(wait)
+        if deadline is not None and time.monotonic() > deadline and not ended():
+            raise TimedOut
 
 
 @contextlib.contextmanager
@@ -381,10 +391,10 @@ def received_fd(duplicate) -> int:
 
 
 def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[int, int] = (1, 2),
-               deadline: float | None = None) -> int:
+               limit_s: float | None = None) -> int:
     """Run a stage module's request in a child of the fork server, with `env` as its environment
     and `output` (this process's file descriptors) as its stdout and stderr; its exit code
-    (negative: killed by that signal). Past `deadline` (`time.monotonic()`) it is stopped."""
+    (negative: killed by that signal). Running past `limit_s` (from its start) it is stopped."""
     sys.stdout.flush()
     sys.stderr.flush()
     child = multiprocessing.get_context("forkserver").Process(
@@ -396,8 +406,7 @@ def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[in
         raise StageError(f"{module}: the fork server could not start it ({type(error).__name__}: {error}); "
                          "launch.preload: false starts stages as `python -m`") from error
     try:
-        while child.exitcode is None:
-            wait_or_stop(child.join, deadline)
+        wait_for(lambda: child.exitcode is not None, child.join, limit_s)
     except BaseException:  # interrupted or timed out: the stage (and what it started) must not outlive its pipeline
         stop_process(child, grace_s=5.0)
         raise
@@ -409,21 +418,43 @@ def run_forked(module: str, request: Path, env: dict[str, str], output: tuple[in
 def stop_process(process: Any, grace_s: float) -> None:
     """SIGTERM to a multiprocessing child, then, after `grace_s`, SIGKILL to what is left of it
     and of the processes it started (a vLLM engine's, a data loader's workers)."""
-    import psutil
-
-    try:
-        tree = psutil.Process(process.pid).children(recursive=True)  # before they are orphaned
-    except psutil.NoSuchProcess:
-        tree = []
+    started = descendants(process.pid) if process.is_alive() else []  # an ended one's pid may be another's now
     if process.is_alive():
         process.terminate()
         process.join(grace_s)
     if process.is_alive():
         process.kill()
         process.join()
-    for child in tree:  # psutil checks that the pid is still that process
+    kill_all(started)
+
+
+def descendants(pid: int) -> list:
+    """The processes `pid` started, and theirs (psutil.Process objects), while it runs: once it
+    ends they are orphans that nothing names."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_all(processes: list, wait_s: float = 10.0) -> None:
+    """SIGKILL to each (psutil.Process: one whose pid went to another process is left alone), and
+    wait until they are gone, so that the memory they held (a GPU's) is free on return."""
+    import psutil
+
+    def running(process) -> bool:  # a zombie holds no memory: its parent (an orphan's: init) has yet to reap it
         with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        return False
+
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    deadline = time.monotonic() + wait_s
+    while any(map(running, processes)) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def forked_stage(module: str, request: Path, env: dict[str, str], stdout: int, stderr: int) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 Prompt = str | list[dict]
 SAMPLER_ENV = "POSTTRAIN_SAMPLER"  # where the flow started a warm vLLM engine (pipeline.sampling.warm): its socket
+SAMPLER_CLIENT_ENV = "POSTTRAIN_SAMPLER_CLIENT"  # the stage (its folder) that a request to it comes from
 
 
 def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> str:
@@ -302,7 +303,8 @@ def sample_warm(address: str, model_dir: Path, prompts: list[Prompt], seeds: lis
     with connection:
         connection.send({"model_dir": str(model_dir), "tokenizer_dir": tokenizer_dir and str(tokenizer_dir),
                          "trust_remote_code": trust_remote_code, "settings": settings.model_dump(mode="json"),
-                         "prompts": prompts, "seeds": seeds, "stage": os.environ.get(STAGE_ENV, "posttrain")})
+                         "prompts": prompts, "seeds": seeds, "stage": os.environ.get(STAGE_ENV, "posttrain"),
+                         "client": os.environ.get(SAMPLER_CLIENT_ENV, "")})
         sys.stdout.flush()
         sys.stderr.flush()
         for fd in (1, 2):

@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config.schema import SamplingConfig
 from pipeline.runtime.progress import STAGE_ENV
 from pipeline.runtime.process import stop_process
-from pipeline.sampling.sampler import SAMPLER_ENV, generate_vllm, shutdown_engine, start_engine, vllm_engine_args
+from pipeline.sampling.sampler import (SAMPLER_CLIENT_ENV, SAMPLER_ENV, generate_vllm, shutdown_engine, start_engine,
+                                      vllm_engine_args)
 
 if TYPE_CHECKING:
     from vllm import LLM
 
+SERVING = "serving"  # in the sampler's folder, beside its socket: the client whose request it answers
 # Config keys that do not change what vLLM builds: saves' own bookkeeping, and the cache switch training turns off.
 IGNORED = ("transformers_version", "use_cache")
 
@@ -157,12 +159,22 @@ def output_to(stdout: int, stderr: int) -> Iterator[None]:
             os.close(original)
 
 
-def answer(connection: Connection, engine: WarmEngine, devices: dict[str, str]) -> None:
-    """One stage's request (sent by sampler.sample_warm): the completions, or the error, sent back."""
+def answer(connection: Connection, engine: WarmEngine, devices: dict[str, str], serving: Path) -> None:
+    """One stage's request (sent by sampler.sample_warm): the completions, or the error, sent back.
+    While it is served, the file `serving` names the stage it came from (`Sampler.serving`)."""
     try:
         request = connection.recv()
     except (EOFError, OSError):
         return  # the stage ended (was stopped) before its request was in
+    serving.write_text(request.get("client", ""))
+    try:
+        reply_to(connection, request, engine, devices)
+    finally:
+        serving.unlink(missing_ok=True)
+
+
+def reply_to(connection: Connection, request: dict[str, Any], engine: WarmEngine, devices: dict[str, str]) -> None:
+    """The request's completions, or its error, sent back."""
     output: list[int] = []
     engine_used = False
     try:
@@ -228,7 +240,7 @@ def serve(address: str, parent: int, ready: Connection, devices: dict[str, str])
         try:
             while True:
                 with listener.accept() as connection:
-                    answer(connection, engine, devices)
+                    answer(connection, engine, devices, Path(address).parent / SERVING)
         finally:
             engine.close()
 
@@ -266,6 +278,12 @@ class Sampler:
                 receiver.close()
             return address
 
+    def serving(self) -> str | None:
+        """The stage (its SAMPLER_CLIENT_ENV) whose request the sampler is answering; None: none."""
+        with suppress(OSError):
+            return (Path(self.folder) / SERVING).read_text() if self.folder else None
+        return None
+
     def stop(self) -> None:
         with self.lock:
             if self.process is not None:
@@ -285,13 +303,13 @@ def sampler_for(devices: dict[str, str]) -> Sampler:
         return SAMPLERS.setdefault(json.dumps(devices, sort_keys=True), Sampler(devices))
 
 
-def stop_sampler(devices: dict[str, str]) -> None:
-    """Stop the sampler on these devices, if one runs: a stage that waited on it ran past its
-    time, and an engine that may hang in that request is not trusted with the next (a new one
-    starts for it)."""
+def stop_sampler(devices: dict[str, str], client: str) -> None:
+    """Stop the sampler on these devices if it is answering `client`'s request: that stage ran
+    past its time, and an engine that may hang in the request is not trusted with the next (a new
+    one starts for it). A request still queued behind another pipeline's leaves it running."""
     with _SAMPLERS_LOCK:
         sampler = SAMPLERS.get(json.dumps(devices, sort_keys=True))
-    if sampler is not None:
+    if sampler is not None and sampler.serving() == client:
         sampler.stop()
 
 
@@ -301,9 +319,10 @@ def stop_samplers() -> None:
         sampler.stop()
 
 
-def sampler_env(sampling: SamplingConfig, devices: dict[str, str] | None = None) -> dict[str, str]:
+def sampler_env(sampling: SamplingConfig, devices: dict[str, str] | None = None, client: str = "") -> dict[str, str]:
     """The environment of a stage that samples with these settings on `devices` (its pipeline's,
     beside others; None: the machine's): the address of the sampler on those devices where the warm
-    engine is used (vLLM, one engine, `sampling.warm_engine`), else nothing."""
+    engine is used (vLLM, one engine, `sampling.warm_engine`), and the stage as its `client`;
+    else nothing."""
     warm = sampling.warm_engine and sampling.data_parallel_size == 1 and sampling.chosen_backend() == "vllm"
-    return {SAMPLER_ENV: sampler_for(devices or {}).address()} if warm else {}
+    return {SAMPLER_ENV: sampler_for(devices or {}).address(), SAMPLER_CLIENT_ENV: client} if warm else {}

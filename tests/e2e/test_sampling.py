@@ -24,6 +24,7 @@ from pipeline.results.manifest import Manifest
 from pipeline.sampling.engines import CPU_BIND_ENV, DP_ENV, DeviceSlice, cpu_slices, device_slices, gpu_slices, run_ranks
 from pipeline.sampling import warm
 from pipeline.sampling.sampler import (
+    SAMPLER_CLIENT_ENV,
     SAMPLER_ENV,
     generate_hf,
     generate_vllm,
@@ -345,6 +346,46 @@ def test_the_warm_engine_given_another_models_weights_samples_what_a_fresh_engin
     assert not any(psutil.pid_exists(pid) for pid in engine)  # stopped with the sampler
 
 
+def test_the_sampler_names_the_stage_it_answers_and_is_stopped_for_that_stage_alone(tmp_path, monkeypatch):
+    """A stage past its time limit stops the warm engine only where its own request may hang in
+    it, not where it waited in the queue behind another pipeline's (on a CPU they share one)."""
+    import multiprocessing
+
+    serving, seen = tmp_path / warm.SERVING, []
+
+    class HungEngine:
+        def ready_for(self, *args):
+            seen.append(serving.read_text())
+            raise RuntimeError("the engine failed")
+
+        def close(self):
+            pass
+
+        def rest(self):
+            pass
+
+    monkeypatch.setattr(warm, "engine_identity", lambda *args: "id")
+    sampler_end, stage_end = multiprocessing.Pipe()
+    stage_end.send({"client": "/r/evaluate/k", "settings": VLLM_SETTINGS.model_dump(mode="json"), "model_dir": "m",
+                    "tokenizer_dir": None, "trust_remote_code": False})
+    warm.answer(sampler_end, HungEngine(), {}, serving)
+    assert seen == ["/r/evaluate/k"] and not serving.exists()  # named while answered, then not
+    assert stage_end.recv()[:3] == ("error", "RuntimeError", "the engine failed")
+
+    stopped: list[bool] = []
+    sampler = warm.Sampler({"CUDA_VISIBLE_DEVICES": "1"})
+    sampler.folder = str(tmp_path)
+    monkeypatch.setattr(sampler, "stop", lambda: stopped.append(True))
+    monkeypatch.setitem(warm.SAMPLERS, json.dumps(sampler.devices), sampler)
+    warm.stop_sampler(sampler.devices, "/r/evaluate/k")  # answering nothing
+    serving.write_text("/r/evaluate/other-pipeline")
+    warm.stop_sampler(sampler.devices, "/r/evaluate/k")
+    assert not stopped
+    serving.write_text("/r/evaluate/k")
+    warm.stop_sampler(sampler.devices, "/r/evaluate/k")
+    assert stopped == [True]
+
+
 def test_a_model_of_other_architecture_tokenizer_or_engine_settings_gets_a_new_engine(model_dir, tmp_path):
     pytest.importorskip("vllm")
     identity = warm.engine_identity(model_dir, VLLM_SETTINGS)
@@ -387,9 +428,10 @@ def test_a_sampler_that_died_is_a_transient_error_and_the_next_stage_gets_a_new_
 def test_only_stages_sampling_with_one_vllm_engine_get_the_warm_engine(monkeypatch):
     monkeypatch.setattr(warm, "SAMPLERS", {})
     monkeypatch.setattr(warm.Sampler, "address", lambda self: f"/run/{self.devices.get('CUDA_VISIBLE_DEVICES', 'all')}")
-    assert warm.sampler_env(SamplingConfig(backend="vllm")) == {SAMPLER_ENV: "/run/all"}
+    assert warm.sampler_env(SamplingConfig(backend="vllm"), client="/r/evaluate/k") == {
+        SAMPLER_ENV: "/run/all", SAMPLER_CLIENT_ENV: "/r/evaluate/k"}
     # Pipelines side by side: one engine on each one's GPUs.
-    assert warm.sampler_env(SamplingConfig(backend="vllm"), {"CUDA_VISIBLE_DEVICES": "2,3"}) == {SAMPLER_ENV: "/run/2,3"}
+    assert warm.sampler_env(SamplingConfig(backend="vllm"), {"CUDA_VISIBLE_DEVICES": "2,3"})[SAMPLER_ENV] == "/run/2,3"
     assert warm.sampler_for({"CUDA_VISIBLE_DEVICES": "2,3"}) is warm.sampler_for({"CUDA_VISIBLE_DEVICES": "2,3"})
     assert len(warm.SAMPLERS) == 2
     for settings in (SamplingConfig(backend="hf"), SamplingConfig(backend="vllm", warm_engine=False),

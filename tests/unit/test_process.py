@@ -118,3 +118,19 @@ def test_stop_on_signals_records_the_signal_for_the_other_threads(monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         threading.Event().wait(5)
     assert process.stopping == [signal.SIGTERM]
+
+
+def test_a_launched_stage_past_its_limit_is_stopped_with_the_workers_in_sessions_of_their_own(tmp_path):
+    """As torchrun starts them: out of the launcher's process group, and deaf to its SIGTERM
+    (a worker hung in a collective)."""
+    import sys
+
+    worker = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    launcher = (f"import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', {worker!r}], "
+                f"start_new_session=True); open({str(tmp_path / 'pid')!r}, 'w').write(str(w.pid)); time.sleep(120)")
+    with pytest.raises(process.TimedOut):
+        process.run_launched([sys.executable, "-c", launcher], dict(os.environ), (1, 2), limit_s=2)
+    pid = int((tmp_path / "pid").read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # A process that ends within its limit is not taken for one past it, however close.
+    assert process.run_launched([sys.executable, "-c", "pass"], dict(os.environ), (1, 2), limit_s=0.001) == 0

@@ -96,7 +96,7 @@ def test_the_runner_gives_the_warm_engines_address_to_a_stage_that_samples(tmp_p
     from pipeline.orchestration import runner as runtime
 
     given = {}
-    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices: {"POSTTRAIN_SAMPLER": "/run/socket"})
+    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices, client: {"POSTTRAIN_SAMPLER": "/run/socket"})
     monkeypatch.setattr(runtime, "run_in_process", lambda stage, cfg, out, record, env, log_line, **paths:
                         given.update(env=env, paths=paths))
     runner = StageRunner(config(tmp_path), tracker=StageEnv())
@@ -115,24 +115,26 @@ def test_a_sampling_stage_past_its_time_limit_stops_the_warm_engine_it_waited_on
     from pipeline.runtime.process import StageError
 
     stops = []
-    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices: {"POSTTRAIN_SAMPLER": "/run/socket"})
-    monkeypatch.setattr(runtime, "stop_sampler", stops.append)
+    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices, client: {"POSTTRAIN_SAMPLER": "/run/socket"})
+    monkeypatch.setattr(runtime, "stop_sampler", lambda devices, client: stops.append((devices, client)))
 
     def fails(*args, **kwargs):
         raise StageError("stage 'x' failed", error_type=error_type)
 
     monkeypatch.setattr(runtime, "run_in_process", fails)
     runner = StageRunner(config(tmp_path), tracker=StageEnv(), devices={"CUDA_VISIBLE_DEVICES": "1"})
+    planned = runner.plan("x", evaluate.STAGE, config(tmp_path), {"model": Input(tmp_path, "m")})
     with pytest.raises(StageError):
-        runner.execute(runner.plan("x", evaluate.STAGE, config(tmp_path), {"model": Input(tmp_path, "m")}), "run")
-    assert stops == ([{"CUDA_VISIBLE_DEVICES": "1"}] if stopped else [])
+        runner.execute(planned, "run")
+    # If the sampler answers this stage's request (its client: the stage's folder), not another pipeline's.
+    assert stops == ([({"CUDA_VISIBLE_DEVICES": "1"}, str(planned.out))] if stopped else [])
 
 
 def test_a_pipelines_devices_and_threads_reach_its_stages_and_not_their_keys(tmp_path, monkeypatch):
     from pipeline.orchestration import runner as runtime
 
     given = {}
-    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices: given.update(sampler=devices) or {})
+    monkeypatch.setattr(runtime, "sampler_env", lambda sampling, devices, client: given.update(sampler=devices) or {})
     monkeypatch.setattr(runtime, "run_in_process", lambda stage, cfg, out, record, env, log_line, **paths:
                         given.update(env=env))
     cfg = config(tmp_path, launch={"cpu_threads": 3})
