@@ -213,7 +213,10 @@ def matched_levels(points: dict[str, list[dict]], configured: list[float] | None
 
     def add(level: float, source: str, arms: list[str]) -> None:
         entry = levels.setdefault(f"{level:.3f}", {"level": level, "source": source, "arms": []})
-        entry["arms"] += [a for a in arms if a not in entry["arms"]]
+        if new := [a for a in arms if a not in entry["arms"]]:
+            if entry["arms"]:  # e.g. two arms whose spans with the baseline have the same middle: both named
+                entry["source"] += f"; {source}"
+            entry["arms"] += new
 
     if (common := middle(list(points))) is not None:
         add(common, "the middle of the span every arm reaches", list(points))

@@ -162,10 +162,14 @@ def test_matched_levels_lie_where_the_arms_target_spans_meet():
     points = {"ce": [point(0.3), point(0.9)], "eaft": [point(0.2), point(0.7)], "eksft": [point(0.05), point(0.1)]}
     levels = matched_levels(points, [0.5], "ce")
     # all three share no span (eksft tops out at 0.1); eaft and ce share 0.3-0.7, eksft and ce nothing
-    assert levels == {"0.500": {"level": pytest.approx(0.5), "source": "the middle of the span `eaft` and `ce` both reach",
-                                "arms": ["ce", "eaft", "eksft"]}}
+    assert levels == {"0.500": {"level": pytest.approx(0.5), "source": "the middle of the span `eaft` and `ce` both "
+                                "reach; compare.matched_target", "arms": ["ce", "eaft", "eksft"]}}
     two = matched_levels({"ce": points["ce"], "eaft": points["eaft"]}, None, "ce")
     assert list(two) == ["0.500"] and two["0.500"]["source"] == "the middle of the span every arm reaches"
+    # Two arms whose spans with ce have the same middle: one level, named for both.
+    same = matched_levels(points | {"gem": [point(0.1), point(0.7)]}, None, "ce")
+    assert same["0.500"]["source"] == ("the middle of the span `eaft` and `ce` both reach; the middle of the span "
+                                       "`gem` and `ce` both reach") and same["0.500"]["arms"] == ["ce", "eaft", "gem"]
 
 
 def test_matched_retention_counts_only_the_seeds_that_reach_the_level():
