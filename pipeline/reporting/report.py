@@ -214,7 +214,7 @@ def matched_levels(points: dict[str, list[dict]], configured: list[float] | None
     def add(level: float, source: str, arms: list[str]) -> None:
         entry = levels.setdefault(f"{level:.3f}", {"level": level, "source": source, "arms": []})
         if new := [a for a in arms if a not in entry["arms"]]:
-            if entry["arms"]:  # e.g. two arms whose spans with the baseline have the same middle: both named
+            if entry["arms"]:  # e.g. two arms whose spans with the baseline have middles that round alike: both named
                 entry["source"] += f"; {source}"
             entry["arms"] += new
 

@@ -167,7 +167,7 @@ def test_matched_levels_lie_where_the_arms_target_spans_meet():
     two = matched_levels({"ce": points["ce"], "eaft": points["eaft"]}, None, "ce")
     assert list(two) == ["0.500"] and two["0.500"]["source"] == "the middle of the span every arm reaches"
     # Two arms whose spans with ce have the same middle: one level, named for both.
-    same = matched_levels(points | {"gem": [point(0.1), point(0.7)]}, None, "ce")
+    same = matched_levels(points | {"gem": [point(0.1), point(0.7005)]}, None, "ce")  # 0.50025: the same 0.500
     assert same["0.500"]["source"] == ("the middle of the span `eaft` and `ce` both reach; the middle of the span "
                                        "`gem` and `ce` both reach") and same["0.500"]["arms"] == ["ce", "eaft", "gem"]
 
