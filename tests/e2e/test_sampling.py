@@ -24,6 +24,7 @@ from pipeline.results.manifest import Manifest
 from pipeline.sampling.engines import CPU_BIND_ENV, DP_ENV, DeviceSlice, cpu_slices, device_slices, gpu_slices, run_ranks
 from pipeline.sampling import warm
 from pipeline.sampling.sampler import (
+    ENGINE_CALLS,
     SAMPLER_CLIENT_ENV,
     SAMPLER_ENV,
     generate_hf,
@@ -33,7 +34,7 @@ from pipeline.sampling.sampler import (
     prompt_seeds,
     sample,
     sample_hf,
-    sample_warm,
+    warm_session,
     shard_prompts,
     shared_prefill,
     vllm_engine,
@@ -386,6 +387,59 @@ def test_the_sampler_names_the_stage_it_answers_and_is_stopped_for_that_stage_al
     assert stopped == [True]
 
 
+def test_a_session_answers_its_calls_in_turn_and_rests_the_engine_before_its_last_reply(tmp_path, monkeypatch):
+    """A stage's session: the model loaded, then each call answered until the stage ends it; a
+    call that fails ends it too, and the engine it failed in is closed."""
+    import multiprocessing
+    import threading
+    from multiprocessing.reduction import send_handle
+
+    events: list[str] = []
+
+    class Engine:
+        llm = "the engine"
+
+        def ready_for(self, *args):
+            events.append("loaded")
+            return "a test engine"
+
+        def close(self):
+            events.append("closed")
+
+        def rest(self):
+            events.append("rests")
+
+    monkeypatch.setattr(warm, "engine_identity", lambda *args: "id")
+    monkeypatch.setitem(warm.ENGINE_CALLS, "double", lambda llm, settings, x: (llm, 2 * x))
+    monkeypatch.setitem(warm.ENGINE_CALLS, "fail", lambda llm, settings: 1 / 0)
+    request = {"client": "c", "settings": VLLM_SETTINGS.model_dump(mode="json"), "model_dir": "m",
+               "tokenizer_dir": None, "trust_remote_code": False, "stage": "evaluate"}
+
+    def session(*calls: tuple) -> list:
+        """The replies to a stage's session that makes these calls, as the sampler answers them."""
+        sampler_end, stage_end = multiprocessing.Pipe()
+        server = threading.Thread(target=warm.answer, args=(sampler_end, Engine(), {}, tmp_path / warm.SERVING))
+        server.start()
+        stage_end.send(request)
+        with open(os.devnull, "w") as f:
+            for _ in range(2):  # the stage's stdout and stderr
+                send_handle(stage_end, f.fileno(), 0)
+        replies = [stage_end.recv()]
+        for call in calls:
+            stage_end.send(call)
+            replies.append(stage_end.recv())
+            events.append("reply")
+        server.join(timeout=30)
+        return replies
+
+    assert session(("double", (21,)), ("double", (1,)), ("end", ())) == [
+        ("ok", None), ("ok", ("the engine", 42)), ("ok", ("the engine", 2)), ("ok", None)]
+    assert events == ["loaded", "reply", "reply", "rests", "reply"]  # rested before the end's reply
+    ready, failed = session(("fail", ()))
+    assert ready == ("ok", None) and failed[:3] == ("error", "ZeroDivisionError", "division by zero")
+    assert events[5:] == ["loaded", "closed", "rests", "reply"]
+
+
 def test_a_model_of_other_architecture_tokenizer_or_engine_settings_gets_a_new_engine(model_dir, tmp_path):
     pytest.importorskip("vllm")
     identity = warm.engine_identity(model_dir, VLLM_SETTINGS)
@@ -418,7 +472,8 @@ def test_a_sampler_that_died_is_a_transient_error_and_the_next_stage_gets_a_new_
         sampler.process.kill()
         sampler.process.join()
         with pytest.raises(TransientError, match=r"the run's vLLM sampler .* does not answer"):
-            sample_warm(address, model_dir, PROMPTS, prompt_seeds(0, 2), VLLM_SETTINGS)
+            with warm_session(address, model_dir, VLLM_SETTINGS) as call:
+                call("sample", PROMPTS, prompt_seeds(0, 2))
         assert sampler.address() != address and sampler.process.is_alive()
     finally:
         sampler.stop()
@@ -439,6 +494,94 @@ def test_only_stages_sampling_with_one_vllm_engine_get_the_warm_engine(monkeypat
         assert warm.sampler_env(settings) == {}
     # Warm or not, the same completions: not part of the stages' keys.
     assert SamplingConfig(backend="vllm", warm_engine=False).key_settings() == SamplingConfig(backend="vllm").key_settings()
+
+
+# lm-eval's requests on the sampling's engine
+
+def test_lm_evals_requests_on_the_engine_score_and_generate_as_its_hf_backend_does(model_dir, vllm_llm):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from pipeline.evaluation.lm_eval_engine import EngineLM
+
+    calls: list[str] = []
+
+    def call(name, *args):
+        calls.append(name)
+        return ENGINE_CALLS[name](vllm_llm, VLLM_SETTINGS, *args)
+
+    engine = EngineLM(call, AutoTokenizer.from_pretrained(model_dir), seed=3)
+    hf = HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=4)
+    assert engine.max_length == hf.max_length == CONTEXT
+
+    def requests(kind: str, arguments: list[tuple]) -> list[Instance]:
+        return [Instance(kind, {}, a, i) for i, a in enumerate(arguments)]
+
+    greedy = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
+    generations = requests("generate_until", [("12+3=", greedy), ("2*4=", {**greedy, "until": ["4", "\n"]}),
+                                              ("7", {"max_gen_toks": 5})])
+    generated = engine.generate_until(generations)
+    assert generated == hf.generate_until(generations) and any(generated)
+    # The log-likelihood of the model's own greedy answer (each token the most likely), of others,
+    # and of a continuation with no context (scored after the prefix token).
+    pairs = requests("loglikelihood", [("12+3=", generated[0]), ("12+3=", "15"), ("2*4=", " 8"), ("", "12+3=15")])
+    scores, expected = engine.loglikelihood(pairs), hf.loglikelihood(pairs)
+    assert [greedy for _, greedy in scores] == [greedy for _, greedy in expected] and scores[0][1]
+    assert [logprob for logprob, _ in scores] == pytest.approx([logprob for logprob, _ in expected], abs=1e-3)
+    texts = requests("loglikelihood_rolling", [("12+3=15\n2*4=8",), ("1+1=2",)])
+    assert engine.loglikelihood_rolling(texts) == pytest.approx(hf.loglikelihood_rolling(texts), abs=1e-3)
+    # A sampled generation has its own seed: the same text whatever the engine sampled before.
+    sampled = requests("generate_until", [("12+3=", {"do_sample": True, "temperature": 1.0, "max_gen_toks": 8})] * 3)
+    first = engine.generate_until(sampled)
+    generate_vllm(vllm_llm, PROMPTS, SETTINGS)
+    assert engine.generate_until(sampled) == first and len(set(first)) > 1
+    assert calls == ["context_length", "complete", "score", "score", "complete", "complete"]
+
+
+def test_an_evaluation_sends_lm_evals_requests_to_the_runs_warm_engine(model_dir, tmp_path, monkeypatch):
+    """The sampling and lm-eval's tasks on one engine, the run's: lm-eval's requests answered as
+    its HF backend answers them."""
+    import gzip
+
+    from pipeline.config.schema import parse_config
+    from pipeline.evaluation.lm_eval_suite import run_lm_eval
+    from stages import evaluate
+
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "task": "add"} for a, b in ((1, 2), (3, 4), (12, 5))]
+    rows += [{"prompt": f"{a}*{b}=", "answer": str(a * b), "task": "mul"} for a, b in ((2, 4), (3, 3))]
+    write_jsonl(tmp_path / "suite.jsonl", rows)
+    suite = {"path": str(tmp_path / "suite.jsonl")}
+    cfg = parse_config({"name": "t", "model": {"path": str(model_dir)},
+                        "data": {"sft": suite, "target_eval": suite, "general_eval": suite},
+                        "sampling": VLLM_SETTINGS.model_dump(),
+                        "evaluate": {"lm_eval": {"tasks": ["posttrain_general_exact", "posttrain_general_choice"]}}})
+    sampler = warm.Sampler({})
+    monkeypatch.setitem(warm.SAMPLERS, json.dumps({}), sampler)
+    lines: list[str] = []
+    try:
+        manifest = run_in_process(evaluate.STAGE, cfg, tmp_path / "eval", {}, warm.sampler_env(cfg.sampling),
+                                  lines.append, model=model_dir)
+    finally:
+        sampler.stop()
+    used = [line for line in lines if line.startswith(f"sampling {model_dir} with ")]
+    assert len(used) == 2 and "a new vLLM engine" in used[0] and "the run's vLLM engine" in used[1]
+    assert json.loads(manifest.path("lm_eval").read_text())["backend"] == "vllm"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    metrics, _ = run_lm_eval(model_dir, None, cfg.model_copy(update={"sampling": SETTINGS}), hf)
+    assert {k: v for k, v in manifest.metrics.items() if "lm_eval" in k} == pytest.approx(metrics, abs=1e-6)
+
+    def responses(folder: Path) -> list:
+        with gzip.open(folder / "lm_eval_samples.jsonl.gz", "rt") as f:
+            return [(row["task"], row["doc_id"], row["filtered_resps"]) for row in map(json.loads, f)]
+
+    for (task, doc, ours), (_, _, theirs) in zip(responses(tmp_path / "eval"), responses(hf), strict=True):
+        if task == "posttrain_general_exact":
+            assert ours == theirs
+        else:  # each choice's log-likelihood and whether it is the greedy continuation
+            assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]
+            assert [float(lp) for lp, _ in ours] == pytest.approx([float(lp) for lp, _ in theirs], abs=1e-3)
 
 
 # vLLM's tensor and data parallelism

