@@ -32,17 +32,32 @@ def eval_suites(cfg: PipelineConfig) -> dict[str, DataSource]:
     return {suite: getattr(cfg.data, key) for suite, key in EVAL_SUITES.items() if getattr(cfg.data, key) is not None}
 
 
+def lm_eval_settings(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """What the lm-eval results depend on (None without lm-eval tasks): the tasks' settings; with
+    vLLM, that the sampling's engine answers the requests (lm-eval's own backends did before);
+    with the chat template applied, that it is the config's (`model.chat_template`, its kwargs),
+    where one is set (before, the tokenizer's own was used)."""
+    if cfg.evaluate.lm_eval is None:
+        return None
+    settings = cfg.evaluate.lm_eval.key_settings()
+    if cfg.sampling.chosen_backend() == "vllm":
+        settings["model"] = "the sampling's vLLM engine"
+    if cfg.evaluate.lm_eval.apply_chat_template and (cfg.model.chat_template is not None or cfg.model.chat_template_kwargs):
+        settings["chat_template"] = "the config's"
+    return settings
+
+
 def samples_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """What the completions, the answer entropies and the lm-eval results depend on."""
-    lm_eval = cfg.evaluate.lm_eval.key_settings(cfg.sampling.chosen_backend()) if cfg.evaluate.lm_eval else None
-    return {"sampling": cfg.sampling.key_settings(), "max_prompts": cfg.evaluate.max_prompts, "lm_eval": lm_eval,
-            **cfg.model.key_settings(training=False)}
+    return {"sampling": cfg.sampling.key_settings(), "max_prompts": cfg.evaluate.max_prompts,
+            "lm_eval": lm_eval_settings(cfg), **cfg.model.key_settings(training=False)}
 
 
 def settings(cfg: PipelineConfig) -> dict[str, Any]:
     suites = eval_suites(cfg)
     code = any(s.verifier == "code" for s in suites.values())
-    return {"sampling": cfg.sampling.key_settings(), "evaluate": cfg.evaluate.key_settings(code, cfg.sampling.chosen_backend()),
+    lm_eval = {"lm_eval": lm_eval_settings(cfg)} if cfg.evaluate.lm_eval else {}  # absent: keys made before it existed
+    return {"sampling": cfg.sampling.key_settings(), "evaluate": cfg.evaluate.key_settings(code) | lm_eval,
             "verifiers": {suite: source.verifier for suite, source in suites.items()},  # scoring only
             **cfg.model.key_settings(training=False)}
 
@@ -106,7 +121,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
     from pipeline.data.sources import EVAL_FIELDS, load_rows, scored_fields, write_jsonl
     from pipeline.evaluation.answer_entropy import answer_entropy_histograms
     from pipeline.evaluation.lm_eval_suite import lm_eval_metrics, lm_eval_retention, run_lm_eval
-    from pipeline.models.loading import rendered_prompts
+    from pipeline.models.loading import load_tokenizer, rendered_prompts
     from pipeline.reporting.plots import entropy_histogram
     from pipeline.sampling.sampler import sample
 
@@ -133,7 +148,7 @@ def run(cfg: PipelineConfig, out: Path, model: Path, baseline: Path | None = Non
         metrics |= suite_metrics(suite, scored, cfg.evaluate.ks)
     if cfg.evaluate.lm_eval is not None:  # with vLLM, on the sampling's engine: before this process takes GPU memory
         if samples is None:
-            scores, lm_eval = run_lm_eval(model, cfg.model.tokenizer, cfg, out)
+            scores, lm_eval = run_lm_eval(model, load_tokenizer(model, cfg.model), cfg, out)
         else:
             for name in LM_EVAL_FILES:
                 shutil.copy2(samples / name, out / name)

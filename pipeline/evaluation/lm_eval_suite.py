@@ -20,11 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config.schema import ConfigError, LmEvalConfig, PipelineConfig, SamplingConfig
+from pipeline.config.schema import ConfigError, LmEvalConfig, PipelineConfig
 from pipeline.data.hub import dataset_cached, hub_reachable
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedTokenizerBase
 
 PREFIX = "general/lm_eval"
 SHIPPED = ("posttrain_general_exact", "posttrain_general_choice")  # they read data.general_eval
@@ -139,39 +140,35 @@ def unavailable_data(task: dict) -> str | None:
     return None if dataset_cached(path) or hub_reachable() else f"the hub data set {path}"
 
 
-def hf_model_args(model: Path, tokenizer: str | Path | None, trust_remote_code: bool = False) -> dict[str, Any]:
-    """lm-eval's HF backend's arguments, where the sampling is transformers `generate`."""
-    import torch
-
-    return {"pretrained": str(model), "tokenizer": str(tokenizer or model), "dtype": "auto",
-            "trust_remote_code": trust_remote_code, "device": "cuda" if torch.cuda.is_available() else "cpu"}
-
-
 @contextmanager
-def lm_eval_model(model: Path, tokenizer: str | Path | None, sampling: SamplingConfig,
-                  trust_remote_code: bool = False) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+def lm_eval_model(model: Path, tokenizer: PreTrainedTokenizerBase, cfg: PipelineConfig) -> Iterator[tuple[str, Any, dict]]:
     """The model lm-eval evaluates, as simple_evaluate takes it (a backend's name with its
     arguments, or a model object), named: the sampling's vLLM engine (`EngineLM`) where
-    `sampling.backend` is vllm, else lm-eval's HF backend."""
+    `sampling.backend` is vllm, else lm-eval's HF backend. `tokenizer`: the model's, with the
+    config's chat template; the template's variables are `model.chat_template_kwargs`."""
+    sampling, options = cfg.sampling, cfg.model
     if sampling.chosen_backend() != "vllm":
-        yield "hf", "hf", hf_model_args(model, tokenizer, trust_remote_code)
-        return
-    from transformers import AutoTokenizer
+        import torch
 
+        yield "hf", "hf", {"pretrained": str(model), "tokenizer": tokenizer, "dtype": "auto",
+                           "trust_remote_code": options.trust_remote_code,
+                           "device": "cuda" if torch.cuda.is_available() else "cpu",
+                           "chat_template_args": options.chat_template_kwargs}
+        return
     from pipeline.evaluation.lm_eval_engine import EngineLM
     from pipeline.sampling.sampler import engine_session
 
     # One engine: data-parallel ranks are for the sampling's many completions.
     engine = sampling.resolved().model_copy(update={"data_parallel_size": 1})
-    tokens = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
-    with engine_session(model, engine, tokenizer, trust_remote_code) as call:
-        yield "vllm", EngineLM(call, tokens, sampling.seed), {}
+    with engine_session(model, engine, options.tokenizer, options.trust_remote_code) as call:
+        yield "vllm", EngineLM(call, tokenizer, sampling.seed, options.chat_template_kwargs), {}
 
 
-def run_lm_eval(model: Path, tokenizer: str | Path | None, cfg: PipelineConfig, out: Path) -> tuple[dict[str, float], dict]:
-    """Run the config's lm-eval tasks on the model; its metrics, and what to record in the
-    manifest folder (`lm_eval.json`: lm-eval's results; `lm_eval_samples.jsonl.gz`: every request
-    and response)."""
+def run_lm_eval(model: Path, tokenizer: PreTrainedTokenizerBase, cfg: PipelineConfig,
+                out: Path) -> tuple[dict[str, float], dict]:
+    """Run the config's lm-eval tasks on the model (`tokenizer`: its own, with the config's chat
+    template); its metrics, and what to record in the manifest folder (`lm_eval.json`: lm-eval's
+    results; `lm_eval_samples.jsonl.gz`: every request and response)."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
@@ -191,7 +188,7 @@ def run_lm_eval(model: Path, tokenizer: str | Path | None, cfg: PipelineConfig, 
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         tasks += [top] if top is not None else list(loaded["tasks"].values())
         members[name] = list(loaded["tasks"])  # the tasks a group or tag stands for
-    with lm_eval_model(model, tokenizer, cfg.sampling, cfg.model.trust_remote_code) as (backend, lm, args):
+    with lm_eval_model(model, tokenizer, cfg) as (backend, lm, args):
         results = simple_evaluate(model=lm, model_args=args, tasks=tasks, task_manager=manager,
                                   batch_size=settings.batch_size, limit=settings.limit, log_samples=True,
                                   apply_chat_template=settings.apply_chat_template)

@@ -337,14 +337,17 @@ def warm_session(address: str, model_dir: Path, settings: SamplingConfig, tokeni
         return answer()
 
     with connection:
-        connection.send({"model_dir": str(model_dir), "tokenizer_dir": tokenizer_dir and str(tokenizer_dir),
-                         "trust_remote_code": trust_remote_code, "settings": settings.model_dump(mode="json"),
-                         "stage": os.environ.get(STAGE_ENV, "posttrain"),
-                         "client": os.environ.get(SAMPLER_CLIENT_ENV, "")})
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd in (1, 2):
-            send_handle(connection, fd, 0)  # over a Unix socket: the process is not needed
+        try:
+            connection.send({"model_dir": str(model_dir), "tokenizer_dir": tokenizer_dir and str(tokenizer_dir),
+                             "trust_remote_code": trust_remote_code, "settings": settings.model_dump(mode="json"),
+                             "stage": os.environ.get(STAGE_ENV, "posttrain"),
+                             "client": os.environ.get(SAMPLER_CLIENT_ENV, "")})
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd in (1, 2):
+                send_handle(connection, fd, 0)  # over a Unix socket: the process is not needed
+        except OSError as error:
+            raise TransientError(f"{where} ended before it answered (its output is the run's own)") from error
         answer()  # the model is loaded (or the error why not)
         yield exchange
         exchange("end")
@@ -460,6 +463,14 @@ def generate_vllm(llm: LLM, prompts: list[Prompt], settings: SamplingConfig,
     return [[c.text for c in out.outputs] for out in outputs]
 
 
+class BadRequest(ValueError):
+    """An engine call's arguments that the engine cannot take: the caller's fault, not the
+    engine's (the warm engine is kept for the next stage)."""
+
+
+SCORED_AT_ONCE = 1024  # prompts per engine call: each prompt token's log-probs are kept until its batch is summed
+
+
 def score_continuations(llm: LLM, settings: SamplingConfig, prompts: list[list[int]],
                         context_lengths: list[int]) -> list[tuple[float, bool]]:
     """Log-likelihood requests (lm-eval's): for each token prompt, the log-probability of its
@@ -468,7 +479,9 @@ def score_continuations(llm: LLM, settings: SamplingConfig, prompts: list[list[i
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=stage_bar)
+    outputs = (out for start in range(0, len(prompts), SCORED_AT_ONCE)
+               for out in llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[start:start + SCORED_AT_ONCE]],
+                                       params, use_tqdm=stage_bar))
     scores = []
     for tokens, start, out in zip(prompts, context_lengths, outputs, strict=True):
         # Each position's dict holds the most likely token and the prompt's own.
@@ -484,8 +497,11 @@ def complete_prompts(llm: LLM, settings: SamplingConfig, prompts: list[list[int]
     generation requests: their stop strings, lengths and temperatures)."""
     from vllm import SamplingParams, TokensPrompt
 
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                           [SamplingParams(**p) for p in params], use_tqdm=stage_bar)
+    try:
+        sampling = [SamplingParams(**p) for p in params]
+    except (TypeError, ValueError) as error:  # a task's generation setting vLLM does not have, or a bad value
+        raise BadRequest(f"vLLM takes no such generation settings: {error}") from error
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=stage_bar)
     return [out.outputs[0].text for out in outputs]
 
 

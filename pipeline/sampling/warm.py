@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config.schema import SamplingConfig
 from pipeline.runtime.progress import STAGE_ENV
 from pipeline.runtime.process import stop_process
-from pipeline.sampling.sampler import (ENGINE_CALLS, SAMPLER_CLIENT_ENV, SAMPLER_ENV, shutdown_engine, start_engine,
-                                      vllm_engine_args)
+from pipeline.sampling.sampler import (ENGINE_CALLS, SAMPLER_CLIENT_ENV, SAMPLER_ENV, BadRequest, shutdown_engine,
+                                      start_engine, vllm_engine_args)
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -182,13 +182,6 @@ def serve_session(connection: Connection, request: dict[str, Any], engine: WarmE
     """The request's model loaded into the engine, then the stage's calls (`ENGINE_CALLS`)
     answered one by one until it says "end": each reply the result, or the error that ends the
     session. The last reply (the end's, or an error's) is sent once the engine rests."""
-
-    def receive() -> Any:
-        try:
-            return connection.recv()
-        except (EOFError, OSError) as error:
-            raise StageGone from error
-
     output: list[int] = []
     engine_used = False
     reply: tuple | None = None
@@ -214,17 +207,19 @@ def serve_session(connection: Connection, request: dict[str, Any], engine: WarmE
             while True:
                 try:
                     connection.send(("ok", result))
-                except OSError as error:
+                    name, args = connection.recv()
+                except (EOFError, OSError) as error:
                     raise StageGone from error
-                name, args = receive()
                 if name == "end":
                     break
+                if name not in ENGINE_CALLS:
+                    raise BadRequest(f"no engine call {name!r}")
                 result = ENGINE_CALLS[name](engine.llm, settings, *args)
         reply = ("ok", None)
     except StageGone:
         pass
     except Exception as error:
-        if engine_used:
+        if engine_used and not isinstance(error, BadRequest):
             engine.close()  # an engine that failed in a request is not trusted with the next
         reply = ("error", type(error).__name__, str(error), traceback.format_exc())
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 from pydantic import ValidationError
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from pipeline.config.schema import ConfigError, DemoConfig, PipelineConfig, SamplingConfig, load_config
 from pipeline.data.sources import read_jsonl, write_jsonl
@@ -25,6 +25,7 @@ from pipeline.sampling.engines import CPU_BIND_ENV, DP_ENV, DeviceSlice, cpu_sli
 from pipeline.sampling import warm
 from pipeline.sampling.sampler import (
     ENGINE_CALLS,
+    BadRequest,
     SAMPLER_CLIENT_ENV,
     SAMPLER_ENV,
     generate_hf,
@@ -388,18 +389,21 @@ def test_the_sampler_names_the_stage_it_answers_and_is_stopped_for_that_stage_al
 
 
 def test_a_session_answers_its_calls_in_turn_and_rests_the_engine_before_its_last_reply(tmp_path, monkeypatch):
-    """A stage's session: the model loaded, then each call answered until the stage ends it; a
-    call that fails ends it too, and the engine it failed in is closed."""
-    import multiprocessing
+    """A stage's session with the sampler: the model loaded, then each call answered until the
+    stage ends it. A call that fails ends it and closes the engine it failed in; a bad request
+    does not close it; an engine that did not start stays a transient error."""
     import threading
-    from multiprocessing.reduction import send_handle
+    from multiprocessing.connection import Listener
 
     events: list[str] = []
 
     class Engine:
         llm = "the engine"
+        starts = True
 
         def ready_for(self, *args):
+            if not self.starts:
+                raise TransientError("the vLLM engine did not start: no memory")
             events.append("loaded")
             return "a test engine"
 
@@ -409,35 +413,40 @@ def test_a_session_answers_its_calls_in_turn_and_rests_the_engine_before_its_las
         def rest(self):
             events.append("rests")
 
+    def bad_request(llm, settings):
+        raise BadRequest("vLLM takes no such generation settings: num_beams")
+
     monkeypatch.setattr(warm, "engine_identity", lambda *args: "id")
     monkeypatch.setitem(warm.ENGINE_CALLS, "double", lambda llm, settings, x: (llm, 2 * x))
     monkeypatch.setitem(warm.ENGINE_CALLS, "fail", lambda llm, settings: 1 / 0)
-    request = {"client": "c", "settings": VLLM_SETTINGS.model_dump(mode="json"), "model_dir": "m",
-               "tokenizer_dir": None, "trust_remote_code": False, "stage": "evaluate"}
+    monkeypatch.setitem(warm.ENGINE_CALLS, "bad", bad_request)
+    engine, address = Engine(), str(tmp_path / "socket")
+    with Listener(address, family="AF_UNIX") as listener:
+        def serve(sessions: int) -> None:
+            for _ in range(sessions):
+                with listener.accept() as connection:
+                    warm.answer(connection, engine, {}, tmp_path / warm.SERVING)
 
-    def session(*calls: tuple) -> list:
-        """The replies to a stage's session that makes these calls, as the sampler answers them."""
-        sampler_end, stage_end = multiprocessing.Pipe()
-        server = threading.Thread(target=warm.answer, args=(sampler_end, Engine(), {}, tmp_path / warm.SERVING))
+        server = threading.Thread(target=serve, args=(4,), daemon=True)
         server.start()
-        stage_end.send(request)
-        with open(os.devnull, "w") as f:
-            for _ in range(2):  # the stage's stdout and stderr
-                send_handle(stage_end, f.fileno(), 0)
-        replies = [stage_end.recv()]
-        for call in calls:
-            stage_end.send(call)
-            replies.append(stage_end.recv())
-            events.append("reply")
+        with warm_session(address, Path("m"), VLLM_SETTINGS) as call:
+            assert call("double", 21) == ("the engine", 42) and call("double", 1) == ("the engine", 2)
+            events.append("replied")
+        assert events == ["loaded", "replied", "rests"]  # at rest when the end's reply came
+        with pytest.raises(RuntimeError, match=r"sampler .*: ZeroDivisionError: division by zero"):
+            with warm_session(address, Path("m"), VLLM_SETTINGS) as call:
+                call("fail")
+        assert events[3:] == ["loaded", "closed", "rests"]
+        with pytest.raises(RuntimeError, match="BadRequest: vLLM takes no such generation settings"):
+            with warm_session(address, Path("m"), VLLM_SETTINGS) as call:
+                call("bad")
+        assert events[6:] == ["loaded", "rests"]  # kept
+        engine.starts = False
+        with pytest.raises(TransientError, match="did not start: no memory"):  # the flow retries the stage
+            with warm_session(address, Path("m"), VLLM_SETTINGS):
+                pass
         server.join(timeout=30)
-        return replies
-
-    assert session(("double", (21,)), ("double", (1,)), ("end", ())) == [
-        ("ok", None), ("ok", ("the engine", 42)), ("ok", ("the engine", 2)), ("ok", None)]
-    assert events == ["loaded", "reply", "reply", "rests", "reply"]  # rested before the end's reply
-    ready, failed = session(("fail", ()))
-    assert ready == ("ok", None) and failed[:3] == ("error", "ZeroDivisionError", "division by zero")
-    assert events[5:] == ["loaded", "closed", "rests", "reply"]
+    assert not server.is_alive()
 
 
 def test_a_model_of_other_architecture_tokenizer_or_engine_settings_gets_a_new_engine(model_dir, tmp_path):
@@ -501,7 +510,6 @@ def test_only_stages_sampling_with_one_vllm_engine_get_the_warm_engine(monkeypat
 def test_lm_evals_requests_on_the_engine_score_and_generate_as_its_hf_backend_does(model_dir, vllm_llm):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
 
     from pipeline.evaluation.lm_eval_engine import EngineLM
 
@@ -532,7 +540,8 @@ def test_lm_evals_requests_on_the_engine_score_and_generate_as_its_hf_backend_do
     texts = requests("loglikelihood_rolling", [("12+3=15\n2*4=8",), ("1+1=2",)])
     assert engine.loglikelihood_rolling(texts) == pytest.approx(hf.loglikelihood_rolling(texts), abs=1e-3)
     # A sampled generation has its own seed: the same text whatever the engine sampled before.
-    sampled = requests("generate_until", [("12+3=", {"do_sample": True, "temperature": 1.0, "max_gen_toks": 8})] * 3)
+    sampled = requests("generate_until", [("12+3=", {"do_sample": True, "temperature": 1.0, "max_gen_toks": 8})] * 3
+                       + [("12+3=", {"do_sample": True, "max_gen_toks": 8})] * 2)  # at vLLM's temperature, 1
     first = engine.generate_until(sampled)
     generate_vllm(vllm_llm, PROMPTS, SETTINGS)
     assert engine.generate_until(sampled) == first and len(set(first)) > 1
@@ -569,7 +578,8 @@ def test_an_evaluation_sends_lm_evals_requests_to_the_runs_warm_engine(model_dir
     assert json.loads(manifest.path("lm_eval").read_text())["backend"] == "vllm"
     hf = tmp_path / "hf"
     hf.mkdir()
-    metrics, _ = run_lm_eval(model_dir, None, cfg.model_copy(update={"sampling": SETTINGS}), hf)
+    metrics, _ = run_lm_eval(model_dir, AutoTokenizer.from_pretrained(model_dir), cfg.model_copy(update={"sampling": SETTINGS}),
+                             hf)
     assert {k: v for k, v in manifest.metrics.items() if "lm_eval" in k} == pytest.approx(metrics, abs=1e-6)
 
     def responses(folder: Path) -> list:

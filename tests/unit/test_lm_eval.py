@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from pipeline.config.schema import ConfigError, EvaluateConfig, LmEvalConfig, parse_config
 from pipeline.data import hub
@@ -60,28 +61,26 @@ def test_bad_lm_eval_settings_name_the_key(lm_eval, error):
 
 def test_the_key_holds_the_tasks_their_settings_and_the_task_files(tmp_path):
     # Without lm_eval the key settings are what they were before it existed: old results keep their keys.
-    assert "lm_eval" not in EvaluateConfig().key_settings(code=False, backend="hf")
+    assert "lm_eval" not in EvaluateConfig().key_settings(code=False)
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / "mine.yaml").write_text("task: mine\n")
     (folder / "__pycache__").mkdir()
     settings = LmEvalConfig(tasks=["mine"], include_path=[str(folder)])
-    key = settings.key_settings("hf")
+    key = settings.key_settings()
     assert key["version"] == "0.4.13" and key["tasks"] == [{"task": "mine", "num_fewshot": None, "metric": None}]
-    assert settings.model_copy(update={"batch_size": 1}).key_settings("hf") == key  # batching is how, not what
+    assert settings.model_copy(update={"batch_size": 1}).key_settings() == key  # batching is how, not what
     (folder / "__pycache__" / "x.pyc").write_bytes(b"compiled")  # written by importing a task's module
-    assert settings.key_settings("hf") == key
-    # With vLLM the sampling's engine answers lm-eval's requests: results of lm-eval's own backends are others.
-    assert settings.key_settings("vllm") == {**key, "model": "the sampling's vLLM engine"}
+    assert settings.key_settings() == key
     (folder / "mine.yaml").write_text("task: mine\nnum_fewshot: 1\n")
-    assert settings.key_settings("hf")["files"] != key["files"]
-    assert LmEvalConfig(tasks=["mine"], include_path=[str(folder)], limit=3).key_settings("hf")["limit"] == 3
+    assert settings.key_settings()["files"] != key["files"]
+    assert LmEvalConfig(tasks=["mine"], include_path=[str(folder)], limit=3).key_settings()["limit"] == 3
 
 
 def test_the_shipped_tasks_files_keep_the_digest_that_existing_results_are_keyed_by():
     """Their bytes are in every evaluate key that scores them: an edit (or a moved import in
     suites.py) makes every such result stale. Change this digest only on purpose."""
-    key = LmEvalConfig(tasks=["posttrain_general_exact", "posttrain_general_choice"]).key_settings("hf")
+    key = LmEvalConfig(tasks=["posttrain_general_exact", "posttrain_general_choice"]).key_settings()
     assert key["files"] == "8a26f5f94f542987deea68f36477e4ddcc32487e7f953b3ec8c9717a05f61241"
 
 
@@ -258,32 +257,69 @@ def test_the_shipped_tasks_alone_are_checked_without_building_lm_evals_task_inde
         check_lm_eval(real_model_config(tmp_path, {"tasks": ["posttrain_general_exact", "mmlu"]}), general_chats=False)
 
 
+def test_the_evaluate_key_names_the_engine_with_vllm_and_a_configured_chat_template():
+    """lm-eval's results were made by lm-eval's own backends before, and with the tokenizer's own
+    template: where that changed, so does the key; elsewhere (the demo's) the key is as it was."""
+    from stages import evaluate
+
+    cfg = parse_config({"name": "t", "evaluate": {"lm_eval": {"tasks": ["posttrain_general_exact"]}}})
+    plain = evaluate.lm_eval_settings(cfg)
+    assert plain == cfg.evaluate.lm_eval.key_settings()
+    assert evaluate.settings(cfg)["evaluate"]["lm_eval"] == evaluate.samples_settings(cfg)["lm_eval"] == plain
+    vllm = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"backend": "vllm"})})
+    assert evaluate.lm_eval_settings(vllm) == {**plain, "model": "the sampling's vLLM engine"}
+    templated = parse_config({"name": "t", "model": {"chat_template_kwargs": {"enable_thinking": False}},
+                              "evaluate": {"lm_eval": {"tasks": ["posttrain_general_exact"]}}})
+    assert evaluate.lm_eval_settings(templated) == plain  # the template is not applied: no matter
+    applied = templated.model_copy(update={"evaluate": templated.evaluate.model_copy(update={
+        "lm_eval": templated.evaluate.lm_eval.model_copy(update={"apply_chat_template": True})})})
+    assert evaluate.lm_eval_settings(applied)["chat_template"] == "the config's"
+
+
 def test_the_model_follows_sampling_vllm_on_one_engine_of_the_sampling_else_lm_evals_hf(tmp_path, monkeypatch):
     from contextlib import contextmanager
 
     from pipeline.evaluation.lm_eval_engine import EngineLM
     from pipeline.sampling import sampler
 
-    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"], "batch_size": 7})
-    with lm_eval_model(tmp_path / "model", "tok", cfg.sampling) as (backend, lm, args):  # sampling.backend hf
+    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"]})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tokenizer": "tok",
+                                                                       "chat_template_kwargs": {"x": 1}})})
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    with lm_eval_model(tmp_path / "model", tokenizer, cfg) as (backend, lm, args):  # sampling.backend hf
         assert (backend, lm) == ("hf", "hf") and args["pretrained"] == str(tmp_path / "model")
-        assert args["tokenizer"] == "tok" and args["device"] == "cpu"
+        assert args["tokenizer"] is tokenizer and args["device"] == "cpu" and args["chat_template_args"] == {"x": 1}
     sessions = []
 
     @contextmanager
-    def session(model, settings, tokenizer, trust):
-        sessions.append((model, settings, tokenizer))
+    def session(model, settings, tokenizer_dir, trust):
+        sessions.append((model, settings, tokenizer_dir))
         yield lambda name, *args: {"context_length": 320}[name]
 
     monkeypatch.setattr(sampler, "engine_session", session)
     vllm = cfg.sampling.model_copy(update={"backend": "vllm", "seed": 5, "data_parallel_size": 2})
-    with lm_eval_model(tmp_path / "model", None, vllm) as (backend, lm, args):
+    with lm_eval_model(tmp_path / "model", tokenizer, cfg.model_copy(update={"sampling": vllm})) as (backend, lm, args):
         assert backend == "vllm" and isinstance(lm, EngineLM) and args == {}
-        assert lm.max_length == 320 and lm.seed == 5 and lm.tokenizer.name_or_path == str(tmp_path / "model")
-    [(model, settings, tokenizer)] = sessions
+        assert lm.max_length == 320 and lm.seed == 5 and lm.tokenizer is tokenizer
+        assert lm.chat_template_args == {"x": 1}
+    [(model, settings, tokenizer_dir)] = sessions
     # One engine, the sampling's (data-parallel ranks are the sampling's): the warm one where there is one.
-    assert model == tmp_path / "model" and tokenizer is None
+    assert model == tmp_path / "model" and tokenizer_dir == "tok"
     assert settings == vllm.model_copy(update={"data_parallel_size": 1})
+
+
+def test_a_chat_template_without_a_system_role_renders_the_chat_without_it(tmp_path):
+    """As lm-eval's backends do: a task's description is a system message, which some templates refuse."""
+    from pipeline.evaluation.lm_eval_engine import EngineLM
+
+    real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"]})
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                               "{% endif %}{{ m['role'] }}: {{ m['content'] }}|{% endfor %}{{ suffix }}")
+    lm = EngineLM(lambda name: 64, tokenizer, seed=0, chat_template_args={"suffix": "go"})
+    chat = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "1+1="}]
+    assert lm.apply_chat_template(chat) == "user: 1+1=|go"
+    assert lm.apply_chat_template(chat[1:]) == "user: 1+1=|go"
 
 
 def test_the_shipped_tasks_run_on_a_model_by_generation_and_by_log_likelihood(tmp_path):
@@ -292,7 +328,7 @@ def test_the_shipped_tasks_run_on_a_model_by_generation_and_by_log_likelihood(tm
     check_lm_eval(cfg, general_chats=False)
     out = tmp_path / "out"
     out.mkdir()
-    metrics, record = run_lm_eval(tmp_path / "model", None, cfg, out)
+    metrics, record = run_lm_eval(tmp_path / "model", AutoTokenizer.from_pretrained(tmp_path / "model"), cfg, out)
     assert record["backend"] == "hf" and record["n-shot"] == {"posttrain_general_exact": 0, "posttrain_general_choice": 0}
     assert record["primary"] == {"posttrain_general_exact": {"posttrain_general_exact":
                                                              "general/lm_eval/posttrain_general_exact/exact_match"},
