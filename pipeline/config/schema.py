@@ -546,8 +546,9 @@ class LmEvalConfig(Section):
     limit: int | float | None = Field(
         None, gt=0, description="documents per task (a number, or a share below 1); null: all")
     batch_size: int = Field(32, gt=0, description="requests per batch (lm-eval's HF backend; sampling.batch_size is the sampler's)")
-    apply_chat_template: bool = Field(False, description="prompts through the tokenizer's chat template, as "
-                                      "lm-eval's --apply_chat_template")
+    apply_chat_template: bool = Field(False, description="prompts through the model's chat template "
+                                      "(model.chat_template and chat_template_kwargs where set), as lm-eval's "
+                                      "--apply_chat_template")
 
     @field_validator("tasks")
     @classmethod

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 MAX_GEN_TOKS = 256  # lm-eval's default for a task that sets none
+SCORED_AT_ONCE = 1024  # log-likelihood requests per engine call
 
 
 class EngineLM(TemplateLM):
@@ -80,9 +81,14 @@ class EngineLM(TemplateLM):
         room = self.max_length - 1  # vLLM makes at least one token after the prompt
         prompts, starts = [], []
         for _, context, continuation in requests:
+            if len(continuation) >= room:  # lm-eval's backends would fail on it less clearly
+                raise ValueError(f"an lm-eval request's continuation of {len(continuation)} tokens leaves no room "
+                                 f"for its context in the model's {self.max_length} (sampling.max_model_len)")
             prompts.append((context + continuation)[-room:])  # the context's start cut where too long
             starts.append(len(context) - max(0, len(context) + len(continuation) - room))
-        scores = self.call("score", prompts, starts)
+        # In parts, so that neither the message to the engine nor the log-probs it holds grow with the task.
+        scores = [score for i in range(0, len(prompts), SCORED_AT_ONCE)
+                  for score in self.call("score", prompts[i:i + SCORED_AT_ONCE], starts[i:i + SCORED_AT_ONCE])]
         for (key, _, _), score in zip(requests, scores, strict=True):
             if key is not None:  # a rolling window's: cached per document by loglikelihood_rolling
                 self.cache_hook.add_partial("loglikelihood", key, score)

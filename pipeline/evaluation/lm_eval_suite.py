@@ -24,6 +24,7 @@ from pipeline.config.schema import ConfigError, LmEvalConfig, PipelineConfig
 from pipeline.data.hub import dataset_cached, hub_reachable
 
 if TYPE_CHECKING:
+    from lm_eval.api.model import LM
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedTokenizerBase
 
@@ -141,19 +142,19 @@ def unavailable_data(task: dict) -> str | None:
 
 
 @contextmanager
-def lm_eval_model(model: Path, tokenizer: PreTrainedTokenizerBase, cfg: PipelineConfig) -> Iterator[tuple[str, Any, dict]]:
-    """The model lm-eval evaluates, as simple_evaluate takes it (a backend's name with its
-    arguments, or a model object), named: the sampling's vLLM engine (`EngineLM`) where
-    `sampling.backend` is vllm, else lm-eval's HF backend. `tokenizer`: the model's, with the
+def lm_eval_model(model: Path, tokenizer: PreTrainedTokenizerBase, cfg: PipelineConfig) -> Iterator[tuple[str, LM]]:
+    """The model lm-eval evaluates, named by its backend: the sampling's vLLM engine (`EngineLM`)
+    where `sampling.backend` is vllm, else lm-eval's HF backend. `tokenizer`: the model's, with the
     config's chat template; the template's variables are `model.chat_template_kwargs`."""
     sampling, options = cfg.sampling, cfg.model
     if sampling.chosen_backend() != "vllm":
         import torch
+        from lm_eval.models.huggingface import HFLM
 
-        yield "hf", "hf", {"pretrained": str(model), "tokenizer": tokenizer, "dtype": "auto",
-                           "trust_remote_code": options.trust_remote_code,
-                           "device": "cuda" if torch.cuda.is_available() else "cpu",
-                           "chat_template_args": options.chat_template_kwargs}
+        yield "hf", HFLM(pretrained=str(model), tokenizer=tokenizer, dtype="auto",
+                         trust_remote_code=options.trust_remote_code, batch_size=cfg.evaluate.lm_eval.batch_size,
+                         device="cuda" if torch.cuda.is_available() else "cpu",
+                         chat_template_args=options.chat_template_kwargs)
         return
     from pipeline.evaluation.lm_eval_engine import EngineLM
     from pipeline.sampling.sampler import engine_session
@@ -161,7 +162,7 @@ def lm_eval_model(model: Path, tokenizer: PreTrainedTokenizerBase, cfg: Pipeline
     # One engine: data-parallel ranks are for the sampling's many completions.
     engine = sampling.resolved().model_copy(update={"data_parallel_size": 1})
     with engine_session(model, engine, options.tokenizer, options.trust_remote_code) as call:
-        yield "vllm", EngineLM(call, tokenizer, sampling.seed, options.chat_template_kwargs), {}
+        yield "vllm", EngineLM(call, tokenizer, sampling.seed, options.chat_template_kwargs)
 
 
 def run_lm_eval(model: Path, tokenizer: PreTrainedTokenizerBase, cfg: PipelineConfig,
@@ -188,9 +189,8 @@ def run_lm_eval(model: Path, tokenizer: PreTrainedTokenizerBase, cfg: PipelineCo
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         tasks += [top] if top is not None else list(loaded["tasks"].values())
         members[name] = list(loaded["tasks"])  # the tasks a group or tag stands for
-    with lm_eval_model(model, tokenizer, cfg) as (backend, lm, args):
-        results = simple_evaluate(model=lm, model_args=args, tasks=tasks, task_manager=manager,
-                                  batch_size=settings.batch_size, limit=settings.limit, log_samples=True,
+    with lm_eval_model(model, tokenizer, cfg) as (backend, lm):
+        results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=settings.limit, log_samples=True,
                                   apply_chat_template=settings.apply_chat_template)
     write_samples(out / "lm_eval_samples.jsonl.gz", results.pop("samples"))
     record = {"backend": backend, "members": members,

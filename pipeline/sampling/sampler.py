@@ -468,20 +468,29 @@ class BadRequest(ValueError):
     engine's (the warm engine is kept for the next stage)."""
 
 
-SCORED_AT_ONCE = 1024  # prompts per engine call: each prompt token's log-probs are kept until its batch is summed
+@contextmanager
+def refusals_as_bad_requests() -> Iterator[None]:
+    """vLLM's refusal of a request (its settings or prompt, checked before anything runs) as the
+    caller's error."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        yield
+    except VLLMClientError as error:
+        raise BadRequest(str(error)) from error
 
 
 def score_continuations(llm: LLM, settings: SamplingConfig, prompts: list[list[int]],
                         context_lengths: list[int]) -> list[tuple[float, bool]]:
     """Log-likelihood requests (lm-eval's): for each token prompt, the log-probability of its
-    tokens after the first `context_length`, and whether each of them is the most likely one.
-    Summed here, in the engine's process: the per-token log-probs would be far more to send back."""
+    tokens after the first `context_length` (at least 1), and whether each of them is the most
+    likely one. Summed here, in the engine's process: the per-token log-probs would be far more
+    to send back."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False)
-    outputs = (out for start in range(0, len(prompts), SCORED_AT_ONCE)
-               for out in llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[start:start + SCORED_AT_ONCE]],
-                                       params, use_tqdm=stage_bar))
+    with refusals_as_bad_requests():
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=stage_bar)
     scores = []
     for tokens, start, out in zip(prompts, context_lengths, outputs, strict=True):
         # Each position's dict holds the most likely token and the prompt's own.
@@ -499,9 +508,10 @@ def complete_prompts(llm: LLM, settings: SamplingConfig, prompts: list[list[int]
 
     try:
         sampling = [SamplingParams(**p) for p in params]
-    except (TypeError, ValueError) as error:  # a task's generation setting vLLM does not have, or a bad value
+    except Exception as error:  # a setting vLLM does not have, or a value it refuses; no engine state touched
         raise BadRequest(f"vLLM takes no such generation settings: {error}") from error
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=stage_bar)
+    with refusals_as_bad_requests():
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=stage_bar)
     return [out.outputs[0].text for out in outputs]
 
 

@@ -26,6 +26,7 @@ from pipeline.sampling import warm
 from pipeline.sampling.sampler import (
     ENGINE_CALLS,
     BadRequest,
+    complete_prompts,
     SAMPLER_CLIENT_ENV,
     SAMPLER_ENV,
     generate_hf,
@@ -548,6 +549,21 @@ def test_lm_evals_requests_on_the_engine_score_and_generate_as_its_hf_backend_do
     assert calls == ["context_length", "complete", "score", "score", "complete", "complete"]
 
 
+@pytest.mark.parametrize("params", [{"num_beams": 2}, {"temperature": -1.0}, {"max_tokens": 0}])
+def test_generation_settings_vllm_refuses_are_the_callers_error_not_the_engines(params):
+    pytest.importorskip("vllm")
+    with pytest.raises(BadRequest, match="vLLM takes no such generation settings"):
+        complete_prompts(None, VLLM_SETTINGS, [[1, 2]], [params])
+
+
+def test_a_continuation_longer_than_the_context_is_refused_by_name(model_dir):
+    from pipeline.evaluation.lm_eval_engine import EngineLM
+
+    engine = EngineLM(lambda name, *args: 16, AutoTokenizer.from_pretrained(model_dir), seed=0)
+    with pytest.raises(ValueError, match="continuation of 15 tokens leaves no room for its context in the model's 16"):
+        engine._loglikelihood_tokens([(("1+", "2" * 15), [5, 6], [7] * 15)])
+
+
 def test_an_evaluation_sends_lm_evals_requests_to_the_runs_warm_engine(model_dir, tmp_path, monkeypatch):
     """The sampling and lm-eval's tasks on one engine, the run's: lm-eval's requests answered as
     its HF backend answers them."""
@@ -578,8 +594,8 @@ def test_an_evaluation_sends_lm_evals_requests_to_the_runs_warm_engine(model_dir
     assert json.loads(manifest.path("lm_eval").read_text())["backend"] == "vllm"
     hf = tmp_path / "hf"
     hf.mkdir()
-    metrics, _ = run_lm_eval(model_dir, AutoTokenizer.from_pretrained(model_dir), cfg.model_copy(update={"sampling": SETTINGS}),
-                             hf)
+    with_hf = cfg.model_copy(update={"sampling": SETTINGS})
+    metrics, _ = run_lm_eval(model_dir, AutoTokenizer.from_pretrained(model_dir), with_hf, hf)
     assert {k: v for k, v in manifest.metrics.items() if "lm_eval" in k} == pytest.approx(metrics, abs=1e-6)
 
     def responses(folder: Path) -> list:

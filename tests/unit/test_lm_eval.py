@@ -282,13 +282,15 @@ def test_the_model_follows_sampling_vllm_on_one_engine_of_the_sampling_else_lm_e
     from pipeline.evaluation.lm_eval_engine import EngineLM
     from pipeline.sampling import sampler
 
-    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"]})
+    from lm_eval.models.huggingface import HFLM
+
+    cfg = real_model_config(tmp_path, {"tasks": ["posttrain_general_exact"], "batch_size": 7})
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tokenizer": "tok",
                                                                        "chat_template_kwargs": {"x": 1}})})
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
-    with lm_eval_model(tmp_path / "model", tokenizer, cfg) as (backend, lm, args):  # sampling.backend hf
-        assert (backend, lm) == ("hf", "hf") and args["pretrained"] == str(tmp_path / "model")
-        assert args["tokenizer"] is tokenizer and args["device"] == "cpu" and args["chat_template_args"] == {"x": 1}
+    with lm_eval_model(tmp_path / "model", tokenizer, cfg) as (backend, lm):  # sampling.backend hf
+        assert backend == "hf" and isinstance(lm, HFLM) and lm.tokenizer is tokenizer and lm.batch_size == 7
+        assert lm.chat_template_args == {"x": 1} and str(lm.device) == "cpu"
     sessions = []
 
     @contextmanager
@@ -298,8 +300,8 @@ def test_the_model_follows_sampling_vllm_on_one_engine_of_the_sampling_else_lm_e
 
     monkeypatch.setattr(sampler, "engine_session", session)
     vllm = cfg.sampling.model_copy(update={"backend": "vllm", "seed": 5, "data_parallel_size": 2})
-    with lm_eval_model(tmp_path / "model", tokenizer, cfg.model_copy(update={"sampling": vllm})) as (backend, lm, args):
-        assert backend == "vllm" and isinstance(lm, EngineLM) and args == {}
+    with lm_eval_model(tmp_path / "model", tokenizer, cfg.model_copy(update={"sampling": vllm})) as (backend, lm):
+        assert backend == "vllm" and isinstance(lm, EngineLM)
         assert lm.max_length == 320 and lm.seed == 5 and lm.tokenizer is tokenizer
         assert lm.chat_template_args == {"x": 1}
     [(model, settings, tokenizer_dir)] = sessions
