@@ -320,24 +320,27 @@ def warm_session(address: str, model_dir: Path, settings: SamplingConfig, tokeni
     except OSError as error:
         raise TransientError(f"{where} does not answer: {error}") from error
 
-    def answer() -> Any:
+    @contextmanager
+    def sampler_reached() -> Iterator[None]:
         try:
-            reply = connection.recv()
+            yield
         except (EOFError, OSError) as error:  # it was stopped or died: the flow retries with a new one
             raise TransientError(f"{where} ended before it answered (its output is the run's own)") from error
+
+    def answer() -> Any:
+        with sampler_reached():
+            reply = connection.recv()
         if reply[0] == "error":
             raise remote_error(where, *reply[1:])
         return reply[1]
 
     def exchange(name: str, *args: Any) -> Any:
-        try:
+        with sampler_reached():
             connection.send((name, args))
-        except OSError as error:
-            raise TransientError(f"{where} ended before it answered (its output is the run's own)") from error
         return answer()
 
     with connection:
-        try:
+        with sampler_reached():
             connection.send({"model_dir": str(model_dir), "tokenizer_dir": tokenizer_dir and str(tokenizer_dir),
                              "trust_remote_code": trust_remote_code, "settings": settings.model_dump(mode="json"),
                              "stage": os.environ.get(STAGE_ENV, "posttrain"),
@@ -346,8 +349,6 @@ def warm_session(address: str, model_dir: Path, settings: SamplingConfig, tokeni
             sys.stderr.flush()
             for fd in (1, 2):
                 send_handle(connection, fd, 0)  # over a Unix socket: the process is not needed
-        except OSError as error:
-            raise TransientError(f"{where} ended before it answered (its output is the run's own)") from error
         answer()  # the model is loaded (or the error why not)
         yield exchange
         exchange("end")
