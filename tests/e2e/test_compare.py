@@ -388,6 +388,9 @@ def run_compare_command(tmp_path: Path, parallel) -> tuple[dict, str]:
     write_jsonl(preference, [{"prompt": "12*3=", "chosen": "63", "rejected": "36"}] * 8)
     config = {
         "name": "tiny-claim", "results_dir": str(tmp_path / "results"), **TINY,
+        # SFT long enough (a few seconds) that the pipelines side by side overlap in it although the
+        # start of one's stage process lags the other's by a second or more on a loaded machine.
+        "sft": {"trainer": {**TINY["sft"]["trainer"], "max_steps": 40}},
         "data": {"preference": {"path": str(preference)}},
         "sampling": {"max_tokens": 4, "n": 4, "temperature": 1.0},
         "evaluate": {"ks": [1, 4]},
